@@ -1,0 +1,59 @@
+"""Model configs: frozen dataclasses whose field names and defaults are those of CompVis'
+`configs/stable-diffusion/v1-inference.yaml`, so SD v1 is `SDConfig()` and anything smaller
+(tests, the miniature world) is the same code with other numbers."""
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get attention
+    num_heads: int = 8
+    transformer_depth: int = 1
+    context_dim: int = 768
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clip: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    scale_factor: float = 0.18215  # latents are scaled by this before the UNet sees them
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+
+def tiny_config() -> SDConfig:
+    """A few-hundred-thousand-parameter model with SD v1's structure: for tests and CPU demos.
+    Two UNet levels (one with attention, one without), two VAE levels, a 2-layer text encoder."""
+    return SDConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(1,), num_heads=2, context_dim=32),
+        vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        clip=CLIPTextConfig(width=32, layers=2, heads=2),
+    )

@@ -1,0 +1,17 @@
+"""Errors that mean "bad input", not "bug": the command line prints them as one clear line."""
+
+
+class MinidbError(Exception):
+    """Base for every error minidb raises on purpose about the user's input."""
+
+
+class CheckpointError(MinidbError, ValueError):
+    """A checkpoint file is missing, unreadable, of another model family, or does not fit the config."""
+
+
+class ConfigError(MinidbError, ValueError):
+    """A config file or option is wrong."""
+
+
+class DataError(MinidbError, ValueError):
+    """Training images or prompts are unusable."""

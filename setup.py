@@ -1,0 +1,33 @@
+"""minidb: a small, exact PyTorch reimplementation of Stable Diffusion v1 and DreamBooth.
+
+`kernels/` and `weights/` live at the top of the repository for readers, but are installed
+as `minidb.kernels` and `minidb.weights` so nothing named `kernels` lands in site-packages.
+"""
+from setuptools import setup
+
+setup(
+    name="minidb",
+    version="0.1.0",
+    description="Stable Diffusion v1 and DreamBooth, from scratch, in plain PyTorch",
+    packages=["minidb", "minidb.cli", "minidb.kernels", "minidb.weights"],
+    package_dir={"minidb": "minidb", "minidb.kernels": "kernels", "minidb.weights": "weights"},
+    package_data={"minidb": ["data/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "einops",
+        "safetensors",
+        "tokenizers",
+        "pillow",
+        # tqdm: a progress bar is exactly the well-kept small library worth not rewriting.
+        "tqdm",
+        'tomli; python_version < "3.11"',
+        'triton; platform_system == "Linux"',
+    ],
+    extras_require={
+        # Reference implementations for the equivalence tests; the runtime never imports them.
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["minidb=minidb.cli:main"]},
+)

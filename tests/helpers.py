@@ -1,0 +1,31 @@
+"""Shared test helpers (import as `from helpers import ...`; pytest puts tests/ on sys.path)."""
+import math
+
+import torch
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values that are NOT the default init: norm scales around 1
+    but not 1, biases non-zero, weights ~ N(0, 1/fan_in). A swapped scale/shift, a missing bias
+    or a wrong transpose then changes the output instead of hiding behind ones and zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if p.ndim == 1 and name.endswith("weight"):   # norm scales
+                value = 1.0 + 0.2 * r
+            elif name.endswith("bias"):
+                value = 0.1 * r
+            elif p.ndim == 1:
+                value = 0.1 * r
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                value = r / math.sqrt(fan_in)
+            p.copy_(value.to(p.dtype))
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, computed in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
