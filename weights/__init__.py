@@ -1,0 +1,17 @@
+"""Reading and writing original Stable Diffusion v1 checkpoints (installed as `minidb.weights`).
+
+    files.py  bytes on disk <-> named tensors (.safetensors read by hand, .ckpt via a safe torch.load)
+    sd1.py    the CompVis SD v1 layout: split by prefix, strict load, EMA, save
+
+    from minidb.weights import open_checkpoint, load_models
+    with open_checkpoint("sd-v1-5.safetensors") as ckpt:
+        extras = load_models(ckpt, {"unet": unet, "vae": vae, "text_encoder": text_encoder})
+
+Most users want `minidb.StableDiffusion.from_checkpoint(path)`, which does exactly this.
+"""
+from minidb.weights.files import CheckpointFile, open_checkpoint, write_checkpoint
+from minidb.weights.sd1 import (EXTRA_KEYS, PREFIXES, config_from_dict, ema_key, identify, load_models,
+                                plan_load, save_checkpoint)
+
+__all__ = ["CheckpointFile", "open_checkpoint", "write_checkpoint", "EXTRA_KEYS", "PREFIXES",
+           "config_from_dict", "ema_key", "identify", "load_models", "plan_load", "save_checkpoint"]

@@ -1,0 +1,90 @@
+"""StableDiffusion: the text encoder, UNet and VAE of SD v1 with their tokenizer and noise
+schedule, loaded from and saved to original (CompVis-layout) checkpoints.
+
+    sd = StableDiffusion.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda",
+                                         dtype=torch.float16)
+    images = sd.generate(["a photo of an astronaut riding a horse"], seed=0)
+    sd.save("copy.safetensors")
+
+Models come back in eval mode with requires_grad off: inference is the default, and the
+trainer turns on what it trains.
+"""
+import functools
+
+import torch
+
+from minidb import weights
+from minidb.clip import CLIPTextModel
+from minidb.config import SDConfig
+from minidb.unet import UNetModel
+from minidb.vae import AutoencoderKL
+
+
+class StableDiffusion:
+    def __init__(self, config: SDConfig | None = None):
+        """Random weights (each module's default init), on the CPU, in float32."""
+        self._build(config or SDConfig(), "cpu")
+
+    def _build(self, config: SDConfig, device):
+        self.config = config
+        with torch.device(device):  # "meta" builds shapes only, for a checkpoint to fill in
+            self.text_encoder = CLIPTextModel(config.clip)
+            self.unet = UNetModel(config.unet)
+            self.vae = AutoencoderKL(config.vae)
+        self.extras = {}  # the checkpoint's non-model buffers, written back by save()
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        for model in self.models.values():
+            model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, path, config: SDConfig | None = None, device="cpu",
+                        dtype: torch.dtype = torch.float32, ema: bool = False) -> "StableDiffusion":
+        """Load an original SD v1 .safetensors or .ckpt file (fp32 or fp16, with or without EMA).
+        config=None: the config stored in the file by save(), else SD v1's. ema=True: take the
+        UNet from the file's EMA weights (model_ema.*). Bad files raise CheckpointError."""
+        with weights.open_checkpoint(path) as ckpt:
+            if config is None:
+                config = weights.config_from_dict(ckpt.config) if ckpt.config else SDConfig()
+            sd = cls.__new__(cls)
+            sd._build(config, "meta")  # no memory until each tensor is assigned its loaded one
+            sd.extras = weights.load_models(ckpt, sd.models, dtype=dtype, device=device, ema=ema)
+        for model in sd.models.values():
+            model.eval().requires_grad_(False)  # assign=True brought back the meta params' flag
+        sd.device, sd.dtype = torch.device(device), dtype
+        return sd
+
+    @property
+    def models(self) -> dict:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def save(self, path, dtype: torch.dtype | None = None):
+        """Write an original-layout SD v1 checkpoint (.safetensors or .ckpt, by the file name),
+        atomically, with this model's config in its metadata. dtype=None keeps the current one."""
+        weights.save_checkpoint(path, **{name: m.state_dict() for name, m in self.models.items()},
+                                extras=self.extras, config=self.config, dtype=dtype)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
+        for model in self.models.values():
+            model.to(device=device, dtype=dtype)
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        return self
+
+    def generate(self, *args, **kwargs):
+        """Text to images: see minidb.sampling.generate."""
+        from minidb.sampling import generate
+        return generate(self, *args, **kwargs)
+
+    @functools.cached_property
+    def tokenizer(self):
+        from minidb.tokenizer import CLIPTokenizer  # built on first use: it takes a second
+        return CLIPTokenizer()
+
+    @functools.cached_property
+    def schedule(self):
+        from minidb.schedule import NoiseSchedule
+        return NoiseSchedule.from_config(self.config)
+
+    def __repr__(self):
+        params = sum(p.numel() for m in self.models.values() for p in m.parameters())
+        return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"

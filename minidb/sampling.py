@@ -1,0 +1,147 @@
+"""Text to image: encode the prompts, denoise latents with classifier-free guidance, decode.
+
+    images = generate(sd, ["a photo of a cat"], steps=50, guidance=7.5, seed=42)
+
+Guidance runs the UNet ONCE per step on the batch [unconditional; conditional] (CompVis
+txt2img), eps = eps_u + guidance * (eps_c - eps_u); guidance 1.0 drops the unconditional half.
+A negative prompt takes the place of the empty prompt in the unconditional half.
+
+Reproducibility: image i starts from torch.randn drawn on the CPU by its own generator seeded
+seed + i (or seeds[i]); DDIM's eta noise comes from the same generator. So an image depends on
+its seed only, not on the batch it is in nor on the device, and matches diffusers given
+`generator=[torch.Generator().manual_seed(s) for s in seeds]`.
+"""
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minidb.errors import MinidbError
+from minidb.samplers import SAMPLERS
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than CLIP's 77 tokens (75 plus start and end): the rest is ignored."""
+
+
+def check_size(config, height: int, width: int) -> tuple[int, int]:
+    """The latent size for an image size, or a MinidbError saying which multiple is needed: the
+    VAE downsamples by f = 2**(levels-1), and the UNet by 2**(levels-1) more, without padding."""
+    f = 2 ** (len(config.vae.ch_mult) - 1)
+    multiple = f * 2 ** (len(config.unet.channel_mult) - 1)
+    for name, size in (("height", height), ("width", width)):
+        if not isinstance(size, int) or size <= 0 or size % 8:
+            raise MinidbError(f"{name} must be a positive multiple of 8, got {size!r}")
+        if size % multiple:
+            raise MinidbError(f"{name} must be a multiple of {multiple} for this model "
+                              f"(its VAE downsamples by {f}, its UNet by {multiple // f} more), got {size}")
+    return height // f, width // f
+
+
+def truncated_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    return [p for p in prompts if tokenizer.num_tokens(p) > 75]
+
+
+def _as_list(prompts, what) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise MinidbError(f"{what} must be a string or a non-empty list of strings")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(sd, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings [B, 77, width] in the text encoder's dtype, on its device."""
+    for p in truncated_prompts(sd.tokenizer, prompts):
+        warnings.warn(f"prompt is longer than 77 tokens and will be truncated: {p[:60]!r}...",
+                      PromptTruncatedWarning, stacklevel=3)
+    device = next(sd.text_encoder.parameters()).device
+    return sd.text_encoder(sd.tokenizer(prompts).to(device))
+
+
+def make_generators(seed, n: int) -> list[torch.Generator]:
+    """One CPU generator per image: seed + i for an int, seeds[i] for a list, random for None."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 31 - n, ()).item())  # follows torch.manual_seed
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(n)]
+    if len(seeds) != n:
+        raise MinidbError(f"{len(seeds)} seeds for {n} images")
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5,
+                   eta: float = 0.0, sampler: str = "ddim", height: int = 512, width: int = 512,
+                   seed=None, latents=None, progress: bool = True) -> torch.Tensor:
+    """Final (scaled) latents [B, 4, height/f, width/f], float32, before the VAE."""
+    prompts = _as_list(prompts, "prompts")
+    b = len(prompts)
+    if sampler not in SAMPLERS:
+        raise MinidbError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise MinidbError(f"steps must be an integer >= 1, got {steps!r}")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise MinidbError(f"eta must be >= 0, and 0 for {sampler}: got {eta}")
+    h, w = check_size(sd.config, height, width)
+    guided = guidance != 1.0
+    if negative_prompts is not None:
+        negative_prompts = _as_list(negative_prompts, "negative_prompts")
+        negative_prompts = negative_prompts * b if len(negative_prompts) == 1 else negative_prompts
+        if len(negative_prompts) != b:
+            raise MinidbError(f"{len(negative_prompts)} negative prompts for {b} prompts")
+
+    unet = sd.unet
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    generators = make_generators(seed, b)
+    if latents is None:  # drawn on the CPU so that every device starts from the same noise
+        latents = torch.stack([torch.randn((sd.config.unet.in_channels, h, w), generator=g) for g in generators])
+    elif tuple(latents.shape) != (b, sd.config.unet.in_channels, h, w):
+        raise MinidbError(f"latents must have shape {(b, sd.config.unet.in_channels, h, w)}, "
+                          f"got {tuple(latents.shape)}")
+    x = latents.to(device=device, dtype=torch.float32)  # the running latents stay float32
+
+    context = encode_prompts(sd, prompts)
+    if guided:
+        uncond = encode_prompts(sd, negative_prompts or [""] * b)
+        context = torch.cat([uncond, context])  # [2B, 77, width]: unconditional first, as CompVis
+    context = context.to(dtype)
+
+    def eps_fn(x, t: int):
+        x_in = torch.cat([x, x]) if guided else x
+        t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
+        eps = unet(x_in.to(dtype), t_in, context).float()
+        if not guided:
+            return eps
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    return SAMPLERS[sampler](eps_fn, x, sd.schedule, steps, eta=eta, generators=generators, progress=progress)
+
+
+@torch.no_grad()
+def decode(sd, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images, one image at a time: the VAE decoder's activations at full
+    resolution dominate memory (GBs at 512x512), so a batch would need one decoder's worth each."""
+    vae = sd.vae
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    images = []
+    for z in latents:
+        x = vae.decode((z[None] / sd.config.scale_factor).to(device=device, dtype=dtype))  # [1, 3, H, W]
+        x = (x.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray((x * 255).round().astype(np.uint8)))
+    return images
+
+
+def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
+             sampler: str = "ddim", height: int = 512, width: int = 512, seed=None, latents=None,
+             progress: bool = True) -> list[Image.Image]:
+    """Images for `prompts` (a string or a list, one image each).
+
+    negative_prompts: None (the empty prompt), a string for all, or one per prompt.
+    sampler: "ddim" (CompVis' steps, eta), "plms" (CompVis' --plms) or "dpm++2m" (~20 steps suffice).
+    seed: int (image i uses seed + i), a list (one per image) or None (random).
+    latents: the starting noise [B, 4, height/8, width/8] instead of the seeded draw."""
+    z = sample_latents(sd, prompts, negative_prompts, steps, guidance, eta, sampler, height, width,
+                       seed, latents, progress)
+    return decode(sd, z)

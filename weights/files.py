@@ -1,0 +1,296 @@
+"""Checkpoint files on disk <-> named tensors, for the two formats SD v1 ships in.
+
+- `.safetensors`: an 8-byte little-endian header length, a JSON header (dtype, shape and byte
+  range of every tensor, plus a `__metadata__` dict of strings), then the raw bytes. We read it
+  ourselves: each tensor's bytes go with `readinto` straight into its own torch buffer, so
+  nothing is held twice and no mapped page is counted against us.
+- `.ckpt`: a `torch.save` zip. It is unpickled only by `torch.load(weights_only=True, mmap=True)`,
+  which builds tensors and plain containers and refuses anything that would run code. Tensors
+  stay in the mapped file until asked for; each is then copied out and its pages handed back.
+
+Both give a `CheckpointFile`: `.shapes` (key -> (shape, dtype), read without touching the
+data), `.config` (the dict minidb stored, or None) and `.get(key, dtype)`, one tensor at a time.
+Writing (`write_checkpoint`) is atomic: a temporary file in the same folder, fsync, os.replace.
+"""
+import ctypes
+import json
+import mmap
+import os
+import pickle
+import re
+import struct
+import sys
+import tempfile
+import zipfile
+
+import torch
+
+from minidb.errors import CheckpointError
+
+CONFIG_KEY = "minidb_config"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def open_checkpoint(path) -> "CheckpointFile":
+    """Open a .safetensors or .ckpt file (recognised by its bytes, not its name)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file" if not os.path.exists(path)
+                              else f"{path}: is a directory, not a checkpoint file")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return SafetensorsFile(path)
+    if kind == "zip":
+        return TorchFile(path)
+    raise CheckpointError(f"{path}: {kind}, not a checkpoint (minidb reads Stable Diffusion v1 "
+                          ".safetensors and .ckpt files)")
+
+
+def _sniff(path: str) -> str:
+    """'safetensors', 'zip', or a few words saying what the file is instead."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size == 0:
+        return "is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if size >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 2**28:
+        return "safetensors"  # a JSON header of plausible length (text would read as ~2**60)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return ("is a pickle in the old (pre-1.6) torch.save format, which cannot be memory-mapped; "
+                "re-save it with a recent torch or convert it to .safetensors")
+    for magic, what in [(b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                        (b"GIF8", "a GIF image"), (b"RIFF", "a RIFF (WebP/WAV) file"),
+                        (b"version https://git-lfs", "a Git LFS pointer (the real file was never "
+                                                     "downloaded: run `git lfs pull`)")]:
+        if head.startswith(magic):
+            return "is " + what
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "is an HTML page (a failed download?)"
+    try:
+        head.decode("utf-8")
+        return "is a text file"
+    except UnicodeDecodeError:
+        return "is not a format minidb knows"
+
+
+class CheckpointFile:
+    """Named tensors in a file, read one at a time. Use as a context manager or call close()."""
+    path: str
+    shapes: dict  # key -> (torch.Size, torch.dtype)
+    config: dict | None  # what save_checkpoint stored under "minidb_config"
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsFile(CheckpointFile):
+    def __init__(self, path: str):
+        self.path, size = path, os.path.getsize(path)
+        self._file = open(path, "rb")
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        if 8 + n > size:
+            self._fail(f"is truncated: its header alone should be {n} bytes, the file has {size}")
+        try:
+            header = json.loads(self._file.read(n))
+            metadata = header.pop("__metadata__", None) or {}
+            self._entries, self.shapes = {}, {}
+            for key, e in header.items():
+                if e["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{key}: unknown dtype {e['dtype']}")
+                dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+                if end - begin != dtype.itemsize * _numel(shape) or begin < 0:
+                    raise ValueError(f"{key}: byte range {begin}..{end} does not fit {e['dtype']}{shape}")
+                self._entries[key] = (dtype, torch.Size(shape), 8 + n + begin, end - begin)
+                self.shapes[key] = (torch.Size(shape), dtype)
+            self.config = json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._fail(f"has a corrupt safetensors header ({type(e).__name__}: {e})")
+        data_end = max((start + nbytes for _, _, start, nbytes in self._entries.values()), default=0)
+        if data_end > size:
+            self._fail(f"is truncated: its tensors end at byte {data_end}, the file has {size}")
+
+    def get(self, key, dtype=None):
+        stored_dtype, shape, start, nbytes = self._entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._file.seek(start)
+        if self._file.readinto(buf.numpy()) != nbytes:
+            raise CheckpointError(f"{self.path}: is truncated (reading {key})")
+        tensor = buf.view(stored_dtype).reshape(shape)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def close(self):
+        self._file.close()
+
+    def _fail(self, message):
+        self._file.close()
+        raise CheckpointError(f"{self.path}: {message}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class _Opaque:
+    """Stands in, during unpickling, for the non-tensor objects training frameworks save beside
+    the weights (Lightning's ModelCheckpoint callback, numpy scalars in SD v1's .ckpt files):
+    it keeps their arguments and state as plain data and runs none of their code."""
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_OPAQUE_GLOBALS = [(_Opaque, name) for name in [
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    *(f"numpy.dtypes.{t}DType" for t in ["Int64", "Int32", "Float64", "Float32", "Bool"]),
+]]
+
+
+class TorchFile(CheckpointFile):
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: is truncated or corrupt (unreadable zip archive: {e})") from None
+        if not any(name.endswith("data.pkl") for name in names):
+            raise CheckpointError(f"{path}: is a zip archive, but not one written by torch.save")
+        try:
+            with torch.serialization.safe_globals(_OPAQUE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"it asks to call {found.group(1)}" if found else str(e).splitlines()[-1]
+            raise CheckpointError(
+                f"{path}: refused to unpickle: {what}, which could run arbitrary code. minidb loads "
+                "only tensors and plain containers from .ckpt files; if you trust the file, convert "
+                "it to .safetensors with a tool that unpickles it.") from None
+        except Exception as e:  # torch reports broken zips as RuntimeError, bad records as others
+            raise CheckpointError(f"{path}: is truncated or corrupt ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        state_dict = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+        self._tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        self.shapes = {k: (v.shape, v.dtype) for k, v in self._tensors.items()}
+        self.config = obj.get(CONFIG_KEY) if isinstance(obj.get(CONFIG_KEY), dict) else None
+
+    def get(self, key, dtype=None):
+        mapped = self._tensors[key]
+        tensor = mapped.clone() if dtype in (None, mapped.dtype) else mapped.to(dtype)
+        _give_back_pages(mapped)
+        return tensor
+
+    def close(self):
+        self._tensors = {}  # the file stays mapped until the last mapped tensor is gone
+
+
+_madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
+
+
+def _give_back_pages(tensor: torch.Tensor):
+    """Let the kernel drop the mapped file pages behind a tensor we have copied out. They were only
+    read, so the file can always refill them; without this they stay resident until the whole
+    file is unmapped, and a .ckpt load would peak at twice the model's size."""
+    if _madvise is None or tensor.nbytes == 0:
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (tensor.data_ptr() + tensor.nbytes) // page * page
+    if end > start:
+        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def write_checkpoint(path, tensors: dict, config: dict | None = None, dtype: torch.dtype | None = None):
+    """Write tensors (converting floating-point ones to dtype, if given) to a .safetensors or
+    .ckpt file, chosen by the file name, atomically. `config` goes in the file's metadata."""
+    path = os.fspath(path)
+    if not path.endswith((".safetensors", ".ckpt")):
+        raise CheckpointError(f"{path}: the file name must end in .safetensors or .ckpt")
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.endswith(".safetensors"):
+                _write_safetensors(f, tensors, config, dtype)
+            else:
+                state_dict = {k: _own_storage(t.detach().to("cpu", _out_dtype(t, dtype)))
+                              for k, t in tensors.items()}
+                torch.save({"state_dict": state_dict, CONFIG_KEY: config}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _file_mode(path: str) -> int:
+    """The mode a plain open() would give (mkstemp makes files private to their owner)."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage: copy views so the file holds only the tensor.
+    t = t.contiguous()
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+
+
+def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def _write_safetensors(f, tensors: dict, config, dtype):
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        out = _out_dtype(t, dtype)
+        header[key] = {"dtype": _SAFETENSORS_NAMES[out], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + out.itemsize * t.numel()]}
+        offset += out.itemsize * t.numel()
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata[CONFIG_KEY] = json.dumps(config)
+    blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data is 8-byte aligned
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for t in tensors.values():  # one tensor converted at a time: no second copy of the model
+        t = t.detach().to("cpu", _out_dtype(t, dtype)).contiguous()
+        f.write(t.reshape(-1).view(torch.uint8).numpy())

@@ -1,0 +1,191 @@
+"""The original Stable Diffusion v1 checkpoint layout: CompVis' `LatentDiffusion.state_dict()`.
+
+Our module paths equal the checkpoint's, so loading is a split by prefix and a strict load:
+
+    model.diffusion_model.*          -> UNetModel       (686 tensors at SD v1 size)
+    first_stage_model.*              -> AutoencoderKL   (248)
+    cond_stage_model.transformer.*   -> CLIPTextModel   (196)
+
+and the only other keys are the few small buffers in EXTRA_KEYS, kept as they are so that saving
+writes them back, plus the EMA copy of the UNet (`model_ema.*`), used when asked for.
+"""
+import dataclasses
+import os
+
+import torch
+from tqdm import tqdm
+
+from minidb.config import SDConfig
+from minidb.errors import CheckpointError
+from minidb.weights.files import CheckpointFile, write_checkpoint
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+
+# The DDPM noise schedule, registered as buffers on LatentDiffusion itself
+# (ldm/models/diffusion/ddpm.py, DDPM.register_schedule); minidb recomputes it from the config.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)
+EXTRA_KEYS = frozenset({
+    *SCHEDULE_BUFFERS,
+    "logvar",                                 # per-timestep loss weights, when learnt
+    "model_ema.decay", "model_ema.num_updates",  # LitEma's bookkeeping
+    # transformers' CLIP kept arange(77) as a buffer; our text encoder computes it.
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+})
+EMA_PREFIX = "model_ema."
+
+
+def ema_key(unet_key: str) -> str:
+    """LitEma stores each UNet weight under its full name with the dots removed:
+    input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def identify(shapes: dict) -> str | None:
+    """What a file that is not an SD v1 checkpoint is, in a few words; None if it looks like one."""
+    keys = list(shapes)
+    has = lambda test: any(test(k) for k in keys)  # noqa: E731
+    if has(lambda k: k.startswith("conditioner.embedders.")):
+        return "an SDXL checkpoint"
+    if has(lambda k: k.startswith("cond_stage_model.model.")):
+        return "an SD 2.x checkpoint (OpenCLIP text encoder, cond_stage_model.model.*)"
+    to_k = shapes.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if to_k is not None and to_k[0][-1] == 1024:
+        return "an SD 2.x checkpoint (cross-attention context 1024)"
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in[0]) == 4 and conv_in[0][1] in (8, 9):
+        return {9: "an inpainting UNet (9 input channels: latents, mask, masked image)",
+                8: "an InstructPix2Pix UNet (8 input channels: latents, image)"}[conv_in[0][1]]
+    if has(lambda k: k.startswith(PREFIXES["unet"])):
+        return None
+    if has(lambda k: "lora" in k.lower()):
+        return "a LoRA file (low-rank changes to apply to a model, not a model)"
+    if has(lambda k: k in ("emb_params", "string_to_param") or k.startswith("string_to_param.")):
+        return "a textual-inversion embedding, not a model"
+    if has(lambda k: "down_blocks." in k or k.startswith(("mid_block.", "conv_in."))):
+        return ("a diffusers-format state dict (keys like down_blocks.0.resnets.0.conv1.weight); "
+                "minidb reads the original CompVis layout (model.diffusion_model.input_blocks...), "
+                "which diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py writes")
+    if has(lambda k: k.startswith(("encoder.down.", "decoder.up.", "quant_conv."))):
+        return "a standalone VAE (first_stage_model.* without its prefix), not a full SD checkpoint"
+    if has(lambda k: k.startswith("text_model.")):
+        return "a standalone CLIP text encoder, not a full SD checkpoint"
+    return (f"not a Stable Diffusion checkpoint: none of its {len(keys)} tensors is under "
+            f"model.diffusion_model. (it has {_listing(keys, 4)})")
+
+
+def _listing(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
+    """{model name: {model key: file key}} for `models` ({"unet": ..., "vae": ..., "text_encoder": ...},
+    possibly on the meta device). Checks everything that can be checked without reading a tensor:
+    model family, EMA presence, missing and unexpected keys, shapes. Raises CheckpointError."""
+    what = identify(ckpt.shapes)
+    if what:
+        raise CheckpointError(f"{ckpt.path}: is {what}; minidb loads Stable Diffusion 1.x checkpoints")
+    ema_weights = [k for k in ckpt.shapes if k.startswith(EMA_PREFIX) and k not in EXTRA_KEYS]
+    if ema and not ema_weights:
+        raise CheckpointError(f"{ckpt.path}: has no EMA weights (model_ema.*) to load; it is probably "
+                              "an EMA-only export already: load it with ema=False")
+
+    plan, expected = {}, {}
+    for name, model in models.items():
+        to_file = (lambda k: ema_key(k)) if ema and name == "unet" else (lambda k, p=PREFIXES[name]: p + k)
+        plan[name] = {k: to_file(k) for k in model.state_dict()}
+        expected.update({to_file(k): (name, t.shape) for k, t in model.state_dict().items()})
+
+    problems = []
+    for name in models:
+        missing = [k for k in plan[name].values() if k not in ckpt.shapes]
+        if len(missing) == len(plan[name]):
+            where = "model_ema.*" if ema and name == "unet" else PREFIXES[name] + "*"
+            problems.append(f"has no {LABELS[name]} weights ({where})")
+        elif missing:
+            problems.append(f"lacks {len(missing)} {LABELS[name]} tensors: {_listing(missing)}")
+    unused = {PREFIXES[name] for name in PREFIXES if name not in models}  # parts not asked for
+    unused.add(PREFIXES["unet"] if ema else EMA_PREFIX)  # the UNet weights not chosen
+    unexpected = [k for k in ckpt.shapes
+                  if k not in expected and k not in EXTRA_KEYS and not k.startswith(tuple(unused))]
+    if unexpected:
+        problems.append(f"has {len(unexpected)} tensors that are not part of SD v1: {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems))
+
+    mismatched = [f"{k} is {list(ckpt.shapes[k][0])} in the file, {list(shape)} in the model"
+                  for k, (name, shape) in expected.items() if ckpt.shapes[k][0] != shape]
+    if mismatched:
+        raise CheckpointError(
+            f"{ckpt.path}: {len(mismatched)} tensors do not fit the config: "
+            f"{_listing(mismatched, 3)}. The file was made for another config: pass the config "
+            "it was trained with (SDConfig() is SD v1)")
+    return plan
+
+
+def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = None,
+                device="cpu", ema: bool = False) -> dict:
+    """Load the checkpoint into `models` (built on the meta device, so that nothing is allocated
+    twice), one tensor at a time, converting floating-point tensors to `dtype`. Returns the
+    extras (EXTRA_KEYS found in the file), to hand back to save_checkpoint."""
+    plan = plan_load(ckpt, models, ema)
+    nbytes = sum(ckpt.shapes[k][0].numel() * ckpt.shapes[k][1].itemsize
+                 for keys in plan.values() for k in keys.values())
+    with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(ckpt.path)}",
+              disable=None, leave=False) as bar:
+        for name, model in models.items():
+            state = {}
+            for key, file_key in plan[name].items():
+                stored = ckpt.shapes[file_key][1]
+                state[key] = ckpt.get(file_key, dtype if stored.is_floating_point else None).to(device)
+                bar.update(state[key].numel() * stored.itemsize)
+            model.load_state_dict(state, strict=True, assign=True)
+            del state
+            still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+            if still_meta:  # a non-persistent buffer: the model must compute it, not keep it
+                raise RuntimeError(f"{LABELS[name]}: {_listing(still_meta)} not in its state dict")
+    return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS}
+
+
+def save_checkpoint(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict | None = None,
+                    config: SDConfig | None = None, dtype: torch.dtype | None = None):
+    """Write the three models' state dicts (plus extras) in the original SD v1 layout, to a
+    .safetensors or .ckpt file, atomically. `config` is stored in the file's metadata so that
+    a model of any size reloads without being told its config. dtype: convert floating-point
+    tensors (None keeps each tensor's own)."""
+    tensors = dict(extras or {})
+    for name, state in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        tensors.update({PREFIXES[name] + k: t for k, t in state.items()})
+    write_checkpoint(path, tensors, dataclasses.asdict(config) if config else None, dtype)
+
+
+def config_from_dict(values: dict) -> SDConfig:
+    """Rebuild the (nested, frozen) config that save_checkpoint stored."""
+    try:
+        return _dataclass_from_dict(SDConfig, values)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"the minidb config stored in the checkpoint is invalid: {e}") from None
+
+
+def _dataclass_from_dict(cls, values: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    kwargs = {}
+    for name, v in values.items():
+        if dataclasses.is_dataclass(fields[name].type):
+            v = _dataclass_from_dict(fields[name].type, v)
+        kwargs[name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
