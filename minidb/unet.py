@@ -63,7 +63,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.in_layers(x)  # (B, out, h, w)
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        h = h + self.emb_layers(emb)[:, :, None, None]
         h = self.out_layers["3"](F.silu(self.out_layers["0"](h)))
         return self.skip_connection(x) + h
 

@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import types
+import zipfile
 from dataclasses import replace
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_ckpt_with_lightning_callbacks_and_numpy_scalars_loads_without_running_t
         def __setstate__(self, state):
             raise AssertionError("Lightning code ran during loading")
 
-    ModelCheckpoint.__module__ = module.__name__
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
     module.ModelCheckpoint = ModelCheckpoint
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.setitem(sys.modules, name, module)
@@ -139,11 +140,16 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("func", [os.system, exec], ids=["os.system", "exec"])
-def test_ckpt_that_would_run_code_is_refused(tmp_path, func):
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, 4])  # 4 imports the function with STACK_GLOBAL instead of GLOBAL
+def test_ckpt_that_would_run_code_is_refused(tmp_path, func, protocol):
     marker = tmp_path / "ran"
     payload = f"touch {marker}" if func is os.system else f"open({str(marker)!r}, 'w')"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "x": _RunsCode(func, payload)}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="refused to unpickle.*could run arbitrary code"):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": _RunsCode(func, payload)}, tmp_path / "evil.ckpt",
+               pickle_protocol=protocol)
+    message = ("refused to unpickle: it asks for (posix.system|exec), which could run arbitrary code" if protocol == 2
+               else "holds objects other than tensors and plain containers, which minidb does not unpickle")
+    with pytest.raises(CheckpointError, match=message):
         open_checkpoint(tmp_path / "evil.ckpt")
     assert not marker.exists()
 
@@ -221,6 +227,18 @@ def _corrupt_ckpt(tmp_path):
     return path
 
 
+def _corrupt_ckpt_pickle(tmp_path):
+    """A readable zip whose data.pkl is garbage (a bad download, a disk error)."""
+    path = _tiny_file(tmp_path, "tiny.ckpt")
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # past the local header
+    data[start:start + info.file_size] = b"\x00\xff" * (info.file_size // 2) + b"\x00" * (info.file_size % 2)
+    path.write_bytes(bytes(data))
+    return path
+
+
 _INPAINT = "model.diffusion_model.input_blocks.0.0.weight"
 _DIFFUSERS = {"conv_in.weight": torch.zeros(32, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(32, 32, 3, 3),
               "mid_block.attentions.0.proj_in.weight": torch.zeros(64, 64)}
@@ -235,7 +253,7 @@ BAD_FILES = {
     "empty": (_raw("e.ckpt", b""), "is empty"),
     "text": (_raw("t.ckpt", b"model: sd-v1-5\nsteps: 50\n"), "text file"),
     "png": (_png, "PNG image"),
-    "random bytes": (_raw("r.ckpt", bytes(range(256)) * 40), "not a format minidb knows"),
+    "random bytes": (_raw("r.ckpt", bytes(range(256)) * 40), "in no format minidb knows"),
     "git lfs pointer": (_raw("l.ckpt", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 4265380512\n"),
                         "Git LFS pointer"),
     "truncated safetensors header": (_truncate(0.00001, "tiny.safetensors"), "truncated"),
@@ -243,6 +261,7 @@ BAD_FILES = {
     "corrupt safetensors header": (_corrupt_safetensors_header, "corrupt safetensors header"),
     "truncated ckpt": (_truncate(0.7, "tiny.ckpt"), "truncated or corrupt"),
     "corrupt ckpt": (_corrupt_ckpt, "truncated or corrupt"),
+    "corrupt ckpt pickle": (_corrupt_ckpt_pickle, "is corrupt"),
     "a safetensors of something else": (
         _written("resnet.safetensors", {"fc.weight": torch.zeros(10, 5), "conv1.weight": torch.zeros(4, 3, 7, 7)}),
         "not a Stable Diffusion checkpoint.*conv1.weight, fc.weight"),
@@ -276,7 +295,7 @@ def test_missing_keys_are_listed_with_a_count(tmp_path):
     def drop(ts):
         unet = sorted(k for k in ts if k.startswith("model.diffusion_model."))
         return {k: v for k, v in ts.items() if k not in unet[:11]}
-    with pytest.raises(CheckpointError, match=r"lacks 11 UNet tensors: model\.diffusion_model\..*and 3 more") as e:
+    with pytest.raises(CheckpointError, match=r"lacks 11 tensors of the UNet: model\.diffusion_model\..*and 3 more") as e:
         load_all(_tiny_file(tmp_path, edit=drop))
     assert str(e.value).count("model.diffusion_model.") == 8  # the first 8 named
 
@@ -289,7 +308,7 @@ def test_a_whole_missing_model_is_named(tmp_path):
 
 def test_unexpected_keys_are_listed_with_a_count(tmp_path):
     extra = {f"model.diffusion_model.adapter.{i}.weight": torch.zeros(2) for i in range(12)}
-    with pytest.raises(CheckpointError, match=r"has 13 tensors that are not part of SD v1: .*cond_stage_model\.x.*and 5 more"):
+    with pytest.raises(CheckpointError, match=r"has 13 tensors that SD v1 does not: .*cond_stage_model\.x.*and 5 more"):
         load_all(_tiny_file(tmp_path, edit=lambda ts: {**ts, **extra, "cond_stage_model.x": torch.zeros(1)}))
 
 
@@ -341,7 +360,7 @@ def test_ema_asked_for_but_absent(tmp_path):
 
 def test_incomplete_ema_is_listed(tmp_path):
     path = _tiny_file(tmp_path, ema_seed=3, edit=lambda ts: {k: v for k, v in ts.items() if "modelout2" not in k})
-    with pytest.raises(CheckpointError, match=r"lacks 2 UNet tensors: model_ema\.diffusion_modelout2bias, "
+    with pytest.raises(CheckpointError, match=r"lacks 2 tensors of the UNet: model_ema\.diffusion_modelout2bias, "
                                               r"model_ema\.diffusion_modelout2weight"):
         load_all(path, ema=True)
 

@@ -12,6 +12,7 @@ Both give a `CheckpointFile`: `.shapes` (key -> (shape, dtype), read without tou
 data), `.config` (the dict minidb stored, or None) and `.get(key, dtype)`, one tensor at a time.
 Writing (`write_checkpoint`) is atomic: a temporary file in the same folder, fsync, os.replace.
 """
+import codecs
 import ctypes
 import json
 import mmap
@@ -49,12 +50,11 @@ def open_checkpoint(path) -> "CheckpointFile":
         return SafetensorsFile(path)
     if kind == "zip":
         return TorchFile(path)
-    raise CheckpointError(f"{path}: {kind}, not a checkpoint (minidb reads Stable Diffusion v1 "
-                          ".safetensors and .ckpt files)")
+    raise CheckpointError(f"{path}: {kind} (minidb reads Stable Diffusion v1 .safetensors and .ckpt files)")
 
 
 def _sniff(path: str) -> str:
-    """'safetensors', 'zip', or a few words saying what the file is instead."""
+    """'safetensors', 'zip', or a few words saying what the file is instead of a checkpoint."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(64)
@@ -72,15 +72,17 @@ def _sniff(path: str) -> str:
                         (b"version https://git-lfs", "a Git LFS pointer (the real file was never "
                                                      "downloaded: run `git lfs pull`)")]:
         if head.startswith(magic):
-            return "is " + what
+            return f"is {what}, not a checkpoint"
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html")):
-        return "is an HTML page (a failed download?)"
+        return "is an HTML page (a failed download?), not a checkpoint"
     try:
-        head.decode("utf-8")
-        return "is a text file"
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # may end mid-character
     except UnicodeDecodeError:
-        return "is not a format minidb knows"
+        text = "\0"
+    if all(c.isprintable() or c.isspace() for c in text):
+        return "is a text file, not a checkpoint"
+    return "is in no format minidb knows"
 
 
 class CheckpointFile:
@@ -187,11 +189,14 @@ class TorchFile(CheckpointFile):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f"it asks to call {found.group(1)}" if found else str(e).splitlines()[-1]
-            raise CheckpointError(
-                f"{path}: refused to unpickle: {what}, which could run arbitrary code. minidb loads "
-                "only tensors and plain containers from .ckpt files; if you trust the file, convert "
-                "it to .safetensors with a tool that unpickles it.") from None
+            if found:
+                raise CheckpointError(
+                    f"{path}: refused to unpickle: it asks for {found.group(1)}, which could run arbitrary "
+                    "code. minidb loads only tensors and plain containers from .ckpt files; if you trust "
+                    "the file, convert it to .safetensors with a tool that unpickles it.") from None
+            reason = [line for line in str(e).splitlines() if line.strip() and "documentation" not in line][-1]
+            raise CheckpointError(f"{path}: is corrupt, or holds objects other than tensors and plain "
+                                  f"containers, which minidb does not unpickle ({reason.strip()})") from None
         except Exception as e:  # torch reports broken zips as RuntimeError, bad records as others
             raise CheckpointError(f"{path}: is truncated or corrupt ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None

@@ -83,10 +83,14 @@ def identify(shapes: dict) -> str | None:
             f"model.diffusion_model. (it has {_listing(keys, 4)})")
 
 
-def _listing(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+def _listing(items, limit: int = 8, sep: str = ", ") -> str:
+    items = sorted(items)
+    shown = sep.join(items[:limit])
+    return shown + (f"{sep}... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" + ("s" if n != 1 else "")
 
 
 def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
@@ -114,13 +118,13 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
             where = "model_ema.*" if ema and name == "unet" else PREFIXES[name] + "*"
             problems.append(f"has no {LABELS[name]} weights ({where})")
         elif missing:
-            problems.append(f"lacks {len(missing)} {LABELS[name]} tensors: {_listing(missing)}")
+            problems.append(f"lacks {_tensors(len(missing))} of the {LABELS[name]}: {_listing(missing)}")
     unused = {PREFIXES[name] for name in PREFIXES if name not in models}  # parts not asked for
     unused.add(PREFIXES["unet"] if ema else EMA_PREFIX)  # the UNet weights not chosen
     unexpected = [k for k in ckpt.shapes
                   if k not in expected and k not in EXTRA_KEYS and not k.startswith(tuple(unused))]
     if unexpected:
-        problems.append(f"has {len(unexpected)} tensors that are not part of SD v1: {_listing(unexpected)}")
+        problems.append(f"has {_tensors(len(unexpected))} that SD v1 does not: {_listing(unexpected)}")
     if problems:
         raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems))
 
@@ -128,8 +132,8 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
                   for k, (name, shape) in expected.items() if ckpt.shapes[k][0] != shape]
     if mismatched:
         raise CheckpointError(
-            f"{ckpt.path}: {len(mismatched)} tensors do not fit the config: "
-            f"{_listing(mismatched, 3)}. The file was made for another config: pass the config "
+            f"{ckpt.path}: {_tensors(len(mismatched))} do not fit the config: "
+            f"{_listing(mismatched, 3, '; ')}. The file was made for another config: pass the config "
             "it was trained with (SDConfig() is SD v1)")
     return plan
 

@@ -1,0 +1,130 @@
+"""Training-state checkpoints: everything a run needs to continue exactly where it stopped.
+
+    <run>/checkpoints/step_000200.pt   a torch.save dict: trainable weights (fp32), optimizer,
+                                        loss scaler, step, data position, RNG states, config
+
+Only the trained weights are stored (the UNet, and the text encoder when it trains): the frozen
+parts come from the base checkpoint again on resume, so a checkpoint is the size of what changes.
+
+Writes are atomic: the bytes go to `step_000200.pt.tmp`, are fsync'ed, and only then renamed to
+their final name (os.replace), so a crash or kill mid-write leaves at most a stray .tmp file and
+the newest `step_*.pt` is always a whole checkpoint. Reads use torch.load(weights_only=True): plain
+containers and tensors, nothing that runs code.
+"""
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minidb.errors import CheckpointError
+
+FORMAT = "minidb-dreambooth-state"
+VERSION = 1
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(folder, step: int) -> Path:
+    return Path(folder) / f"step_{step:06d}.pt"
+
+
+def list_checkpoints(folder) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in folder, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(folder) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """torch.save(state) to path, atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())      # the bytes are on disk before the name points at them
+        os.replace(tmp, path)         # atomic on POSIX and Windows
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)        # ... and the rename itself survives a power cut
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path) -> dict:
+    """The state dict of a training checkpoint; tensors on the CPU. CheckpointError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such training checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a foreign pickle, ...
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minidb training checkpoint (an exported model? those are "
+                              "for sampling; resume from a file in <run>/checkpoints/)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path}: training checkpoint version {state.get('version')}, this minidb "
+                              f"reads version {VERSION}")
+    return state
+
+
+def prune_checkpoints(folder, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (and stray .tmp files of killed writes)."""
+    removed = [path for _, path in list_checkpoints(folder)[:-keep]]
+    removed += [Path(folder) / n for n in os.listdir(folder) if n.endswith(".pt.tmp")] if Path(folder).is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+# ---- random number generator states --------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every global RNG this process has: torch CPU, CUDA (all devices), numpy, Python's random.
+    numpy's state is stored as plain lists so that weights_only loading accepts it."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": list(_to_lists(random.getstate())),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"][:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value

@@ -1,0 +1,181 @@
+"""Text to image from an SD v1 checkpoint (like CompVis' scripts/txt2img.py).
+
+    minidb sample --prompt "a photo of an astronaut riding a horse" --n-samples 4 --seed 42
+    minidb sample --from-file prompts.txt --sampler dpm++2m --steps 20 --precision fp16
+
+Checkpoint: --ckpt, else $MINIDB_CKPT, else the single .safetensors/.ckpt file in ./checkpoints/.
+Writes OUTDIR/samples/NNNNN.png (one per image; the prompt, seed, sampler, steps, scale and
+checkpoint hash are in the PNG's text, with a "parameters" entry in the form A1111-style tools
+read) and OUTDIR/grid-NNNN.png per prompt (one row per --n-iter, --n-samples columns).
+Image i of the run uses seed + i, so a seed gives the same image whatever the batch size.
+"""
+import hashlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from minidb.errors import MinidbError
+from minidb.samplers import SAMPLER_NAMES, SAMPLERS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt to render")
+    src.add_argument("--from-file", metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
+    p.add_argument("--ckpt", help="SD v1 checkpoint (.safetensors or .ckpt); default $MINIDB_CKPT or ./checkpoints/")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale; 1 = none (default 7.5)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="default ddim")
+    p.add_argument("--H", type=int, default=512, help="image height in pixels (default 512)")
+    p.add_argument("--W", type=int, default=512, help="image width in pixels (default 512)")
+    p.add_argument("--n-samples", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--n-iter", type=int, default=1, help="batches per prompt (default 1)")
+    p.add_argument("--seed", type=int, help="seed of the first image (default: random, printed)")
+    p.add_argument("--precision", choices=list(DTYPES), help="default fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--device", help="default cuda when available, else cpu")
+    p.add_argument("--outdir", default="outputs/txt2img-samples", help="default outputs/txt2img-samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def find_checkpoint(ckpt: str | None) -> Path:
+    """--ckpt, else $MINIDB_CKPT, else the one checkpoint file in ./checkpoints/."""
+    path = ckpt or os.environ.get("MINIDB_CKPT")
+    if path:
+        if not Path(path).is_file():
+            raise MinidbError(f"checkpoint not found: {path}")
+        return Path(path)
+    folder = Path("checkpoints")
+    found = sorted(p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES) if folder.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise MinidbError(f"{len(found)} checkpoints in {folder}/ ({', '.join(p.name for p in found)}): "
+                          "choose one with --ckpt")
+    raise MinidbError("no checkpoint: pass --ckpt PATH, set MINIDB_CKPT=PATH, or put one SD v1 "
+                      f".safetensors/.ckpt file in {folder.resolve()}/")
+
+
+def file_hash(path: Path) -> str:
+    """The first 10 hex digits of the file's sha256 (A1111's "Model hash")."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise MinidbError(f"cannot read prompts from {args.from_file}: {e.strerror}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise MinidbError(f"no prompts in {args.from_file}")
+    return prompts
+
+
+def check_args(args):
+    """Bad numbers fail here, before minutes of checkpoint loading."""
+    if args.steps < 1:
+        raise MinidbError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("H", "W"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 8:
+            raise MinidbError(f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
+    if args.n_samples < 1 or args.n_iter < 1:
+        raise MinidbError("--n-samples and --n-iter must be at least 1")
+    if args.eta < 0 or (args.eta > 0 and args.sampler != "ddim"):
+        raise MinidbError(f"--eta must be >= 0, and 0 for --sampler {args.sampler} (got {args.eta})")
+
+
+def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
+    """A1111's "parameters" text (read by most SD tools) plus one entry per field."""
+    sampler = SAMPLER_NAMES[args.sampler]
+    settings = (f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.scale:g}, Seed: {seed}, "
+                f"Size: {args.W}x{args.H}, Model hash: {model_hash}, Model: {ckpt_name}")
+    if args.eta:
+        settings += f", Eta: {args.eta:g}"
+    info = PngInfo()
+    info.add_text("parameters", "\n".join([prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+                                         + [settings]))
+    for key, value in [("prompt", prompt), ("negative_prompt", negative), ("seed", seed), ("sampler", args.sampler),
+                       ("steps", args.steps), ("scale", f"{args.scale:g}"), ("eta", f"{args.eta:g}"),
+                       ("size", f"{args.W}x{args.H}"), ("checkpoint", ckpt_name), ("checkpoint_hash", model_hash)]:
+        info.add_text(key, str(value))
+    return info
+
+
+def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            grid.paste(image, (j * w, i * h))
+    return grid
+
+
+def _next_index(folder: Path, pattern: str) -> int:
+    """Continue the numbering of earlier runs instead of overwriting them."""
+    numbers = [int(p.stem.split("-")[-1]) for p in folder.glob(pattern) if p.stem.split("-")[-1].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def run(args) -> int:
+    from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
+    from minidb.sampling import PromptTruncatedWarning, generate, truncated_prompts
+    from minidb.tokenizer import CLIPTokenizer
+
+    check_args(args)
+    prompts = read_prompts(args)
+    ckpt = find_checkpoint(args.ckpt)
+    for p in truncated_prompts(CLIPTokenizer(), prompts + [args.negative_prompt]):
+        print(f"warning: longer than 77 CLIP tokens, the end is ignored: {p!r}", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")]
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
+
+    t0 = time.perf_counter()
+    print(f"loading {ckpt} ({device}, {dtype})", file=sys.stderr)
+    sd = StableDiffusion.from_checkpoint(ckpt, device=device, dtype=dtype)
+    model_hash = file_hash(ckpt)
+    print(f"loaded in {time.perf_counter() - t0:.1f}s; seed {seed}", file=sys.stderr)
+
+    outdir = Path(args.outdir)
+    samples = outdir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    index, grid_index = _next_index(samples, "*.png"), _next_index(outdir, "grid-*.png")
+    image_seed = seed
+    for prompt in prompts:
+        rows, prompt_seed = [], image_seed
+        for _ in range(args.n_iter):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PromptTruncatedWarning)  # said once, above
+                images = generate(sd, [prompt] * args.n_samples, negative_prompts=args.negative_prompt or None,
+                                  steps=args.steps, guidance=args.scale, eta=args.eta, sampler=args.sampler,
+                                  height=args.H, width=args.W, seed=image_seed, progress=not args.no_progress)
+            for image in images:
+                info = png_info(prompt, args.negative_prompt, image_seed, args, model_hash, ckpt.name)
+                image.save(samples / f"{index:05}.png", pnginfo=info)
+                index, image_seed = index + 1, image_seed + 1
+            rows.append(images)
+        grid_path = outdir / f"grid-{grid_index:04}.png"
+        make_grid(rows).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
+                                                         model_hash, ckpt.name))
+        grid_index += 1
+        print(f"{len(rows) * args.n_samples} images of {prompt[:60]!r} -> {samples}/, grid {grid_path}",
+              file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0

@@ -1,0 +1,317 @@
+"""DreamBooth training options: a TOML file read into frozen dataclasses, one per [section].
+
+    cfg = load_config("run.toml", overrides=["optim.lr=2e-6", "steps=400"])
+
+Every field has a default (below, with what it means); a TOML file only names what differs.
+`--set key=value` overrides any field, as `section.key` or as the bare `key` when only one section
+has it; the value is read as a TOML value (`true`, `4`, `1e-6`, `["a", "b"]`), else as a string.
+Unknown sections or keys are a ConfigError naming the closest matches. `dump_toml(cfg)` writes
+the resolved config back out (into the run folder), paths made absolute.
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+from minidb.errors import ConfigError
+from minidb.samplers import SAMPLERS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = ""                    # the SD v1 checkpoint to fine-tune (.ckpt / .safetensors); required
+    device: str = "auto"              # auto = cuda if there is one, else cpu; or "cpu", "cuda:1", ...
+    precision: str = "auto"           # fp32 | fp16 | bf16; auto = fp16 on CUDA, fp32 on CPU
+    train_text_encoder: bool = True   # the DreamBooth paper fine-tunes it too; false = UNet only
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    export_dtype: str = "fp16"        # dtype of the exported model.safetensors: fp16 | fp32
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    instance_dir: str = ""            # folder with the 3-5 photos of the subject; required
+    instance_prompt: str = ""         # e.g. "a photo of sks dog"; required
+    resolution: int = 512             # training images are resized (short side) and cropped to this
+    center_crop: bool = False         # false = random crop
+    hflip: bool = False               # random horizontal flip (off: subjects are often asymmetric)
+    cache_latents: bool = True        # encode each image once, when the augmentation allows it
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    class_prompt: str = ""            # e.g. "a photo of a dog"; empty = no prior preservation
+    class_dir: str = ""               # empty = <output_dir>/class_images
+    num_class_images: int = 100       # missing ones are generated from the base model before training
+    loss_weight: float = 1.0          # loss = instance MSE + loss_weight * class MSE
+    sample_steps: int = 50            # sampler settings for generating class images
+    guidance: float = 7.5
+    sampler: str = "ddim"             # ddim | plms | dpm++2m
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6                  # the DreamBooth setting; the UNet forgets the class quickly above ~5e-6
+    lr_schedule: str = "constant"     # constant | cosine (decays to min_lr at the last step)
+    warmup_steps: int = 0             # linear warm-up from 0 before the schedule
+    min_lr: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0        # 0 = no clipping
+    loss_scale_init: float = 65536.0  # fp16 only: the dynamic loss scaler (minidb.scaler)
+    loss_scale_growth_interval: int = 2000
+    loss_scale_min: float = 1e-4      # below this the scaler gives up: the gradients are inf at any scale
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/dreambooth"   # the run folder: config, metrics, checkpoints, samples, model
+    steps: int = 800                  # optimizer steps
+    batch_size: int = 1               # instance images per micro-batch per process (+ as many class images)
+    grad_accum: int = 1               # micro-batches per optimizer step
+    seed: int = 0                     # data order, augmentation, noise and timesteps all derive from it
+    checkpoint_every: int = 200       # steps between full-state checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2         # the newest this many are kept
+    dist_timeout_s: int = 600         # multi-process runs: a peer silent this long ends the run
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    prompts: tuple[str, ...] = ()     # sampled into samples/step_XXXXXX.png every `every` steps and at the end
+    every: int = 100
+    sample_steps: int = 25
+    guidance: float = 7.5
+    sampler: str = "ddim"
+    seed: int = 0                     # image i uses seed + i: the same noise at every validation
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(DreamBoothConfig)}
+PATH_FIELDS = {("model", "base"), ("data", "instance_dir"), ("prior", "class_dir"), ("train", "output_dir")}
+CHOICES = {
+    ("model", "precision"): ("auto", "fp32", "fp16", "bf16"),
+    ("model", "export_dtype"): ("fp16", "fp32"),
+    ("optim", "lr_schedule"): ("constant", "cosine"),
+    ("prior", "sampler"): tuple(SAMPLERS),
+    ("validation", "sampler"): tuple(SAMPLERS),
+}
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+def load_config(path=None, overrides=()) -> DreamBoothConfig:
+    """Read a TOML file (or start from the defaults when path is None), apply `key=value` overrides,
+    check every value. Raises ConfigError on anything wrong."""
+    values = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(values, overrides, source=str(path) if path else "config")
+
+
+def from_dict(values: dict, overrides=(), source="config") -> DreamBoothConfig:
+    sections = {}
+    for name, body in values.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]{_did_you_mean(name, SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: `{name}` must be a [{name}] section, not a value")
+        for key, value in body.items():
+            sections.setdefault(name, {})[key] = _check(name, key, value, source)
+    for item in overrides:
+        name, key, value = parse_override(item)
+        sections.setdefault(name, {})[key] = _check(name, key, value, "--set")
+    try:
+        cfg = DreamBoothConfig(**{name: SECTIONS[name](**body) for name, body in sections.items()})
+    except TypeError as e:  # pragma: no cover - _check has already named every field
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, str, object]:
+    """"optim.lr=2e-6" or "lr=2e-6" -> ("optim", "lr", 2e-06)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=2e-6")
+    key, text = (s.strip() for s in item.split("=", 1))
+    if "." in key:
+        name, key = key.split(".", 1)
+        if name not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {name!r}{_did_you_mean(name, SECTIONS)}")
+    else:
+        owners = [n for n, cls in SECTIONS.items() if key in _field_names(cls)]
+        if len(owners) > 1:
+            raise ConfigError(f"--set {item!r}: {key!r} is in several sections; write one of "
+                              + ", ".join(f"{n}.{key}" for n in owners))
+        if not owners:
+            every = [f"{n}.{k}" for n, cls in SECTIONS.items() for k in _field_names(cls)]
+            raise ConfigError(f"--set {item!r}: unknown option {key!r}"
+                              + _did_you_mean(key, every + [k.split('.')[1] for k in every]))
+        name = owners[0]
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare string: --set data.instance_prompt=a photo of sks dog
+    return name, key, value
+
+
+def _check(section: str, key: str, value, source: str):
+    """The value converted to the field's type, or a ConfigError saying what was expected."""
+    cls = SECTIONS[section]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    where = f"{source}: {section}.{key}"
+    if key not in types:
+        raise ConfigError(f"{source}: unknown option {section}.{key}{_did_you_mean(key, types)}")
+    want = types[key]
+    if want is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            value = value.lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif want is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
+            raise ConfigError(f"{where} must be one of {', '.join(CHOICES[(section, key)])}, got {value!r}")
+    else:  # tuple[str, ...]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        value = tuple(value)
+    return value
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+# ---- checking and resolving ----------------------------------------------------------------------
+
+def validate(cfg: DreamBoothConfig) -> None:
+    """Checks that need several fields or a range; file-system checks happen in train()."""
+    problems = []
+    if not cfg.model.base:
+        problems.append("model.base (the SD v1 checkpoint to fine-tune) is not set")
+    if not cfg.data.instance_dir:
+        problems.append("data.instance_dir (the folder with the subject's photos) is not set")
+    if not cfg.data.instance_prompt.strip():
+        problems.append('data.instance_prompt is not set (e.g. "a photo of sks dog")')
+    for section, key, lowest in [("data", "resolution", 8), ("train", "steps", 1), ("train", "batch_size", 1),
+                                 ("train", "grad_accum", 1), ("train", "checkpoint_every", 1),
+                                 ("train", "keep_checkpoints", 1), ("validation", "every", 1),
+                                 ("validation", "sample_steps", 1), ("prior", "sample_steps", 1),
+                                 ("prior", "batch_size", 1), ("optim", "warmup_steps", 0),
+                                 ("prior", "num_class_images", 0), ("optim", "loss_scale_growth_interval", 1),
+                                 ("train", "dist_timeout_s", 1)]:
+        value = getattr(getattr(cfg, section), key)
+        if value < lowest:
+            problems.append(f"{section}.{key} must be at least {lowest}, got {value}")
+    if cfg.data.resolution % 8:
+        problems.append(f"data.resolution must be a multiple of 8, got {cfg.data.resolution}")
+    o = cfg.optim
+    for key in ("lr", "min_lr", "weight_decay", "adam_eps", "max_grad_norm", "loss_scale_min"):
+        value = getattr(o, key)
+        if not math.isfinite(value) or value < 0:
+            problems.append(f"optim.{key} must be a finite number >= 0, got {value}")
+    if o.lr == 0:
+        problems.append("optim.lr is 0: nothing would be learned")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            problems.append(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
+    if not (math.isfinite(o.loss_scale_init) and o.loss_scale_init >= max(o.loss_scale_min, 1e-30)):
+        problems.append(f"optim.loss_scale_init must be >= optim.loss_scale_min, got {o.loss_scale_init}")
+    if cfg.prior.class_prompt and cfg.prior.loss_weight < 0:
+        problems.append(f"prior.loss_weight must be >= 0, got {cfg.prior.loss_weight}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:
+    """Paths made absolute and the empty class_dir filled in, so the config written into the run
+    folder means the same thing from any working directory."""
+    cwd = cwd or os.getcwd()
+
+    def absolute(p):
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(p))) if p else p
+
+    output_dir = absolute(cfg.train.output_dir)
+    class_dir = absolute(cfg.prior.class_dir) or os.path.join(output_dir, "class_images")
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, base=absolute(cfg.model.base)),
+        data=dataclasses.replace(cfg.data, instance_dir=absolute(cfg.data.instance_dir)),
+        prior=dataclasses.replace(cfg.prior, class_dir=class_dir),
+        train=dataclasses.replace(cfg.train, output_dir=output_dir),
+    )
+
+
+def to_dict(cfg: DreamBoothConfig) -> dict:
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(sub).items()}
+            for name, sub in ((n, getattr(cfg, n)) for n in SECTIONS)}
+
+
+def differences(old: DreamBoothConfig, new: DreamBoothConfig) -> list[str]:
+    """["optim.lr: 1e-06 -> 2e-06", ...] for every field that differs."""
+    a, b = to_dict(old), to_dict(new)
+    return [f"{s}.{k}: {a[s][k]!r} -> {b[s][k]!r}" for s in a for k in a[s] if a[s][k] != b[s][k]]
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+def dump_toml(cfg: DreamBoothConfig) -> str:
+    """The config as TOML that load_config reads back to an equal config (tomllib cannot write)."""
+    lines = []
+    for name, body in to_dict(cfg).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # a JSON string is a TOML basic string, given raw non-ASCII (TOML has no surrogate escapes) and DEL escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"

@@ -1,0 +1,118 @@
+"""StableDiffusion.save / from_checkpoint on tiny random models: what goes in comes back out."""
+import pytest
+import safetensors.torch
+import torch
+from helpers import perturb_
+from test_weights import BAD_FILES, _RunsCode, sd_v1_layout, tiny_models
+
+import minidb.sampling
+from minidb.config import tiny_config
+from minidb.errors import CheckpointError
+from minidb.pipeline import StableDiffusion
+from minidb.weights import write_checkpoint
+
+
+def outputs(sd: StableDiffusion) -> dict:
+    """Every model's output on fixed inputs (in the models' dtype, computed on the CPU)."""
+    g = torch.Generator().manual_seed(1)
+    cfg = sd.config
+    ids = torch.randint(0, cfg.clip.vocab_size, (2, cfg.clip.max_length), generator=g)
+    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        context = sd.text_encoder(ids)
+        return {"text": context,
+                "eps": sd.unet(x.to(sd.dtype), torch.tensor([10, 900]), context),
+                "mean": sd.vae.encode(image.to(sd.dtype)).mean,
+                "image": sd.vae.decode(x[:1].to(sd.dtype))}
+
+
+def assert_same_outputs(a: dict, b: dict):
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_saved_model_reloads_with_identical_outputs(tmp_path, suffix):
+    sd = tiny_models()
+    sd.save(tmp_path / ("tiny" + suffix))
+    loaded = StableDiffusion.from_checkpoint(tmp_path / ("tiny" + suffix))  # config from the file
+    assert loaded.config == sd.config == tiny_config()
+    assert_same_outputs(outputs(sd), outputs(loaded))
+
+
+def test_fp16_file_into_fp32_model(tmp_path):
+    sd = tiny_models()
+    sd.save(tmp_path / "half.safetensors", dtype=torch.float16)
+    loaded = StableDiffusion.from_checkpoint(tmp_path / "half.safetensors", dtype=torch.float32)
+    for name, model in sd.models.items():
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.models[name].state_dict()[key], value.half().float()), key
+
+
+def test_loaded_models_are_ready_for_inference(tmp_path):
+    tiny_models().save(tmp_path / "tiny.ckpt")
+    sd = StableDiffusion.from_checkpoint(tmp_path / "tiny.ckpt", dtype=torch.float16)
+    assert sd.dtype == torch.float16 and sd.device == torch.device("cpu")
+    for model in sd.models.values():
+        assert not model.training
+        for p in model.parameters():
+            assert p.dtype == torch.float16 and not p.requires_grad and p.device.type == "cpu"
+    assert sd.to(dtype=torch.float32) is sd and sd.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for m in sd.models.values() for p in m.parameters())
+    assert sd.tokenizer("a photo").shape == (1, 77)
+    assert sd.schedule.alphas_cumprod.shape == (1000,)
+
+
+def test_random_init_and_generate_delegates(monkeypatch):
+    sd = StableDiffusion(tiny_config())
+    assert sd.config == tiny_config() and sd.device == torch.device("cpu") and sd.dtype == torch.float32
+    assert not any(p.requires_grad for m in sd.models.values() for p in m.parameters())
+    calls = []
+    monkeypatch.setattr(minidb.sampling, "generate", lambda *a, **k: calls.append((a, k)) or ["image"])
+    assert sd.generate(["a cat"], steps=3) == ["image"]
+    assert calls == [((sd, ["a cat"]), {"steps": 3})]
+
+
+def test_file_without_our_config_means_sd_v1(tmp_path):
+    """A file without minidb's metadata (say, one from another tool) is read as SD v1, so a
+    tiny one does not fit unless told its config."""
+    path = tmp_path / "other_tool.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd_v1_layout(tiny_models()).items()}, path)
+    with pytest.raises(CheckpointError, match="do not fit the config"):
+        StableDiffusion.from_checkpoint(path)
+    assert StableDiffusion.from_checkpoint(path, config=tiny_config()).config == tiny_config()
+
+
+def test_extras_are_written_back(tmp_path):
+    sd = tiny_models()
+    write_checkpoint(tmp_path / "orig.safetensors", sd_v1_layout(sd))
+    StableDiffusion.from_checkpoint(tmp_path / "orig.safetensors", config=tiny_config()).save(tmp_path / "copy.ckpt")
+    saved = torch.load(tmp_path / "copy.ckpt", weights_only=True)["state_dict"]
+    original = safetensors.torch.load_file(tmp_path / "orig.safetensors")
+    assert saved.keys() == original.keys()
+    for key in original:
+        assert torch.equal(saved[key], original[key]), key
+
+
+def test_ema_weights_give_the_ema_model(tmp_path):
+    sd = tiny_models()
+    write_checkpoint(tmp_path / "ema.ckpt", sd_v1_layout(sd, ema_seed=5), config=None)
+    ema_model = tiny_models()
+    perturb_(ema_model.unet, 5)  # the UNet that sd_v1_layout stored as model_ema.*
+    loaded = StableDiffusion.from_checkpoint(tmp_path / "ema.ckpt", config=tiny_config(), ema=True)
+    assert_same_outputs(outputs(ema_model), outputs(loaded))
+    plain = StableDiffusion.from_checkpoint(tmp_path / "ema.ckpt", config=tiny_config())
+    assert_same_outputs(outputs(sd), outputs(plain))
+    assert not torch.equal(outputs(plain)["eps"], outputs(loaded)["eps"])
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES) + ["code-running pickle"])
+def test_from_checkpoint_raises_checkpoint_error_on_bad_files(tmp_path, case):
+    if case == "code-running pickle":
+        torch.save({"state_dict": {}, "x": _RunsCode(print, "ran")}, tmp_path / "evil.ckpt")
+        path = tmp_path / "evil.ckpt"
+    else:
+        path = BAD_FILES[case][0](tmp_path)
+    with pytest.raises(CheckpointError):
+        StableDiffusion.from_checkpoint(path)

@@ -1,0 +1,225 @@
+"""minidb.sampling against diffusers' StableDiffusionPipeline on the same tiny random model.
+
+Our perturbed weights go, in the original checkpoint layout, through diffusers' single-file
+converters into diffusers' UNet, VAE and transformers' CLIP text model; the tokenizer is
+transformers' CLIPTokenizer built from the vocabulary minidb ships. Both pipelines then start
+from the same latents (or the same per-image generators) and must agree: final latents to a
+relative error < 1e-4 in fp32, images within 2/255 per pixel.
+
+Schedulers, configured the CompVis way: DDIMScheduler(steps_offset=1, set_alpha_to_one=False,
+clip_sample=False, "leading"), PNDMScheduler(skip_prk_steps=True, same), and
+DPMSolverMultistepScheduler with its defaults. Designed differences (see tests/test_samplers.py):
+CompVis' DDIM/PLMS timesteps have more entries than `steps` when steps does not divide 1000, and
+PLMS with 1 step; so the step counts here divide 1000, where CompVis and diffusers coincide.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+
+from helpers import perturb_, rel_err
+from minidb.config import tiny_config
+from minidb.errors import MinidbError
+from minidb.pipeline import StableDiffusion
+from minidb.sampling import check_size, decode, generate, sample_latents
+from minidb.tokenizer import build_vocab, load_merges
+
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+PROMPTS = ["a photo of sks dog in a bucket", "an oil painting of a castle at sunset"]
+NEGATIVE = ["blurry", "low quality, watermark"]
+H = W = 32  # tiny VAE downsamples by 2: 16x16 latents
+
+
+def scheduler(sampler):
+    compvis = dict(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading")
+    if sampler == "ddim":
+        return DDIMScheduler(**SD, clip_sample=False, **compvis)
+    if sampler == "plms":
+        return PNDMScheduler(**SD, skip_prk_steps=True, **compvis)
+    return DPMSolverMultistepScheduler(**SD)
+
+
+def diffusers_pipeline(sd: StableDiffusion, folder) -> StableDiffusionPipeline:
+    import transformers
+
+    cfg = sd.config
+    ckpt = {"model.diffusion_model." + k: v for k, v in sd.unet.state_dict().items()}
+    ckpt |= {"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()}
+    ckpt |= {"cond_stage_model.transformer." + k: v for k, v in sd.text_encoder.state_dict().items()}
+
+    u = cfg.unet
+    attn = [2 ** level in u.attention_resolutions for level in range(len(u.channel_mult))]
+    unet = UNet2DConditionModel(
+        in_channels=u.in_channels, out_channels=u.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult), layers_per_block=u.num_res_blocks,
+        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads, transformer_layers_per_block=u.transformer_depth)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet.config), strict=True)
+
+    v = cfg.vae
+    vae = AutoencoderKL(in_channels=v.in_channels, out_channels=v.out_ch, latent_channels=v.z_channels,
+                        down_block_types=("DownEncoderBlock2D",) * len(v.ch_mult),
+                        up_block_types=("UpDecoderBlock2D",) * len(v.ch_mult),
+                        block_out_channels=tuple(v.ch * m for m in v.ch_mult), layers_per_block=v.num_res_blocks,
+                        scaling_factor=cfg.scale_factor)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae.config), strict=True)
+
+    c = cfg.clip
+    clip_cfg = transformers.CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=4 * c.width, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, max_position_embeddings=c.max_length, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    text_encoder = transformers.CLIPTextModel(clip_cfg)
+    converted = convert_ldm_clip_checkpoint(ckpt)
+    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): t for k, t in converted.items()}
+    text_encoder.load_state_dict(converted, strict=True)
+
+    merges = load_merges()
+    (folder / "vocab.json").write_text(json.dumps(build_vocab(merges)), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler("ddim"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    sd = StableDiffusion(tiny_config())
+    for i, model in enumerate(sd.models.values()):
+        perturb_(model, seed=10 + i)
+    pipe = diffusers_pipeline(sd, tmp_path_factory.mktemp("tokenizer"))
+    # the same ids on both sides, so a difference below is the sampling's
+    ids = pipe.tokenizer(PROMPTS + NEGATIVE, padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    assert torch.equal(ids, sd.tokenizer(PROMPTS + NEGATIVE))
+    return sd, pipe
+
+
+def run_diffusers(pipe, sampler, steps, guidance=7.5, eta=0.0, latents=None, generators=None, negative=None):
+    """diffusers' images (uint8) and its final latents, captured at the last step."""
+    pipe.scheduler = scheduler(sampler)
+    captured = {}
+
+    def on_step_end(pipe, i, t, kwargs):
+        captured["latents"] = kwargs["latents"].clone()
+        return kwargs
+
+    out = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+               latents=None if latents is None else latents.clone(), generator=generators, height=H, width=W,
+               output_type="np", callback_on_step_end=on_step_end)
+    return (out.images * 255).round().astype(np.uint8), captured["latents"]
+
+
+def start_latents(seed=3):
+    return torch.randn(len(PROMPTS), 4, H // 2, W // 2, generator=torch.Generator().manual_seed(seed))
+
+
+def compare(sd, pipe, sampler, steps, guidance=7.5, eta=0.0, negative=None):
+    latents = start_latents()
+    ours = sample_latents(sd, PROMPTS, negative, steps, guidance, eta, sampler, H, W, seed=0, latents=latents,
+                          progress=False)
+    images = np.stack([np.asarray(im) for im in decode(sd, ours)])
+    ref_images, ref_latents = run_diffusers(pipe, sampler, steps, guidance, eta, latents, negative=negative)
+    err = rel_err(ours, ref_latents)
+    assert err < 1e-4, err
+    assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= 2
+    # the comparison means something: the images are neither flat nor saturated
+    assert images.std() > 10 and ((images > 5) & (images < 250)).mean() > 0.5
+    return ours
+
+
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_ddim_matches_diffusers(pair, steps):
+    compare(*pair, "ddim", steps)
+
+
+def test_ddim_negative_prompts_and_no_guidance_match_diffusers(pair):
+    guided = compare(*pair, "ddim", 10, negative=NEGATIVE)
+    plain = compare(*pair, "ddim", 10, guidance=1.0)
+    assert rel_err(guided, plain) > 1e-2
+
+
+def test_ddim_eta_from_seeds_matches_diffusers_generators(pair):
+    """No latents given: image i's start noise and its eta noise come from Generator(seed + i),
+    as diffusers draws them from a list of per-image generators."""
+    sd, pipe = pair
+    ours = sample_latents(sd, PROMPTS, steps=10, eta=0.8, height=H, width=W, seed=123, progress=False)
+    gens = [torch.Generator().manual_seed(123 + i) for i in range(len(PROMPTS))]
+    _, ref = run_diffusers(pipe, "ddim", 10, eta=0.8, generators=gens)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_plms_matches_diffusers_pndm(pair):
+    """Designed difference: none at 10 steps (PNDM's skip-PRK start is CompVis' improved Euler)."""
+    compare(*pair, "plms", 10)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_dpmpp_2m_matches_diffusers(pair, steps):
+    compare(*pair, "dpm++2m", steps)
+
+
+def test_one_unet_call_per_step_batched_guidance(pair):
+    sd, _ = pair
+    batches = []
+    hook = sd.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        sample_latents(sd, PROMPTS, steps=10, guidance=7.5, height=H, width=W, seed=0, progress=False)
+        assert batches == [2 * len(PROMPTS)] * 10
+        batches.clear()
+        sample_latents(sd, PROMPTS, steps=10, guidance=1.0, height=H, width=W, seed=0, progress=False)
+        assert batches == [len(PROMPTS)] * 10
+        batches.clear()
+        sample_latents(sd, PROMPTS, steps=10, guidance=7.5, sampler="plms", height=H, width=W, seed=0,
+                       progress=False)
+        assert batches == [2 * len(PROMPTS)] * 11  # PLMS' first step evaluates twice
+    finally:
+        hook.remove()
+
+
+def test_same_seed_same_image_whatever_the_batch(pair):
+    sd, _ = pair
+    prompts = ["a", "b", "c"]
+    batch = generate(sd, prompts, steps=5, height=H, width=W, seed=40, progress=False)
+    single = generate(sd, ["b"], steps=5, height=H, width=W, seed=41, progress=False)
+    listed = generate(sd, ["c", "b"], steps=5, height=H, width=W, seed=[7, 41], progress=False)
+    assert len(batch) == 3 and batch[1].size == (W, H) and batch[1].mode == "RGB"
+    assert np.abs(np.asarray(batch[1], dtype=int) - np.asarray(single[0], dtype=int)).max() <= 1
+    assert np.abs(np.asarray(listed[1], dtype=int) - np.asarray(single[0], dtype=int)).max() <= 1
+    assert np.abs(np.asarray(batch[0], dtype=int) - np.asarray(batch[1], dtype=int)).max() > 10
+
+
+def test_vae_decodes_one_image_at_a_time(pair, monkeypatch):
+    sd, _ = pair
+    seen = []
+    decode_one = sd.vae.decode
+    monkeypatch.setattr(sd.vae, "decode", lambda z: seen.append(z.shape[0]) or decode_one(z))
+    images = generate(sd, ["x"] * 3, steps=2, height=H, width=W, seed=0, progress=False)
+    assert seen == [1, 1, 1] and len(images) == 3
+
+
+def test_bad_inputs_are_clear_errors(pair):
+    sd, _ = pair
+    cases = [dict(height=36), dict(width=20), dict(steps=0), dict(sampler="euler"), dict(sampler="plms", eta=0.5),
+             dict(seed=[1, 2, 3]), dict(latents=torch.zeros(2, 4, 8, 8)), dict(negative_prompts=["a", "b", "c"])]
+    for kwargs in cases:
+        args = dict(steps=2, height=H, width=W, progress=False) | kwargs
+        with pytest.raises(MinidbError):
+            generate(sd, PROMPTS, **args)
+    assert check_size(tiny_config(), 32, 48) == (16, 24)
+    from minidb.config import SDConfig
+    with pytest.raises(MinidbError, match="multiple of 64"):
+        check_size(SDConfig(), 512, 520)   # SD v1: VAE /8, UNet /8 more
+    assert check_size(SDConfig(), 512, 768) == (64, 96)
