@@ -167,9 +167,11 @@ def parse_override(item: str) -> tuple[str, str, object]:
             raise ConfigError(f"--set {item!r}: {key!r} is in several sections; write one of "
                               + ", ".join(f"{n}.{key}" for n in owners))
         if not owners:
-            every = [f"{n}.{k}" for n, cls in SECTIONS.items() for k in _field_names(cls)]
+            every = {f"{n}.{k}": k for n, cls in SECTIONS.items() for k in _field_names(cls)}
+            close = difflib.get_close_matches(key, set(every.values()), n=3, cutoff=0.5)
+            hint = [full for full, bare in every.items() if bare in close]
             raise ConfigError(f"--set {item!r}: unknown option {key!r}"
-                              + _did_you_mean(key, every + [k.split('.')[1] for k in every]))
+                              + (f" (did you mean {' or '.join(hint)}?)" if hint else ""))
         name = owners[0]
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -184,7 +186,7 @@ def _check(section: str, key: str, value, source: str):
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     where = f"{source}: {section}.{key}"
     if key not in types:
-        raise ConfigError(f"{source}: unknown option {section}.{key}{_did_you_mean(key, types)}")
+        raise ConfigError(f"{source}: unknown option {section}.{key}{_did_you_mean(key, types, section + '.')}")
     want = types[key]
     if want is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
@@ -216,9 +218,9 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _did_you_mean(word: str, candidates) -> str:
+def _did_you_mean(word: str, candidates, prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
 
 
 # ---- checking and resolving ----------------------------------------------------------------------

@@ -25,7 +25,8 @@ from minidb.errors import ConfigError
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [cos, sin] of per-sample timesteps t [B] (int or float), in fp32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    freqs = torch.exp(-math.log(max_period) * exponents)  # (dim/2,) from 1 down to ~1/max_period
     args = t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -49,7 +50,8 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels, eps=eps)
 
     def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -57,9 +59,10 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), conv3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.ModuleDict({"0": GroupNorm32(out_channels), "3": zero_(conv3x3(out_channels, out_channels))})
+        self.out_layers = nn.ModuleDict({"0": GroupNorm32(out_channels),
+                                         "3": zero_(conv3x3(out_channels, out_channels))})
         # Identity (no weights, no key) when the channel count is kept.
-        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if out_channels != channels else nn.Identity()
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)  # (B, out, h, w)
@@ -148,7 +151,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         dim_head = channels // heads
         inner = heads * dim_head
-        self.norm = GroupNorm32(channels, eps=1e-6)
+        self.norm = GroupNorm32(channels, eps=1e-6)  # CompVis: plain GroupNorm; fp32 is only safer
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))

@@ -45,7 +45,10 @@ def open_checkpoint(path) -> "CheckpointFile":
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file" if not os.path.exists(path)
                               else f"{path}: is a directory, not a checkpoint file")
-    kind = _sniff(path)
+    try:
+        kind = _sniff(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     if kind == "safetensors":
         return SafetensorsFile(path)
     if kind == "zip":

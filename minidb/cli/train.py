@@ -1,0 +1,83 @@
+"""DreamBooth fine-tuning: teach SD v1 one subject from a few photos (see minidb.train).
+
+    minidb train --config run.toml
+    minidb train --config run.toml --set optim.lr=2e-6 --set train.steps=400
+    minidb train --config run.toml --resume latest      # continue after Ctrl-C or a crash
+    minidb train --resume runs/dog                       # the same, with the run folder's config
+    minidb train --export runs/dog/checkpoints/step_000400.pt   # an earlier step as a model
+    minidb train --print-config                          # every option and its default, as TOML
+
+Every option, its default and its meaning: `minidb train --print-config`, or minidb/train_config.py.
+An example: minidb/data/dreambooth_example.toml.
+"""
+import sys
+import warnings
+from pathlib import Path
+
+from minidb.errors import ConfigError
+
+
+def add_arguments(p):
+    p.add_argument("--config", metavar="TOML", help="the run's config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option, e.g. --set optim.lr=2e-6 (repeatable)")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the run folder's newest checkpoint, a checkpoint file or a run folder")
+    p.add_argument("--export", metavar="CHECKPOINT", help="write a training checkpoint out as a model and exit")
+    p.add_argument("--out", metavar="PATH", help="with --export: the model file (default: next to the run's "
+                                                 "model.safetensors, named after the step)")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="with --export (default fp16)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+
+
+def _warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load(args):
+    from minidb.checkpoint import load_checkpoint
+    from minidb.train_config import DreamBoothConfig, from_dict, load_config, to_dict
+
+    if args.config:
+        return load_config(args.config, args.set)
+    if args.resume and args.resume != "latest":  # the run's own config, from its folder or checkpoint
+        path = Path(args.resume)
+        if path.is_dir() and (path / "config.toml").is_file():
+            return load_config(path / "config.toml", args.set)
+        if path.is_file():
+            return from_dict(load_checkpoint(path)["config"], args.set)
+    if args.print_config:
+        return from_dict(to_dict(DreamBoothConfig()), args.set)
+    raise ConfigError("no config: pass --config run.toml (see `minidb train --print-config` and "
+                      "minidb/data/dreambooth_example.toml), or --resume RUN_FOLDER")
+
+
+def run(args) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning  # one line per warning, no source location
+        return _run(args)
+
+
+def _run(args) -> int:
+    import torch
+
+    from minidb.train import export_checkpoint, train
+    from minidb.train_config import dump_toml
+
+    if args.export:
+        ckpt = Path(args.export)
+        out = Path(args.out) if args.out else ckpt.parent.parent / f"model-{ckpt.stem}.safetensors"
+        dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        export_checkpoint(ckpt, out, dtype)
+        print(f"exported {ckpt} -> {out} ({args.dtype})")
+        return 0
+    cfg = load(args)
+    if args.print_config:
+        print(dump_toml(cfg), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; checkpoint: {result.checkpoint}\n"
+              f"resume with: minidb train --resume {result.run_dir}", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,94 @@
+"""The DreamBooth config: TOML + --set overrides into frozen dataclasses, clear errors, round trip."""
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from minidb.errors import ConfigError
+from minidb.train_config import (DreamBoothConfig, differences, dump_toml, from_dict, load_config, resolved,
+                                 validate)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "minidb" / "data" / "dreambooth_example.toml"
+
+
+def test_defaults_documented_values():
+    cfg = DreamBoothConfig()
+    assert cfg.optim.lr == 1e-6 and cfg.optim.lr_schedule == "constant"
+    assert cfg.prior.loss_weight == 1.0 and cfg.model.train_text_encoder is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+
+
+def test_example_config_loads_and_validates():
+    cfg = load_config(EXAMPLE)
+    validate(cfg)
+    assert cfg.data.instance_prompt == "a photo of sks dog"
+    assert cfg.prior.class_prompt == "a photo of a dog"
+    assert len(cfg.validation.prompts) == 3
+
+
+def test_overrides_typed(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[optim]\nlr = 3e-6\n[train]\nsteps = 10\n')
+    cfg = load_config(path, ["steps=20", "optim.max_grad_norm=0", "center_crop=true",
+                             "data.instance_prompt=a photo of sks dog", 'validation.prompts=["x", "y z"]'])
+    assert cfg.optim.lr == 3e-6 and cfg.train.steps == 20
+    assert cfg.optim.max_grad_norm == 0.0 and isinstance(cfg.optim.max_grad_norm, float)
+    assert cfg.data.center_crop is True and cfg.data.instance_prompt == "a photo of sks dog"
+    assert cfg.validation.prompts == ("x", "y z")
+    assert load_config(None, ["validation.prompts=solo"]).validation.prompts == ("solo",)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lrr=1e-6", "did you mean optim.lr"),
+    ("optim.lrr=1e-6", "did you mean optim.lr"),
+    ("optimm.lr=1e-6", "did you mean optim"),
+    ("seed=3", "train.seed, validation.seed"),
+    ("steps=1.5", "must be an integer"),
+    ("steps=true", "must be an integer"),
+    ("optim.lr=fast", "must be a number"),
+    ("center_crop=maybe", "true or false"),
+    ("precision=fp8", "one of auto, fp32, fp16, bf16"),
+    ("prior.sampler=euler", "one of ddim"),
+    ("steps", "expected key=value"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "a.toml").write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text("[optimizer]\nlr = 1e-6\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[optimizer\].*did you mean optim"):
+        load_config(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text("[train]\nbatchsize = 2\n")
+    with pytest.raises(ConfigError, match="did you mean train.batch_size"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_validate_names_every_problem():
+    cfg = load_config(None, ["steps=0", "resolution=100", "optim.lr=-1", "adam_beta2=1.0"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for part in ("model.base", "data.instance_dir", "instance_prompt", "train.steps", "multiple of 8",
+                 "optim.lr", "optim.adam_beta2"):
+        assert part in str(e.value)
+
+
+def test_dump_round_trip_and_resolve(tmp_path):
+    cfg = load_config(EXAMPLE, ['data.instance_prompt=a "quoted" prompt \\ with ünïcode 🐶\x7f',
+                                "validation.prompts=[]", "optim.min_lr=1e-9"])
+    r = resolved(cfg, cwd=str(tmp_path))
+    assert Path(r.model.base).is_absolute() and r.model.base.startswith(str(tmp_path))
+    assert r.prior.class_dir == str(tmp_path / "runs" / "sks-dog" / "class_images")
+    back = from_dict(tomllib.loads(dump_toml(r)))
+    assert back == r
+    assert differences(r, back) == []
+    other = dataclasses.replace(r, optim=dataclasses.replace(r.optim, lr=2e-6))
+    assert differences(r, other) == ["optim.lr: 1e-06 -> 2e-06"]
