@@ -95,16 +95,16 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     device = pick_device(cfg.model.device, dist)
     precision = cfg.model.precision if cfg.model.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[precision]
-    prepare_run_folder(cfg, run, ckpt_dir, state, dist, log)
     seed, B, accum, W = cfg.train.seed, cfg.train.batch_size, cfg.train.grad_accum, dist.world_size
     torch.manual_seed(seed + dist.rank)  # the global RNGs are not used by a step; seeded for anything else
     random.seed(seed + dist.rank)
     np.random.seed(seed + dist.rank)
 
-    # ---- data ----------------------------------------------------------------------------------
+    # ---- data (the cheap checks first: bad input fails before anything is loaded or written) ---
     instance_images = load_image_folder(cfg.data.instance_dir, "instance")
     prior = bool(cfg.prior.class_prompt)
     check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
+    prepare_run_folder(cfg, run, ckpt_dir, state, dist, log)
     log(f"loading {cfg.model.base} ({device}, {precision})")
     sd = StableDiffusion.from_checkpoint(cfg.model.base, device=device, dtype=dtype)
     check_size(sd.config, cfg.data.resolution, cfg.data.resolution)
@@ -207,7 +207,8 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
                 images_per_s = images / elapsed
                 metrics = {"step": step, "loss": loss_value, "loss_instance": loss_instance_value,
                            "loss_class": loss_class_value if prior else None, "lr": lr,
-                           "loss_scale": scaler.scale if scaler else None, "grad_norm": grad_norm,
+                           "loss_scale": scaler.scale if scaler else None,
+                           "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # None: inf/NaN, skipped
                            "skipped": not stepped, "images_per_s": images_per_s, "epoch": cursor[0],
                            "time": time.time()}
                 log_metrics(metrics, metrics_file, tb, bar, dist)
@@ -237,9 +238,10 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     del optimizer  # its moments are 2x the trained weights: free them before the export loads the base
     if dist.is_main:
         export_model(cfg.model.base, masters.state_dict(), model_path, DTYPES[cfg.model.export_dtype])
-        size = model_path.stat().st_size / 2 ** 30
+        size = model_path.stat().st_size
+        size = f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
         log.result(f"done: {step} steps, loss {loss_value:.4f}; model: {model_path} ({cfg.model.export_dtype}, "
-                   f"{size:.2f} GiB); try: minidb sample --ckpt {model_path} --prompt {json.dumps(cfg.data.instance_prompt)}")
+                   f"{size}); try: minidb sample --ckpt {model_path} --prompt {json.dumps(cfg.data.instance_prompt)}")
     dist.barrier()
     return TrainResult(run, step, last_checkpoint, model_path, loss=loss_value)
 

@@ -42,6 +42,7 @@ EXTRA_KEYS = frozenset({
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
 })
 EMA_PREFIX = "model_ema."
+CONFIG_HINT = "If the file was made for another config, pass that config (SDConfig() is SD v1)"
 
 
 def ema_key(unet_key: str) -> str:
@@ -83,7 +84,7 @@ def identify(shapes: dict) -> str | None:
             f"model.diffusion_model. (it has {_listing(keys, 4)})")
 
 
-def _listing(items, limit: int = 8, sep: str = ", ") -> str:
+def _listing(items, limit: int = 5, sep: str = ", ") -> str:
     items = sorted(items)
     shown = sep.join(items[:limit])
     return shown + (f"{sep}... and {len(items) - limit} more" if len(items) > limit else "")
@@ -107,7 +108,7 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
 
     plan, expected = {}, {}
     for name, model in models.items():
-        to_file = (lambda k: ema_key(k)) if ema and name == "unet" else (lambda k, p=PREFIXES[name]: p + k)
+        to_file = ema_key if ema and name == "unet" else (lambda k, prefix=PREFIXES[name]: prefix + k)
         plan[name] = {k: to_file(k) for k in model.state_dict()}
         expected.update({to_file(k): (name, t.shape) for k, t in model.state_dict().items()})
 
@@ -126,15 +127,14 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
     if unexpected:
         problems.append(f"has {_tensors(len(unexpected))} that SD v1 does not: {_listing(unexpected)}")
     if problems:
-        raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems))
+        raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems) + ". " + CONFIG_HINT)
 
     mismatched = [f"{k} is {list(ckpt.shapes[k][0])} in the file, {list(shape)} in the model"
                   for k, (name, shape) in expected.items() if ckpt.shapes[k][0] != shape]
     if mismatched:
         raise CheckpointError(
             f"{ckpt.path}: {_tensors(len(mismatched))} do not fit the config: "
-            f"{_listing(mismatched, 3, '; ')}. The file was made for another config: pass the config "
-            "it was trained with (SDConfig() is SD v1)")
+            f"{_listing(mismatched, 3, '; ')}. " + CONFIG_HINT)
     return plan
 
 
@@ -159,7 +159,8 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
             still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
             if still_meta:  # a non-persistent buffer: the model must compute it, not keep it
                 raise RuntimeError(f"{LABELS[name]}: {_listing(still_meta)} not in its state dict")
-    return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS}
+    loaded = {k for keys in plan.values() for k in keys.values()}
+    return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS and k not in loaded}
 
 
 def save_checkpoint(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict | None = None,

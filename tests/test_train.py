@@ -1,0 +1,361 @@
+"""DreamBooth training on a tiny random SD (minidb.config.tiny_config) on the CPU at 32x32:
+the loss, what trains and what stays frozen, explicit fp16, exact resume, export, bad input,
+and a CLI smoke run (class images, checkpoint, resume, export, sample)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import perturb_
+from minidb import checkpoint as ck
+from minidb import train as train_module
+from minidb.config import tiny_config
+from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
+from minidb.train import TrainingDiverged, export_checkpoint, micro_batch_loss, set_trainable, train
+from minidb.train_config import load_config
+from minidb.weights import open_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A perturbed tiny SD saved as the base checkpoint, 3 instance photos, 2 class images."""
+    from minidb.pipeline import StableDiffusion
+    root = tmp_path_factory.mktemp("dreambooth")
+    sd = StableDiffusion(tiny_config())
+    for i, model in enumerate(sd.models.values()):
+        perturb_(model, seed=i)
+    sd.save(root / "base.safetensors")
+    rng = np.random.default_rng(0)
+    for folder, n in (("instance", 3), ("class", 2)):
+        (root / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    return root
+
+
+def config(world, out, *sets):
+    return load_config(None, [
+        f"model.base={world / 'base.safetensors'}", f"data.instance_dir={world / 'instance'}",
+        "data.instance_prompt=a photo of sks dog", "prior.class_prompt=a photo of a dog",
+        f"prior.class_dir={world / 'class'}", "prior.num_class_images=2", "data.resolution=32",
+        f"train.output_dir={out}", "train.steps=4", "train.checkpoint_every=2", "optim.lr=1e-3",
+        "train.keep_checkpoints=5", *sets])
+
+
+def tiny_sd(seed=0):
+    from minidb.pipeline import StableDiffusion
+    sd = StableDiffusion(tiny_config())
+    for i, model in enumerate(sd.models.values()):
+        perturb_(model, seed=seed + i)
+    return sd
+
+
+def saved_weights(path):
+    return ck.load_checkpoint(path)["weights"]
+
+
+# ---- the loss and what trains --------------------------------------------------------------------
+
+def test_prior_loss_is_instance_plus_weighted_class_half():
+    sd = tiny_sd()
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 999, 0])
+    context = torch.randn(4, 77, 32, generator=g)
+    loss, inst, cls = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 0.7)
+    # each half on its own, in its own forward pass, MSE by hand
+    halves = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        x_t = sd.schedule.add_noise(latents[rows], noise[rows], t[rows])
+        halves.append((sd.unet(x_t, t[rows], context[rows]) - noise[rows]).square().mean())
+    torch.testing.assert_close(inst, halves[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(cls, halves[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, halves[0] + 0.7 * halves[1], rtol=1e-5, atol=0)
+    assert abs(loss - (halves[0] + halves[1]) / 2) > 1e-3  # not the mean over the whole batch
+    only, inst_only, none = micro_batch_loss(sd.unet, sd.schedule, latents[:2], noise[:2], t[:2], context[:2], 2, 0.7)
+    assert none is None and torch.equal(only, inst_only)
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_only_trainable_parts_get_gradients(train_text_encoder):
+    sd = tiny_sd()
+    trainable = set_trainable(sd, train_text_encoder)
+    names = {n.split(".")[0] for n, _ in trainable}
+    assert names == ({"unet", "text_encoder"} if train_text_encoder else {"unet"})
+    assert len(trainable) == len(list(sd.unet.parameters())) + train_text_encoder * len(list(sd.text_encoder.parameters()))
+    assert not sd.vae.training and sd.unet.training and sd.text_encoder.training == train_text_encoder
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = sd.vae.encode(pixels).sample() * sd.config.scale_factor
+    context = sd.text_encoder(sd.tokenizer(["a photo of sks dog", "a photo of a dog"]))
+    loss, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, torch.randn_like(latents), torch.tensor([3, 700]),
+                                  context, 1, 1.0)
+    loss.backward()
+    assert all(p.grad is None for p in sd.vae.parameters())
+    assert all(p.grad is not None for p in sd.unet.parameters())
+    assert all((p.grad is not None) == train_text_encoder for p in sd.text_encoder.parameters())
+
+
+def test_frozen_parts_unchanged_trained_parts_changed(world, tmp_path):
+    from minidb.pipeline import StableDiffusion
+    result = train(config(world, tmp_path / "run", "model.train_text_encoder=false", "train.steps=2",
+                          "model.export_dtype=fp32"))
+    state = ck.load_checkpoint(result.checkpoint)
+    assert {k.split(".")[0] for k in state["weights"]} == {"unet"}
+    assert len(state["optimizer"]["state"]) == len(state["weights"])  # only trainable params in the optimizer
+    base = StableDiffusion.from_checkpoint(world / "base.safetensors")
+    tuned = StableDiffusion.from_checkpoint(result.model_path)
+    for name in ("vae", "text_encoder"):
+        for (k, a), b in zip(base.models[name].state_dict().items(), tuned.models[name].state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{k} changed"
+    changed = [not torch.equal(a, b) for a, b in zip(base.unet.parameters(), tuned.unet.parameters())]
+    assert sum(changed) > 0.9 * len(changed)
+    for k, v in tuned.unet.state_dict().items():  # the export holds exactly the trained fp32 masters
+        assert torch.equal(v, state["weights"]["unet." + k])
+    again = export_checkpoint(result.checkpoint, tmp_path / "again.safetensors", torch.float16)
+    with open_checkpoint(again) as f:
+        assert f.shapes["model.diffusion_model.out.2.weight"][1] == torch.float16
+        assert torch.equal(f.get("model.diffusion_model.out.2.weight"), tuned.unet.out[2].weight.half())
+
+
+# ---- exact resume ---------------------------------------------------------------------------------
+
+def _sigterm_at(step):
+    def callback(s, metrics):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return callback
+
+
+@pytest.mark.parametrize("sets", [
+    ("data.hflip=true", "train.grad_accum=2"),                      # random crops and flips, accumulation
+    ("data.center_crop=true", "train.batch_size=2", "optim.lr_schedule=cosine", "optim.warmup_steps=2"),  # cached latents
+])
+def test_resume_is_bit_exact(world, tmp_path, sets):
+    full = train(config(world, tmp_path / "full", *sets))
+    assert full.step == 4 and not full.interrupted
+
+    cfg = config(world, tmp_path / "split", *sets)
+    stopped = train(cfg, callback=_sigterm_at(3))  # SIGTERM during step 3: checkpoint at 3, exit
+    assert stopped.interrupted and stopped.step == 3 and stopped.model_path is None
+    assert stopped.checkpoint == ck.checkpoint_path(tmp_path / "split" / "checkpoints", 3)
+    with pytest.raises(ConfigError, match="--resume latest"):  # same folder, no --resume: refused
+        train(cfg)
+    resumed = train(cfg, resume="latest")
+    assert resumed.step == 4
+
+    a, b = ck.load_checkpoint(full.checkpoint), ck.load_checkpoint(resumed.checkpoint)
+    assert a["weights"].keys() == b["weights"].keys()
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    for i, s in a["optimizer"]["state"].items():
+        assert all(torch.equal(s[key], b["optimizer"]["state"][i][key]) for key in s)
+    assert a["data"] == b["data"]
+    lines = [[json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
+    assert [m["step"] for m in lines[1]] == [1, 2, 3, 4]
+    assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
+
+
+def test_cached_latents_match_encoding_every_step(world, tmp_path):
+    runs = [train(config(world, tmp_path / f"run{c}", "data.center_crop=true", "train.steps=2",
+                         f"data.cache_latents={c}")) for c in ("true", "false")]
+    a, b = (saved_weights(r.checkpoint) for r in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# ---- explicit fp16 --------------------------------------------------------------------------------
+
+def test_fp16_injected_inf_skips_step_and_halves_scale(world, tmp_path, monkeypatch):
+    calls = []
+    real_step = train_module.optimizer_step
+
+    def poisoned(masters, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 2: one UNet gradient element overflows
+            next(p for p in masters.model_params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return real_step(masters, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    result = train(config(world, tmp_path / "run", "model.precision=fp16", "train.steps=3",
+                          "train.checkpoint_every=1", "optim.loss_scale_init=1024"))
+    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert [m["loss_scale"] for m in metrics] == [1024.0, 512.0, 512.0]
+    w1, w2, w3 = (saved_weights(ck.checkpoint_path(result.run_dir / "checkpoints", s)) for s in (1, 2, 3))
+    assert all(v.dtype == torch.float32 for v in w1.values())  # fp32 masters
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)           # the skipped step changed nothing
+    assert sum(not torch.equal(w2[k], w3[k]) for k in w2) > 0.9 * len(w2)
+    assert ck.load_checkpoint(ck.checkpoint_path(result.run_dir / "checkpoints", 2))["scaler"]["scale"] == 512.0
+
+
+def test_bf16_trains_with_fp32_masters(world, tmp_path):
+    result = train(config(world, tmp_path / "run", "model.precision=bf16", "train.steps=2"))
+    weights = saved_weights(result.checkpoint)
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert ck.load_checkpoint(result.checkpoint)["scaler"] is None and np.isfinite(result.loss)
+
+
+def test_tensorboard_gets_the_metrics_when_installed(world, tmp_path, monkeypatch):
+    import types
+    calls = []
+
+    class SummaryWriter:  # stands in for tensorboard, which this environment does not install
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def add_image(self, tag, image, step):
+            calls.append((tag, tuple(image.shape), step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    train(config(world, tmp_path / "run", "train.steps=1", 'validation.prompts=["a photo of sks dog"]',
+                 "validation.sample_steps=1"))
+    assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    assert ("train/loss", 1) in calls and ("train/lr", 1) in calls and ("validation", (3, 32, 32), 1) in calls
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
+    cfg = config(world, tmp_path / "run", "optim.lr=1e30", "train.checkpoint_every=1", "train.steps=6",
+                 "optim.max_grad_norm=0")
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg)
+    found = ck.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert found and f"last good checkpoint is {found[-1][1]}" in str(e.value)
+    assert f"at step {found[-1][0] + 1} " in str(e.value)
+    assert all(torch.isfinite(v).all() for v in saved_weights(found[-1][1]).values())
+
+
+def test_bad_inputs_fail_before_training(world, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        train(config(world, out, f"data.instance_dir={tmp_path / 'missing'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError):
+        train(config(world, out, f"data.instance_dir={tmp_path / 'empty'}"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.jpg").write_text("not a photo")
+    with pytest.raises(DataError, match="notes.jpg"):
+        train(config(world, out, f"data.instance_dir={tmp_path / 'junk'}"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(config(world, out, f"model.base={tmp_path / 'nope.safetensors'}"))
+    with pytest.raises(MinidbError, match="multiple of"):
+        train(config(world, out, "data.resolution=36"))
+    with pytest.raises(ConfigError, match="instance_prompt"):
+        train(config(world, out, "data.instance_prompt="))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(config(world, out), resume="latest")
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_prompt_without_identifier_warns(world, tmp_path):
+    with pytest.warns(UserWarning, match="dog"):
+        train(config(world, tmp_path / "run", "data.instance_prompt=a photo of sks", "train.steps=1"))
+
+
+def test_run_folder_of_another_run_is_refused(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, "train.steps=2"))
+    with pytest.raises(ConfigError, match=r"holds a different run \(optim.lr"):
+        train(config(world, out, "train.steps=2", "optim.lr=2e-3"))
+    with pytest.raises(ConfigError, match="cannot resume .* different model.base"):
+        train(config(world, out, f"model.base={world / 'instance' / '0.png'}"), resume="latest")
+    # resuming with more steps continues the run
+    more = train(config(world, out, "train.steps=3"), resume="latest")
+    assert more.step == 3
+
+
+# ---- the command line -----------------------------------------------------------------------------
+
+def _minidb(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "minidb", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120, **kwargs)
+
+
+def test_cli_smoke_generate_train_resume_export_sample(world, tmp_path):
+    run = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"""
+[model]
+base = "{world / 'base.safetensors'}"
+[data]
+instance_dir = "{world / 'instance'}"
+instance_prompt = "a photo of sks dog"
+resolution = 32
+[prior]
+class_prompt = "a photo of a dog"
+num_class_images = 3
+sample_steps = 2
+batch_size = 2
+[train]
+output_dir = "{run}"
+steps = 2
+[validation]
+prompts = ["a photo of sks dog on the moon", "a photo of a dog"]
+every = 2
+sample_steps = 2
+""")
+    first = _minidb("train", "--config", toml)
+    assert first.returncode == 0, first.stderr
+    assert len(list((run / "class_images").glob("*.png"))) == 3  # generated from the base model
+    assert (run / "checkpoints" / "step_000002.pt").is_file() and (run / "samples" / "step_000002.png").is_file()
+    assert Image.open(run / "samples" / "step_000002.png").size == (64, 32)
+
+    second = _minidb("train", "--resume", run, "--set", "train.steps=4")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stderr and "train.steps: 2 -> 4" in second.stderr
+    assert "model: " + str(run / "model.safetensors") in second.stdout
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    sample = _minidb("sample", "--ckpt", run / "model.safetensors", "--prompt", "a photo of sks dog",
+                     "--steps", 2, "--H", 32, "--W", 32, "--outdir", tmp_path / "out", "--seed", 0)
+    assert sample.returncode == 0, sample.stderr
+    assert Image.open(tmp_path / "out" / "samples" / "00000.png").size == (32, 32)
+
+    bad = _minidb("train", "--config", toml, "--set", "optim.lrr=1")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "minidb train: error: --set: unknown option optim.lrr (did you mean optim.lr?)"]
+
+
+def test_cli_ctrl_c_writes_checkpoint_and_says_how_to_resume(world, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", REPO / "minidb" / "data" / "dreambooth_example.toml",
+            "--set", f"model.base={world / 'base.safetensors'}", "--set", f"data.instance_dir={world / 'instance'}",
+            "--set", f"prior.class_dir={world / 'class'}", "--set", "prior.num_class_images=2",
+            "--set", "data.resolution=32", "--set", f"train.output_dir={run}", "--set", "validation.prompts=[]",
+            "--set", "model.precision=fp32"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "minidb", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        metrics = run / "metrics.jsonl"
+        import time
+        deadline = time.monotonic() + 90
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"resume with: minidb train --resume {run}" in err
+    step, path = ck.list_checkpoints(run / "checkpoints")[-1]
+    assert step >= 2 and ck.load_checkpoint(path)["step"] == step
