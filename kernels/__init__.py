@@ -1,0 +1,21 @@
+"""Custom GPU kernels (installed as minidb.kernels).
+
+    from minidb.kernels import flash_attention, supports
+    o = flash_attention(q, k, v, causal=False)   # q [B,H,N,D], k/v [B,H,M,D], like SDPA
+    supports(q, k, v)                            # None, or why the kernel cannot run them
+
+Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1 (set before triton is imported).
+Without triton this package still imports: supports() says why and flash_attention raises.
+"""
+try:
+    from .flash import flash_attention, supports
+except ImportError as _error:  # triton missing (macOS, Windows)
+    _reason = f"triton not installed ({_error})"
+
+    def supports(q, k, v):
+        return _reason
+
+    def flash_attention(q, k, v, causal=False):
+        raise ImportError(_reason)
+
+__all__ = ["flash_attention", "supports"]

@@ -163,7 +163,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     log.bar = bar
     latents_hw = cfg.data.resolution // 2 ** (len(sd.config.vae.ch_mult) - 1)
     last_checkpoint = latest_checkpoint(ckpt_dir)
-    loss_value, images_per_s = float("nan"), None
+    loss_value = float("nan")
     try:
         with StopOnSignal(log) as stop:
             while step < cfg.train.steps:
@@ -223,7 +223,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
                                                        precision, dist, loss_value)
                 if stop_now:
                     log(f"stopped by {stop.requested or 'another process'} at step {step}; "
-                        f"checkpoint {last_checkpoint}")
+                        f"checkpoint {last_checkpoint} (continue with resume=\"latest\" / --resume latest)")
                     return TrainResult(run, step, last_checkpoint, None, interrupted=True, loss=loss_value)
     finally:
         bar.close()
@@ -457,8 +457,9 @@ def prepare_run_folder(cfg, run: Path, ckpt_dir: Path, state, dist: Dist, log) -
         found = list_checkpoints(ckpt_dir)
         if changed:
             raise ConfigError(f"{run} holds a different run ({'; '.join(changed[:4])}"
-                              f"{'; ...' if len(changed) > 4 else ''}): choose another train.output_dir, "
-                              "or continue that run with --resume latest")
+                              f"{'; ...' if len(changed) > 4 else ''}): choose another train.output_dir, or "
+                              + ("continue that run with --resume latest" if found else
+                                 "delete the folder (that run wrote no checkpoint)"))
         if found:
             raise ConfigError(f"{run} already holds this run, with checkpoints up to step {found[-1][0]}: "
                               "continue it with --resume latest, or delete the folder to start over")

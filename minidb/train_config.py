@@ -260,6 +260,9 @@ def validate(cfg: DreamBoothConfig) -> None:
         problems.append(f"optim.loss_scale_init must be >= optim.loss_scale_min, got {o.loss_scale_init}")
     if cfg.prior.class_prompt and cfg.prior.loss_weight < 0:
         problems.append(f"prior.loss_weight must be >= 0, got {cfg.prior.loss_weight}")
+    if cfg.prior.class_prompt and cfg.prior.num_class_images < 1:
+        problems.append("prior.num_class_images must be at least 1 with a class_prompt (or set class_prompt "
+                        '= "" to train without prior preservation)')
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -141,8 +141,11 @@ def run(args) -> int:
     check_args(args)
     prompts = read_prompts(args)
     ckpt = find_checkpoint(args.ckpt)
-    for p in truncated_prompts(CLIPTokenizer(), prompts + [args.negative_prompt]):
-        print(f"warning: longer than 77 CLIP tokens, the end is ignored: {p!r}", file=sys.stderr)
+    tokenizer = CLIPTokenizer()
+    for p in truncated_prompts(tokenizer, prompts + [args.negative_prompt]):
+        short = p if len(p) <= 60 else p[:57] + "..."
+        print(f"warning: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(p) + 2} with start and end), "
+              f"the rest is ignored: {short!r}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")]
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())

@@ -1,0 +1,218 @@
+"""minidb.kernels.flash_attention against a float64 reference: outputs and dQ, dK, dV.
+
+On a CPU machine the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), with
+the interpreter's small unequal blocks (queries 32 / keys 16 forward and dQ, 16 / 32 for dK dV), so
+lengths 64 (whole blocks) and 50 or 77 (tails) cover every masked edge. The reference is
+torch's own SDPA in float64 on the same fp16 inputs, so causal alignment (top-left) is torch's.
+Every buffer a kernel writes is NaN-filled first (`poisoned`): an element left unwritten fails.
+GPU tests (`-m gpu` selects them; skipped without CUDA) rerun this at SD's real shapes with the
+real block sizes, in fp16 and bf16.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err
+
+import minidb.attention
+from minidb.kernels import flash as fa
+from minidb.kernels import flash_attention, supports
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output buffer starts as NaN; returns the list of buffers handed out."""
+    handed_out = []
+
+    def alloc(like, shape=None, dtype=None):
+        buf = fa.__dict__["_alloc_real"](like, shape, dtype).fill_(float("nan"))
+        handed_out.append(buf)
+        return buf
+
+    monkeypatch.setitem(fa.__dict__, "_alloc_real", fa._alloc)
+    monkeypatch.setattr(fa, "_alloc", alloc)
+    return handed_out
+
+
+def inputs(b, h, n, m, d, dtype=torch.float16, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, length, d, generator=g).to(device, dtype) for length in (n, m, m))
+    do = torch.randn(b, h, n, d, generator=g).to(device, dtype)
+    return q, k, v, do
+
+
+def reference(q, k, v, do, causal):
+    """Output and gradients in float64 from the same (rounded) inputs."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    o.backward(do.double())
+    return o, q.grad, k.grad, v.grad
+
+
+def run(q, k, v, do, causal):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = flash_attention(q, k, v, causal=causal)
+    o.backward(do)
+    return o, q.grad, k.grad, v.grad
+
+
+def check(ours, ref, tol):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert a.shape == b.shape, name
+        assert not torch.isnan(a).any(), f"{name}: NaN (an element never written?)"
+        err = rel_err(a, b)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+# (N, M, causal): whole blocks, query tails, the 77 text tokens, CLIP's causal 77, N != M causal.
+CASES = [(64, 64, False), (64, 77, False), (50, 77, False),
+         (64, 64, True), (77, 77, True), (50, 77, True), (77, 50, True)]
+
+
+@pytest.mark.parametrize("d", [40, 64, 80, 160])
+@pytest.mark.parametrize("n,m,causal", CASES)
+def test_matches_float64_reference(poisoned, d, n, m, causal):
+    q, k, v, do = inputs(1, 2, n, m, d, seed=d + n + m)
+    check(run(q, k, v, do, causal), reference(q, k, v, do, causal), 1e-2)
+    assert len(poisoned) == 6  # o, lse, delta, dq, dk, dv: all went through the poisoned path
+
+
+def test_poison_catches_unwritten_output(poisoned, monkeypatch):
+    """Negative control: launch one program fewer, and the check must see the hole."""
+    class DropLastProgram:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return self.kernel[(grid[0] - 1,)]
+
+    monkeypatch.setattr(fa, "_fwd_kernel", DropLastProgram(fa._fwd_kernel))
+    q, k, v, _ = inputs(1, 2, 64, 77, 40)
+    o = flash_attention(q, k, v)
+    assert torch.isnan(o[0, 1, -1]).all() and not torch.isnan(o[0, 0]).any()
+
+
+def test_strided_batched_inputs(poisoned):
+    """The models' layout: [B,N,H,D] memory seen as [B,H,N,D], k and v packed in one tensor,
+    batch and heads > 1; plus a misaligned view and a head dim with stride != 1."""
+    b, h, n, m, d = 2, 3, 50, 77, 40
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, n, h, d, generator=g).half().transpose(1, 2)
+    kv = torch.randn(b, m, 2, h, d, generator=g).half()
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    do = torch.randn(b, h, n, d, generator=g).half()
+    check(run(q, k, v, do, False), reference(q, k, v, do, False), 1e-2)
+    q_odd = torch.randn(b, h, n, d + 1, generator=g).half()[..., 1:]           # 2-byte offset
+    v_t = torch.randn(b, h, d, m, generator=g).half().transpose(-1, -2)         # stride(-1) = m
+    check(run(q_odd, k, v_t, do, True), reference(q_odd, k, v_t, do, True), 1e-2)
+
+
+def test_float32_inputs(poisoned):
+    q, k, v, do = inputs(1, 2, 50, 77, 40, dtype=torch.float32)
+    check(run(q, k, v, do, True), reference(q, k, v, do, True), 1e-5)
+
+
+def test_supports_and_errors():
+    x = torch.zeros(1, 2, 8, 40, dtype=torch.float16, device=DEVICE)
+    assert supports(x, x, x) is None
+    assert supports(x.double(), x.double(), x.double()) == "dtype float64"
+    wide = torch.zeros(1, 1, 8, 512, dtype=torch.float16, device=DEVICE)  # the VAE's single head
+    assert supports(wide, wide, wide) == "head dim 512 > 256"
+    assert "4-D" in supports(x[0], x[0], x[0])
+    assert "mixed dtypes" in supports(x, x.float(), x)
+    assert "shapes" in supports(x, x[..., :32], x[..., :32])
+    with pytest.raises(ValueError, match="head dim 512 > 256"):
+        flash_attention(wide, wide, wide)
+
+
+def test_attention_seam_triton_equals_math():
+    """minidb.attention's "triton" backend is this kernel, and agrees with the "math" reference
+    (N == M for causal: the case the models use)."""
+    q, k, v, _ = inputs(2, 2, 50, 77, 40)
+    qc, kc, vc, _ = inputs(2, 2, 77, 77, 64)
+    for args, causal in (((q, k, v), False), ((qc, kc, vc), True)):
+        with minidb.attention.use_backend("math"):
+            expected = minidb.attention.attention(*args, causal=causal)
+        with minidb.attention.use_backend("triton"):
+            got = minidb.attention.attention(*args, causal=causal)
+        assert rel_err(got, expected) < 2e-3
+
+
+# --- benchmark script: its CPU path, shape table and FLOP count -------------------------------
+def load_bench():
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_flop_count():
+    bench = load_bench()
+    # Two matmuls of 2·N·M·D each; backward 2.5× that (five matmuls): 3.5× for forward+backward.
+    assert bench.attention_flops(1, 1, 2, 3, 5, causal=False) == 4 * 2 * 3 * 5
+    assert bench.attention_flops(2, 8, 4096, 4096, 40, causal=False, backward=True) == \
+        3.5 * 4 * 2 * 8 * 4096 * 4096 * 40
+    # Top-left causal: query i sees min(i + 1, M) keys. N=M=4: 1+2+3+4 = 10 pairs.
+    assert bench.attention_flops(1, 1, 4, 4, 1, causal=True) == 4 * 10
+    assert bench.attention_flops(1, 1, 5, 3, 1, causal=True) == 4 * (1 + 2 + 3 + 3 + 3)
+    mask = torch.ones(77, 77).tril()
+    assert bench.attention_flops(1, 1, 77, 77, 1, causal=True) == 4 * mask.sum().item()
+
+
+def test_bench_shapes_are_sd_v1():
+    shapes = {(s.name, s.batch, s.heads, s.n, s.m, s.head_dim, s.causal) for s in load_bench().SHAPES}
+    for n, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)):
+        assert (f"unet self {n}", 2, 8, n, n, d, False) in shapes
+        assert (f"unet cross {n}", 2, 8, n, 77, d, False) in shapes
+    assert ("clip causal 77", 2, 12, 77, 77, 64, True) in shapes
+    assert len(shapes) == 9
+
+
+@pytest.mark.skipif(CUDA, reason="the no-GPU path; with a GPU main() runs the whole benchmark")
+def test_bench_without_gpu_exits_cleanly(capsys):
+    assert load_bench().main([]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
+
+
+# --- GPU: SD v1's real shapes, real block sizes, fp16 and bf16 --------------------------------
+SD_SHAPES = [(2, 8, 4096, 4096, 40, False), (2, 8, 4096, 77, 40, False), (2, 8, 1024, 1024, 80, False),
+             (2, 8, 1024, 77, 80, False), (2, 8, 256, 256, 160, False), (2, 8, 64, 77, 160, False),
+             (2, 12, 77, 77, 64, True), (1, 3, 300, 200, 256, True), (1, 2, 200, 300, 64, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,h,n,m,d,causal", SD_SHAPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter has no bf16)")
+def test_gpu_sd_shapes(poisoned, dtype, b, h, n, m, d, causal):
+    """Within 1e-2 of float64 (fp16) and no worse than 1.5x SDPA's own error in the same dtype."""
+    q, k, v, do = inputs(b, h, n, m, d, dtype=dtype, seed=n + d)
+    ref = reference(q, k, v, do, causal)
+    ours = run(q, k, v, do, causal)
+    sdpa = [t.detach() for t in (F.scaled_dot_product_attention(q, k, v, is_causal=causal),)]
+    qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).backward(do)
+    sdpa += [qs.grad, ks.grad, vs.grad]
+    check(ours, ref, 1e-2 if dtype == torch.float16 else 3e-2)
+    for name, a, s, r in zip(("out", "dq", "dk", "dv"), ours, sdpa, ref):
+        assert rel_err(a, r) <= 1.5 * rel_err(s, r) + 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_auto_backend_dispatch():
+    """"auto" on CUDA: the kernel where supported, SDPA (not an error) for the VAE's head of 512."""
+    q, k, v, _ = inputs(2, 8, 256, 77, 40, device="cuda")
+    with minidb.attention.use_backend("auto"):
+        got = minidb.attention.attention(q, k, v)
+        wide = torch.randn(1, 1, 256, 512, device="cuda", dtype=torch.float16)
+        out_wide = minidb.attention.attention(wide, wide, wide)
+    assert rel_err(got, flash_attention(q, k, v)) == 0
+    assert rel_err(out_wide, F.scaled_dot_product_attention(wide, wide, wide)) == 0
