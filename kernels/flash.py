@@ -273,30 +273,57 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # ---------------------------------------------------------------------------------------------
 INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"   # TRITON_INTERPRET=1 at import
 
+# (BLOCK_Q, BLOCK_KV, num_warps, num_stages) per kernel and head-dim block, best first. A launch
+# takes the first that fits the GPU's shared memory (Triton raises OutOfResources before running
+# anything); the later ones fit an A100 (163 KB), then consumer cards (99 KB), then a T4 (64 KB).
+# Chosen for Hopper from the compiler's reports (shared memory, registers, no spills); time them
+# on yours with benchmarks/bench_attention.py --sweep.
+CONFIGS = {
+    64: dict(fwd=[(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
+             dq=[(128, 32, 4, 3), (64, 32, 4, 2)],
+             dkdv=[(32, 128, 4, 3), (32, 64, 4, 2)]),
+    128: dict(fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+              dq=[(128, 32, 8, 2), (64, 32, 4, 2)],
+              dkdv=[(32, 128, 8, 2), (32, 64, 4, 2), (16, 32, 4, 1)]),
+    256: dict(fwd=[(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+              dq=[(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
+              dkdv=[(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 1)]),
+}
+FP32_CONFIGS = dict(fwd=[(64, 32, 4, 2), (32, 32, 4, 1)], dq=[(64, 32, 4, 2), (32, 16, 4, 1)],
+                    dkdv=[(32, 64, 4, 2), (16, 32, 4, 1)])
+# Interpreter: small unequal blocks, quick in numpy, and every tail and causal edge is hit.
+INTERPRET_CONFIGS = dict(fwd=[(32, 16, 4, 1)], dq=[(32, 16, 4, 1)], dkdv=[(16, 32, 4, 1)])
 
-def _config(kernel: str, block_d: int, dtype: torch.dtype) -> dict:
-    """Block sizes, warps and pipeline stages per kernel and head-dim block, chosen on an H100
-    with benchmarks/bench_attention.py --sweep (see benchmarks/RESULTS.md). Fixed, not autotuned:
-    the first image of a session should not stall on a search."""
-    if INTERPRET:  # small, unequal blocks: quick in numpy, and every tail and causal edge is hit
-        return {"fwd": dict(BLOCK_Q=32, BLOCK_KV=16), "dq": dict(BLOCK_Q=32, BLOCK_KV=16),
-                "dkdv": dict(BLOCK_Q=16, BLOCK_KV=32), "pre": dict(BLOCK_Q=32)}[kernel]
-    if dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        small = block_d > 64
-        return {"fwd": dict(BLOCK_Q=64, BLOCK_KV=32 if small else 64, num_warps=4, num_stages=2),
-                "dq": dict(BLOCK_Q=64, BLOCK_KV=32, num_warps=4, num_stages=2),
-                "dkdv": dict(BLOCK_Q=32, BLOCK_KV=64, num_warps=4, num_stages=2),
-                "pre": dict(BLOCK_Q=64, num_warps=4)}[kernel]
-    table = {
-        #                   fwd                    dq                     dkdv
-        64: dict(fwd=(128, 64, 4, 3), dq=(128, 32, 4, 3), dkdv=(32, 128, 4, 3)),
-        128: dict(fwd=(128, 64, 8, 3), dq=(128, 32, 8, 2), dkdv=(32, 128, 8, 2)),
-        256: dict(fwd=(64, 64, 8, 2), dq=(64, 32, 8, 2), dkdv=(32, 64, 8, 2)),
-    }
-    if kernel == "pre":
-        return dict(BLOCK_Q=64, num_warps=4)
-    block_q, block_kv, warps, stages = table[max(64, block_d)][kernel]
-    return dict(BLOCK_Q=block_q, BLOCK_KV=block_kv, num_warps=warps, num_stages=stages)
+
+def _configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[dict]:
+    if INTERPRET:
+        table = INTERPRET_CONFIGS
+    elif dtype == torch.float32:
+        table = FP32_CONFIGS
+    else:
+        table = CONFIGS[max(64, block_d)]
+    return [dict(BLOCK_Q=q, BLOCK_KV=kv, num_warps=w, num_stages=s) for q, kv, w, s in table[kernel]]
+
+
+_first_fit: dict[tuple, int] = {}
+
+
+def _launch(kernel, name: str, grid_len: int, bh: int, n_q: int, n_kv: int, dtype, args, consts):
+    """Launch over bh × ⌈grid_len / block⌉ programs with the first config that fits the GPU."""
+    configs = _configs(name, consts["BLOCK_D"], dtype)
+    key = (name, consts["BLOCK_D"], dtype, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+    for i in range(_first_fit.get(key, 0), len(configs)):
+        cfg = configs[i]
+        block = cfg["BLOCK_KV"] if name == "dkdv" else cfg["BLOCK_Q"]
+        even = dict(EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=n_kv % cfg["BLOCK_KV"] == 0)
+        try:
+            kernel[(bh * triton.cdiv(grid_len, block),)](*args, **consts, **even, **cfg)
+        except triton.runtime.OutOfResources:
+            if i + 1 == len(configs):
+                raise
+            continue
+        _first_fit[key] = i
+        return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +336,8 @@ def _alloc(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _strides(*tensors: torch.Tensor) -> tuple[int, int]:
-    """(alignment in elements, flat (b, h, n) strides divided by it) for the kernels' int args."""
+def _strides(*tensors: torch.Tensor) -> tuple[int, list[int]]:
+    """(alignment in elements, the (b, h, n) strides divided by it) for the kernels' int args."""
     elems16 = 16 // tensors[0].element_size()
     strides = [s for t in tensors for s in t.stride()[:3]]
     aligned = all(s % elems16 == 0 for s in strides) and all(t.data_ptr() % 16 == 0 for t in tensors)
@@ -318,59 +345,39 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, int]:
     return align, [s // align for s in strides]
 
 
-def _common(q: torch.Tensor, k: torch.Tensor) -> dict:
-    n_q, n_kv, d = q.shape[2], k.shape[2], q.shape[3]
-    return dict(H=q.shape[1], N_Q=n_q, N_KV=n_kv, HEAD_DIM=d,
-                BLOCK_D=max(16, triton.next_power_of_2(d)),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-
-
 def _forward(q, k, v, causal, sm_scale):
-    c = _common(q, k)
-    cfg = _config("fwd", c["BLOCK_D"], q.dtype)
-    b, h, n_q, _ = q.shape
+    (b, h, n_q, d), n_kv = q.shape, k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
     o = _alloc(q)
     lse = _alloc(q, (b * h, n_q), torch.float32)
     align, strides = _strides(q, k, v, o)
-    grid = (b * h * triton.cdiv(n_q, cfg["BLOCK_Q"]),)
-    _fwd_kernel[grid](q, k, v, o, lse, *strides, c["H"], c["N_Q"], c["N_KV"], sm_scale * LOG2E,
-                      HEAD_DIM=c["HEAD_DIM"], CAUSAL=causal, PRECISION=c["PRECISION"], ALIGN=align,
-                      EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=c["N_KV"] % cfg["BLOCK_KV"] == 0,
-                      EVEN_D=c["HEAD_DIM"] == c["BLOCK_D"], BLOCK_D=c["BLOCK_D"], **cfg)
+    consts = dict(HEAD_DIM=d, CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  ALIGN=align, EVEN_D=d == block_d, BLOCK_D=block_d)
+    _launch(_fwd_kernel, "fwd", n_q, b * h, n_q, n_kv, q.dtype,
+            (q, k, v, o, lse, *strides, h, n_q, n_kv, sm_scale * LOG2E), consts)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, causal, sm_scale):
-    c = _common(q, k)
-    b, h, n_q, _ = q.shape
-    even_d = c["HEAD_DIM"] == c["BLOCK_D"]
-
-    cfg = _config("pre", c["BLOCK_D"], q.dtype)
+    (b, h, n_q, d), n_kv = q.shape, k.shape[2]
+    block_d = max(16, triton.next_power_of_2(d))
     delta = _alloc(q, (b * h, n_q), torch.float32)
     align, strides = _strides(o, do)
-    grid = (b * h * triton.cdiv(n_q, cfg["BLOCK_Q"]),)
-    _bwd_preprocess_kernel[grid](o, do, delta, *strides, c["H"], n_q, HEAD_DIM=c["HEAD_DIM"],
-                                 ALIGN=align, EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_D=even_d,
-                                 BLOCK_D=c["BLOCK_D"], **cfg)
+    block_q = 16 if INTERPRET else 64
+    _bwd_preprocess_kernel[(b * h * triton.cdiv(n_q, block_q),)](
+        o, do, delta, *strides, h, n_q, HEAD_DIM=d, ALIGN=align, EVEN_Q=n_q % block_q == 0,
+        EVEN_D=d == block_d, BLOCK_Q=block_q, BLOCK_D=block_d)
 
     dq, dk, dv = _alloc(q), _alloc(k), _alloc(v)
-    args = dict(HEAD_DIM=c["HEAD_DIM"], CAUSAL=causal, PRECISION=c["PRECISION"], EVEN_D=even_d,
-                BLOCK_D=c["BLOCK_D"])
-    sizes = (c["H"], n_q, c["N_KV"], sm_scale * LOG2E, sm_scale)
-
-    cfg = _config("dkdv", c["BLOCK_D"], q.dtype)
+    consts = dict(HEAD_DIM=d, CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  EVEN_D=d == block_d, BLOCK_D=block_d)
+    sizes = (h, n_q, n_kv, sm_scale * LOG2E, sm_scale)
     align, strides = _strides(q, k, v, do, dk, dv)
-    grid = (b * h * triton.cdiv(c["N_KV"], cfg["BLOCK_KV"]),)
-    _bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, *strides, *sizes, ALIGN=align,
-                           EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=c["N_KV"] % cfg["BLOCK_KV"] == 0,
-                           **args, **cfg)
-
-    cfg = _config("dq", c["BLOCK_D"], q.dtype)
+    _launch(_bwd_dkdv_kernel, "dkdv", n_kv, b * h, n_q, n_kv, q.dtype,
+            (q, k, v, do, lse, delta, dk, dv, *strides, *sizes), dict(consts, ALIGN=align))
     align, strides = _strides(q, k, v, do, dq)
-    grid = (b * h * triton.cdiv(n_q, cfg["BLOCK_Q"]),)
-    _bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, *strides, *sizes, ALIGN=align,
-                         EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=c["N_KV"] % cfg["BLOCK_KV"] == 0,
-                         **args, **cfg)
+    _launch(_bwd_dq_kernel, "dq", n_q, b * h, n_q, n_kv, q.dtype,
+            (q, k, v, do, lse, delta, dq, *strides, *sizes), dict(consts, ALIGN=align))
     return dq, dk, dv
 
 

@@ -4,7 +4,7 @@ the augmentation that turns them into [3, R, R] tensors in [-1, 1].
     instance = load_image_folder("data/dog", "instance", resolution=512)
     check_prompts("a photo of sks dog", "a photo of a dog")
     paths = ensure_class_images(sd, "a photo of a dog", "runs/dog/class_images", 200)
-    dataset = DreamBoothDataset(instance, load_image_folder("runs/dog/class_images", "class"), 512)
+    dataset = DreamBoothDataset(instance, load_image_folder("runs/dog/class_images", "class", 512), 512)
     for index in shard(dataset.epoch_order(epoch), rank, world_size):
         example = dataset.get(index, epoch)     # {"instance": [3,512,512], "class_": [3,512,512]}
 
@@ -54,7 +54,7 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
     except OSError as e:
         raise DataError(f"{what} images: cannot list {folder}: {e.strerror or e}") from None
     if not files:
-        raise DataError(f"{what} images: {folder} holds no files")
+        raise DataError(f"{what} images: {folder} is empty: put the photos there")
 
     images, bad, small = [], [], []
     for path in files:

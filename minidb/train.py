@@ -87,7 +87,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
 
 def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     from minidb.data import (DreamBoothDataset, can_cache_latents, check_prompts, ensure_class_images,
-                             load_image_folder)
+                             load_image_folder, open_rgb)
     from minidb.pipeline import StableDiffusion
     from minidb.sampling import check_size
 
@@ -101,7 +101,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     np.random.seed(seed + dist.rank)
 
     # ---- data (the cheap checks first: bad input fails before anything is loaded or written) ---
-    instance_images = load_image_folder(cfg.data.instance_dir, "instance")
+    instance_images = load_image_folder(cfg.data.instance_dir, "instance", cfg.data.resolution)
     prior = bool(cfg.prior.class_prompt)
     check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
     prepare_run_folder(cfg, run, ckpt_dir, state, dist, log)
@@ -116,9 +116,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
             sampler=cfg.prior.sampler, resolution=cfg.data.resolution, rank=dist.rank,
             world_size=W, progress=dist.is_main)
         dist.barrier()
-        wanted = {Path(p).resolve() for p in paths}
-        class_images = [(p, im) for p, im in load_image_folder(cfg.prior.class_dir, "class")
-                        if Path(p).resolve() in wanted]
+        class_images = [(p, open_rgb(p, cfg.data.resolution)) for p in paths]
     dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                 cfg.data.hflip, seed)
 
@@ -597,7 +595,7 @@ def validation_grid(sd, cfg, step: int, run: Path, tb, dist: Dist) -> Path | Non
     path.parent.mkdir(exist_ok=True)
     grid.save(path)
     if tb is not None:
-        tb.add_image("validation", torch.from_numpy(np.asarray(grid)).permute(2, 0, 1), step)
+        tb.add_image("validation", torch.from_numpy(np.array(grid)).permute(2, 0, 1), step)
     dist.barrier()
     return path
 

@@ -128,7 +128,7 @@ def test_missing_empty_and_non_folders(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         load_image_folder(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no files"):
+    with pytest.raises(DataError, match="is empty"):
         load_image_folder(tmp_path / "empty", "class")
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DataError, match="not a folder"):

@@ -28,14 +28,13 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output buffer starts as NaN; returns the list of buffers handed out."""
-    handed_out = []
+    handed_out, real_alloc = [], fa._alloc
 
     def alloc(like, shape=None, dtype=None):
-        buf = fa.__dict__["_alloc_real"](like, shape, dtype).fill_(float("nan"))
+        buf = real_alloc(like, shape, dtype).fill_(float("nan"))
         handed_out.append(buf)
         return buf
 
-    monkeypatch.setitem(fa.__dict__, "_alloc_real", fa._alloc)
     monkeypatch.setattr(fa, "_alloc", alloc)
     return handed_out
 
@@ -103,13 +102,13 @@ def test_strided_batched_inputs(poisoned):
     batch and heads > 1; plus a misaligned view and a head dim with stride != 1."""
     b, h, n, m, d = 2, 3, 50, 77, 40
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(b, n, h, d, generator=g).half().transpose(1, 2)
-    kv = torch.randn(b, m, 2, h, d, generator=g).half()
+    q = torch.randn(b, n, h, d, generator=g).to(DEVICE, torch.float16).transpose(1, 2)
+    kv = torch.randn(b, m, 2, h, d, generator=g).to(DEVICE, torch.float16)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    do = torch.randn(b, h, n, d, generator=g).half()
+    do = torch.randn(b, h, n, d, generator=g).to(DEVICE, torch.float16)
     check(run(q, k, v, do, False), reference(q, k, v, do, False), 1e-2)
-    q_odd = torch.randn(b, h, n, d + 1, generator=g).half()[..., 1:]           # 2-byte offset
-    v_t = torch.randn(b, h, d, m, generator=g).half().transpose(-1, -2)         # stride(-1) = m
+    q_odd = torch.randn(b, h, n, d + 1, generator=g).to(DEVICE, torch.float16)[..., 1:]  # 2-byte offset
+    v_t = torch.randn(b, h, d, m, generator=g).to(DEVICE, torch.float16).transpose(-1, -2)  # stride(-1) = m
     check(run(q_odd, k, v_t, do, True), reference(q_odd, k, v_t, do, True), 1e-2)
 
 
@@ -207,12 +206,21 @@ def test_gpu_sd_shapes(poisoned, dtype, b, h, n, m, d, causal):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_gpu_auto_backend_dispatch():
+def test_gpu_auto_backend_dispatch(monkeypatch):
     """"auto" on CUDA: the kernel where supported, SDPA (not an error) for the VAE's head of 512."""
+    import minidb.kernels
+    calls = []
+
+    def spy(q, k, v, causal=False):
+        calls.append(q.shape)
+        return flash_attention(q, k, v, causal)
+
+    monkeypatch.setattr(minidb.kernels, "flash_attention", spy)
     q, k, v, _ = inputs(2, 8, 256, 77, 40, device="cuda")
+    wide = torch.randn(1, 1, 256, 512, device="cuda", dtype=torch.float16)
     with minidb.attention.use_backend("auto"):
         got = minidb.attention.attention(q, k, v)
-        wide = torch.randn(1, 1, 256, 512, device="cuda", dtype=torch.float16)
         out_wide = minidb.attention.attention(wide, wide, wide)
-    assert rel_err(got, flash_attention(q, k, v)) == 0
+    assert calls == [q.shape]
+    assert rel_err(got, F.scaled_dot_product_attention(q, k, v)) < 2e-3
     assert rel_err(out_wide, F.scaled_dot_product_attention(wide, wide, wide)) == 0

@@ -10,6 +10,7 @@
 Every option, its default and its meaning: `minidb train --print-config`, or minidb/train_config.py.
 An example: minidb/data/dreambooth_example.toml.
 """
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from minidb.errors import ConfigError
 
 
 def add_arguments(p):
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples above as written
     p.add_argument("--config", metavar="TOML", help="the run's config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option, e.g. --set optim.lr=2e-6 (repeatable)")
