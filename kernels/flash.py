@@ -22,6 +22,7 @@ power of two (at least 16) and the columns past D are masked loads of zeros, whi
 q·k and are never stored. (Padding the tensors in memory instead: see _PAD_HEAD_DIM.)
 Causal is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also when N != M.
 """
+import contextlib
 import math
 
 import torch
@@ -79,7 +80,7 @@ def _head_offset(bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 H, N_Q, N_KV, qk_scale,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                 ALIGN: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
                 EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                 BLOCK_D: tl.constexpr):
@@ -110,7 +111,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
                        EVEN_KV, EVEN_D)
         v = _load_tile(V + cols[:, None] * (svn * ALIGN) + dims[None, :], cols, N_KV, dims, HEAD_DIM,
                        EVEN_KV, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_Q, BLOCK_KV)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_Q, BLOCK_KV)
         if not EVEN_KV:
             s = tl.where(cols[None, :] < N_KV, s, float("-inf"))
         if CAUSAL:
@@ -119,7 +120,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -155,7 +156,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                      H, N_Q, N_KV, qk_scale, sm_scale,
-                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                      ALIGN: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
                      EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -197,16 +198,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         else:
             lse = tl.load(LSE + rows, mask=rows < N_Q, other=0.0)
             delta = tl.load(DELTA + rows, mask=rows < N_Q, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_KV, BLOCK_Q)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_KV, BLOCK_Q)
         p_t = tl.exp2(s_t - lse[None, :])
         if not EVEN_Q:
             p_t = tl.where(rows[None, :] < N_Q, p_t, 0.0)
         if CAUSAL:
             p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q)
 
     dk *= sm_scale
     _store_tile(DK + cols[:, None] * (sdkn * ALIGN) + dims[None, :], dk.to(DK.dtype.element_ty),
@@ -220,7 +221,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                    sdqb, sdqh, sdqn,
                    H, N_Q, N_KV, qk_scale, sm_scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                    ALIGN: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
                    EVEN_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    BLOCK_D: tl.constexpr):
@@ -253,15 +254,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                        EVEN_KV, EVEN_D)
         v = _load_tile(V + cols[:, None] * (svn * ALIGN) + dims[None, :], cols, N_KV, dims, HEAD_DIM,
                        EVEN_KV, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_Q, BLOCK_KV)
+        s = tl.dot(q, tl.trans(k)) * qk_scale   # (BLOCK_Q, BLOCK_KV)
         p = tl.exp2(s - lse[:, None])
         if not EVEN_KV:
             p = tl.where(cols[None, :] < N_KV, p, 0.0)   # zero keys past M would still score 0
         if CAUSAL:
             p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k)
 
     dq *= sm_scale
     _store_tile(DQ + rows[:, None] * (sdqn * ALIGN) + dims[None, :], dq.to(DQ.dtype.element_ty),
@@ -289,29 +290,22 @@ CONFIGS = {
               dq=[(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
               dkdv=[(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 1)]),
 }
-FP32_CONFIGS = dict(fwd=[(64, 32, 4, 2), (32, 32, 4, 1)], dq=[(64, 32, 4, 2), (32, 16, 4, 1)],
-                    dkdv=[(32, 64, 4, 2), (16, 32, 4, 1)])
 # Interpreter: small unequal blocks, quick in numpy, and every tail and causal edge is hit.
 INTERPRET_CONFIGS = dict(fwd=[(32, 16, 4, 1)], dq=[(32, 16, 4, 1)], dkdv=[(16, 32, 4, 1)])
 
 
-def _configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[dict]:
-    if INTERPRET:
-        table = INTERPRET_CONFIGS
-    elif dtype == torch.float32:
-        table = FP32_CONFIGS
-    else:
-        table = CONFIGS[max(64, block_d)]
+def _configs(kernel: str, block_d: int) -> list[dict]:
+    table = INTERPRET_CONFIGS if INTERPRET else CONFIGS[max(64, block_d)]
     return [dict(BLOCK_Q=q, BLOCK_KV=kv, num_warps=w, num_stages=s) for q, kv, w, s in table[kernel]]
 
 
 _first_fit: dict[tuple, int] = {}
 
 
-def _launch(kernel, name: str, grid_len: int, bh: int, n_q: int, n_kv: int, dtype, args, consts):
+def _launch(kernel, name: str, grid_len: int, bh: int, n_q: int, n_kv: int, args, consts):
     """Launch over bh × ⌈grid_len / block⌉ programs with the first config that fits the GPU."""
-    configs = _configs(name, consts["BLOCK_D"], dtype)
-    key = (name, consts["BLOCK_D"], dtype, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+    configs = _configs(name, consts["BLOCK_D"])
+    key = (name, consts["BLOCK_D"], args[0].dtype, args[0].device)
     for i in range(_first_fit.get(key, 0), len(configs)):
         cfg = configs[i]
         block = cfg["BLOCK_KV"] if name == "dkdv" else cfg["BLOCK_Q"]
@@ -351,9 +345,8 @@ def _forward(q, k, v, causal, sm_scale):
     o = _alloc(q)
     lse = _alloc(q, (b * h, n_q), torch.float32)
     align, strides = _strides(q, k, v, o)
-    consts = dict(HEAD_DIM=d, CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  ALIGN=align, EVEN_D=d == block_d, BLOCK_D=block_d)
-    _launch(_fwd_kernel, "fwd", n_q, b * h, n_q, n_kv, q.dtype,
+    consts = dict(HEAD_DIM=d, CAUSAL=causal, ALIGN=align, EVEN_D=d == block_d, BLOCK_D=block_d)
+    _launch(_fwd_kernel, "fwd", n_q, b * h, n_q, n_kv,
             (q, k, v, o, lse, *strides, h, n_q, n_kv, sm_scale * LOG2E), consts)
     return o, lse
 
@@ -369,14 +362,13 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale):
         EVEN_D=d == block_d, BLOCK_Q=block_q, BLOCK_D=block_d)
 
     dq, dk, dv = _alloc(q), _alloc(k), _alloc(v)
-    consts = dict(HEAD_DIM=d, CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  EVEN_D=d == block_d, BLOCK_D=block_d)
+    consts = dict(HEAD_DIM=d, CAUSAL=causal, EVEN_D=d == block_d, BLOCK_D=block_d)
     sizes = (h, n_q, n_kv, sm_scale * LOG2E, sm_scale)
     align, strides = _strides(q, k, v, do, dk, dv)
-    _launch(_bwd_dkdv_kernel, "dkdv", n_kv, b * h, n_q, n_kv, q.dtype,
+    _launch(_bwd_dkdv_kernel, "dkdv", n_kv, b * h, n_q, n_kv,
             (q, k, v, do, lse, delta, dk, dv, *strides, *sizes), dict(consts, ALIGN=align))
     align, strides = _strides(q, k, v, do, dq)
-    _launch(_bwd_dq_kernel, "dq", n_q, b * h, n_q, n_kv, q.dtype,
+    _launch(_bwd_dq_kernel, "dq", n_q, b * h, n_q, n_kv,
             (q, k, v, do, lse, delta, dq, *strides, *sizes), dict(consts, ALIGN=align))
     return dq, dk, dv
 
@@ -385,11 +377,17 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device, which need not be the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-        o, lse = _forward(q, k, v, causal, sm_scale)
+        with _on_device_of(q):
+            o, lse = _forward(q, k, v, causal, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
@@ -397,7 +395,8 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(_unit_stride(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        with _on_device_of(q):
+            dq, dk, dv = _backward(_unit_stride(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
         return dq, dk, dv, None, None
 
 
@@ -418,6 +417,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     if min(q.shape) == 0 or k.shape[2] == 0:
         return "empty tensor"
     if q.device.type == "cuda":
+        if q.dtype == torch.float32:  # fp32 tiles spill registers: SDPA's fp32 kernels win
+            return "float32 on CUDA (fp16 and bf16 only)"
         if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
             return "bf16 needs compute capability 8.0"
     elif not (q.device.type == "cpu" and INTERPRET):

@@ -82,6 +82,23 @@ def test_matches_float64_reference(poisoned, d, n, m, causal):
     assert len(poisoned) == 6  # o, lse, delta, dq, dk, dv: all went through the poisoned path
 
 
+GPU_TABLE = [(block_d, i) for block_d, table in fa.CONFIGS.items() for i in range(max(map(len, table.values())))]
+
+
+@pytest.mark.parametrize("block_d,row", GPU_TABLE)
+def test_gpu_block_sizes(poisoned, monkeypatch, block_d, row):
+    """Each row of the GPU config table (the launch falls back down it on small GPUs), run here
+    too: block sizes decide every mask and loop bound; warps and stages change no result."""
+    keys = ("BLOCK_Q", "BLOCK_KV", "num_warps", "num_stages")
+    table = {kernel: [dict(zip(keys, rows[min(row, len(rows) - 1)]))] for kernel, rows in fa.CONFIGS[block_d].items()}
+    monkeypatch.setattr(fa, "_configs", lambda kernel, _: table[kernel])
+    monkeypatch.setattr(fa, "_first_fit", {})
+    d = {64: 40, 128: 80, 256: 160}[block_d]
+    for n, m, causal in ((200, 300, True), (130, 77, False)):
+        q, k, v, do = inputs(1, 2, n, m, d, seed=row)
+        check(run(q, k, v, do, causal), reference(q, k, v, do, causal), 1e-2)
+
+
 def test_poison_catches_unwritten_output(poisoned, monkeypatch):
     """Negative control: launch one program fewer, and the check must see the hole."""
     class DropLastProgram:
@@ -114,9 +131,39 @@ def test_strided_batched_inputs(poisoned):
 
 def test_float32_inputs(poisoned):
     q, k, v, do = inputs(1, 2, 50, 77, 40, dtype=torch.float32)
+    if CUDA:  # fp32 tiles spill registers on GPUs; the seam's "auto" must send them to SDPA
+        assert supports(q, k, v) == "float32 on CUDA (fp16 and bf16 only)"
+        return
     check(run(q, k, v, do, True), reference(q, k, v, do, True), 1e-5)
 
 
+def test_falls_back_to_a_config_that_fits(monkeypatch):
+    """A config the GPU has no shared memory for raises OutOfResources at launch; the next one
+    in the list runs, and is remembered."""
+    import triton
+    tried = []
+
+    class SmallSharedMemory:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["BLOCK_Q"])
+                if kwargs["BLOCK_Q"] > 16:
+                    raise triton.runtime.OutOfResources(10**6, 10**5, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    big, small = dict(BLOCK_Q=32, BLOCK_KV=16, num_warps=4, num_stages=1), dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
+    monkeypatch.setattr(fa, "_configs", lambda kernel, block_d: [big, small])
+    monkeypatch.setattr(fa, "_fwd_kernel", SmallSharedMemory(fa._fwd_kernel))
+    monkeypatch.setattr(fa, "_first_fit", {})
+    q, k, v, _ = inputs(1, 2, 50, 77, 40)
+    expected = reference(q, k, v, torch.ones_like(q), False)[0]
+    assert rel_err(flash_attention(q, k, v), expected) < 1e-2
+    assert rel_err(flash_attention(q, k, v), expected) < 1e-2
+    assert tried == [32, 16, 16]  # the second call starts from the config that fit
 def test_supports_and_errors():
     x = torch.zeros(1, 2, 8, 40, dtype=torch.float16, device=DEVICE)
     assert supports(x, x, x) is None
@@ -178,6 +225,32 @@ def test_bench_shapes_are_sd_v1():
 def test_bench_without_gpu_exits_cleanly(capsys):
     assert load_bench().main([]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
+    """The GPU code path end to end on tiny shapes, with a stand-in timer (2 ms per call)."""
+    bench = load_bench()
+    monkeypatch.setattr(bench, "DEVICE", DEVICE)
+    monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 2.0)[1])
+    shapes = [bench.Shape("tiny cross", 1, 2, 40, 77, 40), bench.Shape("tiny causal", 1, 2, 20, 20, 16, True)]
+    lines = bench.run_table(shapes, pad=True)
+    assert len(lines) == 2 + 4
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header = cells[0]
+    assert header[7:] == ["minidb TFLOP/s", "SDPA TFLOP/s", "minidb padded TFLOP/s", "diffusers 2_0 TFLOP/s",
+                          "diffusers plain TFLOP/s", "×SDPA"]
+    fwd = bench.attention_flops(1, 2, 40, 77, 40) / 2e-3 / 1e12
+    assert cells[2][5:] == ["fwd", "2.000"] + [f"{fwd:.1f}"] * 5 + ["1.00"]
+    assert cells[3][5] == "fwd+bwd" and cells[3][7] == f"{3.5 * fwd:.1f}"
+    assert cells[4][10:12] == ["-", "-"]  # diffusers' UNet attention has no causal mode
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "RESULTS.md"))
+    bench.write_results(lines, ["--write"], "test device")
+    written = (tmp_path / "RESULTS.md").read_text()
+    assert "test device" in written and "bench_attention.py --write" in written and lines[-1] in written
+    monkeypatch.setattr(bench, "CANDIDATES", {"fwd": [(32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)]})
+    bench.sweep(shapes[:1])
+    out = capsys.readouterr().out
+    assert "tiny cross D=40 fwd (fwd ms): (32, 16, 4, 1)=2.000" in out and "dkdv (fwd+bwd ms)" in out
 
 
 # --- GPU: SD v1's real shapes, real block sizes, fp16 and bf16 --------------------------------
