@@ -76,7 +76,8 @@ def median_ms(fn, warmup_ms=30.0, rep_ms=150.0) -> float:
     for _ in range(max(1, int(warmup_ms / estimate))):
         fn()
     reps = max(10, min(500, int(rep_ms / estimate)))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
     for a, b in events:
         flush.zero_()
         a.record()
@@ -108,7 +109,7 @@ def diffusers_attention(shape: Shape, processor):
 
 
 def implementations(shape: Shape, pad: bool):
-    """name -> (f, inputs factory) for every column."""
+    """Column name -> f(*inputs) for this shape."""
     import minidb.kernels.flash as fa
     from minidb.kernels import flash_attention
 
@@ -152,7 +153,7 @@ def check_correct(shape: Shape):
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=shape.causal)
     err = ((ours - ref).norm() / ref.norm()).item()
     if not err < 1e-2:
-        raise SystemExit(f"{shape.name}: minidb differs from SDPA (relative error {err:.2e}); not timing it")
+        raise SystemExit(f"{shape.name}: minidb differs from SDPA (relative error {err:.2e}); not timed")
 
 
 def run_table(shapes, pad: bool) -> list[str]:
@@ -165,14 +166,14 @@ def run_table(shapes, pad: bool) -> list[str]:
             flops = attention_flops(shape.batch, shape.heads, shape.n, shape.m, shape.head_dim,
                                     shape.causal, backward)
             ms = {name: timed(f, make_inputs(shape, name, backward), backward) for name, f in impls.items()}
-            columns = ["minidb", "SDPA"] + (["minidb padded"] if pad else []) + ["diffusers 2_0", "diffusers plain"]
+            columns = ["minidb", "SDPA", *(["minidb padded"] if pad else []), "diffusers 2_0", "diffusers plain"]
             if header is None:
                 header = (["shape", "B×H", "N", "M", "D", "pass", "minidb ms"]
                           + [f"{c} TFLOP/s" for c in columns] + ["×SDPA"])
                 lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             rate = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
-            row = [shape.name, f"{shape.batch}×{shape.heads}", str(shape.n), str(shape.m), str(shape.head_dim),
-                   "fwd+bwd" if backward else "fwd", f"{ms['minidb']:.3f}"]
+            row = [shape.name, f"{shape.batch}×{shape.heads}", str(shape.n), str(shape.m),
+                   str(shape.head_dim), "fwd+bwd" if backward else "fwd", f"{ms['minidb']:.3f}"]
             row += [f"{rate[c]:.1f}" if c in rate else "-" for c in columns]
             row.append(f"{rate['minidb'] / rate['SDPA']:.2f}")
             lines.append("| " + " | ".join(row) + " |")

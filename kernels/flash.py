@@ -17,10 +17,16 @@ exactly one writer: no atomics, deterministic, and an unwritten element is a bug
 
 Scores are kept in base 2 (scale · log2 e folded into one multiply) so every exponential is exp2.
 Any N and M: tail rows and columns are masked loads of zeros, their scores -inf / their P zero.
-Head dims up to 256: tl.arange and tl.dot need powers of two, so the block's head dim is the next
-power of two (at least 16) and the columns past D are masked loads of zeros, which add nothing to
-q·k and are never stored. (Padding the tensors in memory instead: see _PAD_HEAD_DIM.)
 Causal is top-left aligned like SDPA's is_causal: query i sees keys j <= i, also when N != M.
+
+Head dims up to 256 (SD's 40, 80, 160 are not powers of two): tl.arange and tl.dot need powers of
+two, so the block's head dim is the next one (at least 16) and the columns past D are masked loads
+of zeros, which add nothing to q·k and are never stored. Masking rather than zero-padding q, k, v
+in memory: the dots do the padded block's work either way, and the masked loads stay 16-byte
+vectors (in the sm_90 PTX every q, k, v, dO tile load is 16 bytes wide for D = 40, 80, 160 once
+ALIGN lets the compiler prove the row strides are multiples of 8 elements; without ALIGN they are
+all 2 bytes wide), so padding in memory can only add copies. Not yet timed on a GPU: bench_attention.py --pad does.
+fp16 and bf16 on GPUs; fp32 only in the interpreter (fp32 tiles spill registers on a GPU).
 """
 import contextlib
 import math

@@ -2,18 +2,21 @@
 
 On a CPU machine the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), with
 the interpreter's small unequal blocks (queries 32 / keys 16 forward and dQ, 16 / 32 for dK dV), so
-lengths 64 (whole blocks) and 50 or 77 (tails) cover every masked edge. The reference is
-torch's own SDPA in float64 on the same fp16 inputs, so causal alignment (top-left) is torch's.
-Every buffer a kernel writes is NaN-filled first (`poisoned`): an element left unwritten fails.
-GPU tests (`-m gpu` selects them; skipped without CUDA) rerun this at SD's real shapes with the
-real block sizes, in fp16 and bf16.
+lengths 64 (whole blocks) and 50 or 77 (tails) cover every masked edge; each row of the GPU
+config table runs here too. The reference is torch's own SDPA in float64 on the same fp16 inputs,
+so causal alignment (top-left) is torch's. Every buffer a kernel writes is NaN-filled first
+(`poisoned`): an element left unwritten fails. GPU tests (`-m gpu` selects them; skipped without
+CUDA) rerun this at SD's real shapes with the real block sizes, in fp16 and bf16.
 """
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from helpers import rel_err
 
 import minidb.attention
@@ -22,7 +25,6 @@ from minidb.kernels import flash_attention, supports
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
 
 
 @pytest.fixture
@@ -82,21 +84,27 @@ def test_matches_float64_reference(poisoned, d, n, m, causal):
     assert len(poisoned) == 6  # o, lse, delta, dq, dk, dv: all went through the poisoned path
 
 
-GPU_TABLE = [(block_d, i) for block_d, table in fa.CONFIGS.items() for i in range(max(map(len, table.values())))]
+GPU_TABLE = [(block_d, row) for block_d, table in fa.CONFIGS.items()
+             for row in range(max(map(len, table.values())))]
 
 
 @pytest.mark.parametrize("block_d,row", GPU_TABLE)
-def test_gpu_block_sizes(poisoned, monkeypatch, block_d, row):
+def test_gpu_config_table_rows(poisoned, monkeypatch, block_d, row):
     """Each row of the GPU config table (the launch falls back down it on small GPUs), run here
     too: block sizes decide every mask and loop bound; warps and stages change no result."""
     keys = ("BLOCK_Q", "BLOCK_KV", "num_warps", "num_stages")
-    table = {kernel: [dict(zip(keys, rows[min(row, len(rows) - 1)]))] for kernel, rows in fa.CONFIGS[block_d].items()}
+    table = {kernel: [dict(zip(keys, rows[min(row, len(rows) - 1)]))]
+             for kernel, rows in fa.CONFIGS[block_d].items()}
     monkeypatch.setattr(fa, "_configs", lambda kernel, _: table[kernel])
     monkeypatch.setattr(fa, "_first_fit", {})
     d = {64: 40, 128: 80, 256: 160}[block_d]
     for n, m, causal in ((200, 300, True), (130, 77, False)):
         q, k, v, do = inputs(1, 2, n, m, d, seed=row)
-        check(run(q, k, v, do, causal), reference(q, k, v, do, causal), 1e-2)
+        try:
+            ours = run(q, k, v, do, causal)
+        except triton.runtime.OutOfResources:
+            pytest.skip(f"row {row} needs more shared memory than this GPU has")
+        check(ours, reference(q, k, v, do, causal), 1e-2)
 
 
 def test_poison_catches_unwritten_output(poisoned, monkeypatch):
@@ -155,7 +163,7 @@ def test_falls_back_to_a_config_that_fits(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    big, small = dict(BLOCK_Q=32, BLOCK_KV=16, num_warps=4, num_stages=1), dict(BLOCK_Q=16, BLOCK_KV=16, num_warps=4, num_stages=1)
+    big, small = (dict(BLOCK_Q=b, BLOCK_KV=16, num_warps=4, num_stages=1) for b in (32, 16))
     monkeypatch.setattr(fa, "_configs", lambda kernel, block_d: [big, small])
     monkeypatch.setattr(fa, "_fwd_kernel", SmallSharedMemory(fa._fwd_kernel))
     monkeypatch.setattr(fa, "_first_fit", {})
@@ -175,6 +183,17 @@ def test_supports_and_errors():
     assert "shapes" in supports(x, x[..., :32], x[..., :32])
     with pytest.raises(ValueError, match="head dim 512 > 256"):
         flash_attention(wide, wide, wide)
+
+
+def test_import_without_triton():
+    """No triton (macOS, Windows): the package imports, supports() says why, the call raises."""
+    code = ("import sys, torch; sys.modules['triton'] = None\n"
+            "from minidb.kernels import supports, flash_attention\n"
+            "x = torch.zeros(1, 1, 4, 8)\n"
+            "print(supports(x, x, x))\n"
+            "try:\n    flash_attention(x, x, x)\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("triton not installed") and "ImportError triton not installed" in out
 
 
 def test_attention_seam_triton_equals_math():
@@ -232,13 +251,14 @@ def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     bench = load_bench()
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
     monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 2.0)[1])
-    shapes = [bench.Shape("tiny cross", 1, 2, 40, 77, 40), bench.Shape("tiny causal", 1, 2, 20, 20, 16, True)]
+    shapes = [bench.Shape("tiny cross", 1, 2, 40, 77, 40),
+              bench.Shape("tiny causal", 1, 2, 20, 20, 16, causal=True)]
     lines = bench.run_table(shapes, pad=True)
     assert len(lines) == 2 + 4
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     header = cells[0]
-    assert header[7:] == ["minidb TFLOP/s", "SDPA TFLOP/s", "minidb padded TFLOP/s", "diffusers 2_0 TFLOP/s",
-                          "diffusers plain TFLOP/s", "×SDPA"]
+    assert header[7:] == ["minidb TFLOP/s", "SDPA TFLOP/s", "minidb padded TFLOP/s",
+                          "diffusers 2_0 TFLOP/s", "diffusers plain TFLOP/s", "×SDPA"]
     fwd = bench.attention_flops(1, 2, 40, 77, 40) / 2e-3 / 1e12
     assert cells[2][5:] == ["fwd", "2.000"] + [f"{fwd:.1f}"] * 5 + ["1.00"]
     assert cells[3][5] == "fwd+bwd" and cells[3][7] == f"{3.5 * fwd:.1f}"
@@ -247,7 +267,8 @@ def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     bench.write_results(lines, ["--write"], "test device")
     written = (tmp_path / "RESULTS.md").read_text()
     assert "test device" in written and "bench_attention.py --write" in written and lines[-1] in written
-    monkeypatch.setattr(bench, "CANDIDATES", {"fwd": [(32, 16, 4, 1)], "dq": [(16, 16, 4, 1)], "dkdv": [(16, 16, 4, 1)]})
+    monkeypatch.setattr(bench, "CANDIDATES", {"fwd": [(32, 16, 4, 1)], "dq": [(16, 16, 4, 1)],
+                                              "dkdv": [(16, 16, 4, 1)]})
     bench.sweep(shapes[:1])
     out = capsys.readouterr().out
     assert "tiny cross D=40 fwd (fwd ms): (32, 16, 4, 1)=2.000" in out and "dkdv (fwd+bwd ms)" in out
@@ -262,7 +283,7 @@ SD_SHAPES = [(2, 8, 4096, 4096, 40, False), (2, 8, 4096, 77, 40, False), (2, 8, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("b,h,n,m,d,causal", SD_SHAPES)
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter has no bf16)")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (full SD shapes; no bf16 in the interpreter)")
 def test_gpu_sd_shapes(poisoned, dtype, b, h, n, m, d, causal):
     """Within 1e-2 of float64 (fp16) and no worse than 1.5x SDPA's own error in the same dtype."""
     q, k, v, do = inputs(b, h, n, m, d, dtype=dtype, seed=n + d)
