@@ -75,13 +75,32 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
 
+def fold_taps(w: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """The 3 taps of w along dim as 2 taps on the un-upsampled input: after nearest ×2, output
+    row 2i sees input rows (i-1, i, i) and row 2i+1 sees (i, i, i+1)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack((t0, t1 + t2) if phase == 0 else (t0 + t1, t2), dim)
+
+
 class Upsample(nn.Module):
+    """Nearest ×2, then a 3x3 conv: CompVis' `conv(interpolate(x))`, computed as four 2x2 convs of
+    x, one per output phase, written straight into the output. Same maths (to rounding), 2.25×
+    fewer FLOPs, and no 4×-size upsampled copy: at 512x512 that copy is the decoder's peak."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = conv3x3(channels, channels)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+        B, C, H, W = x.shape
+        w = self.conv.weight.float()  # taps summed in fp32
+        xp = F.pad(x, (1, 1, 1, 1))  # (B, C, H+2, W+2)
+        out = x.new_empty(B, w.shape[0], 2 * H, 2 * W)  # (B, C, 2H, 2W)
+        for a in range(2):
+            for b in range(2):
+                k = fold_taps(fold_taps(w, 2, a), 3, b).to(x.dtype)  # (C, C, 2, 2)
+                out[:, :, a::2, b::2] = F.conv2d(xp[:, :, a:a + H + 1, b:b + W + 1], k, self.conv.bias)
+        return out
 
 
 class Level(nn.Module):

@@ -6,6 +6,7 @@ VAE built to match, so each comparison checks the key names and the maths at onc
 Full size: `flock /tmp/minidb-bigmem.lock python -m pytest -m slow tests/test_vae.py`."""
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from helpers import perturb_, rel_err
@@ -13,7 +14,7 @@ from helpers import perturb_, rel_err
 import minidb.attention
 from minidb.config import VAEConfig, tiny_config
 from minidb.errors import ConfigError, DataError
-from minidb.vae import AutoencoderKL
+from minidb.vae import AutoencoderKL, Upsample
 
 PREFIX = "first_stage_model."
 TINY = tiny_config().vae                                              # 2 levels, 1 block per level
@@ -95,6 +96,23 @@ def test_gradients_match_diffusers():
     scale = torch.cat([g.flatten() for g in ref.values()]).norm()
     for k in ref:  # the absolute term: a conv bias feeding a per-channel GroupNorm has gradient 0 ± rounding
         assert (mine[k] - ref[k]).norm() <= 1e-4 * ref[k].norm() + 1e-6 * scale, k
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 3e-6)])
+def test_upsample_equals_nearest_then_conv(dtype, tol):
+    """Our Upsample folds nearest-×2 into four 2x2 convs; the reference is CompVis' two steps."""
+    up = perturb_(Upsample(32), seed=6).to(dtype)
+    x = torch.randn(2, 32, 5, 7, dtype=dtype)
+    with torch.no_grad():
+        ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+        assert rel_err(up(x), ref) < tol
+    x.requires_grad_()
+    (up(x) * ref).sum().backward()
+    fold_grad = x.grad
+    x.grad = None
+    (F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+     * ref).sum().backward()
+    assert rel_err(fold_grad, x.grad) < tol
 
 
 def test_logvar_clamped_like_compvis():
