@@ -51,7 +51,8 @@ def math_attention(q, k, v, causal=False):
     scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale  # (B, H, N, M)
     if causal:
         n, m = scores.shape[-2:]
-        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        # top-left aligned, as SDPA's is_causal: query i sees keys 0..i (CLIP has n == m anyway)
+        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(0)
         scores = scores.masked_fill(~keep, float("-inf"))
     return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v.float()).to(q.dtype)
 

@@ -44,13 +44,16 @@ def scheduler(sampler):
     return DPMSolverMultistepScheduler(**SD)
 
 
-def diffusers_pipeline(sd: StableDiffusion, folder) -> StableDiffusionPipeline:
+def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) -> StableDiffusionPipeline:
+    """diffusers' pipeline for sd's config, its weights from sd, or from ckpt: a dict in the
+    original checkpoint layout (what minidb's export writes), through diffusers' own converters."""
     import transformers
 
     cfg = sd.config
-    ckpt = {"model.diffusion_model." + k: v for k, v in sd.unet.state_dict().items()}
-    ckpt |= {"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()}
-    ckpt |= {"cond_stage_model.transformer." + k: v for k, v in sd.text_encoder.state_dict().items()}
+    if ckpt is None:
+        ckpt = {"model.diffusion_model." + k: v for k, v in sd.unet.state_dict().items()}
+        ckpt |= {"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()}
+        ckpt |= {"cond_stage_model.transformer." + k: v for k, v in sd.text_encoder.state_dict().items()}
 
     u = cfg.unet
     attn = [2 ** level in u.attention_resolutions for level in range(len(u.channel_mult))]
