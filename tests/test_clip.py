@@ -141,4 +141,5 @@ def test_full_size_matches_transformers(ids):
         expected = ref(input_ids=ids).last_hidden_state
         got = ours(ids)
     assert got.shape == (len(PROMPTS), 77, 768)
+    print(f"full-size CLIP rel err {rel_err(got, expected):.2e}")
     assert rel_err(got, expected) < 1e-5

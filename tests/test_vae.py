@@ -192,6 +192,8 @@ def test_full_size_matches_diffusers():
     with torch.no_grad():
         post, ref = ours.encode(x), theirs.encode(x).latent_dist
         out, ref_out = ours.decode(z), theirs.decode(z).sample
+    print(f"full-size VAE rel err: mean {rel_err(post.mean, ref.mean):.2e}, "
+          f"logvar {rel_err(post.logvar, ref.logvar):.2e}, decode {rel_err(out, ref_out):.2e}")
     assert rel_err(post.mean, ref.mean) < 1e-5
     assert rel_err(post.logvar, ref.logvar) < 1e-5
     assert rel_err(out, ref_out) < 1e-5
