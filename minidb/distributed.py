@@ -12,9 +12,16 @@ training loop reads the same either way. The engine is PyTorch's own: NCCL on GP
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
+
+from minidb.errors import MinidbError
+
+
+class PeerLost(MinidbError):
+    """A multi-process run lost a process: it crashed, was killed, hung past the timeout, or never joined."""
 
 
 @dataclass
@@ -22,6 +29,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout_s: float = 600
 
     @classmethod
     def from_env(cls, timeout_s: float = 600, backend: str | None = None) -> "Dist":
@@ -35,8 +43,13 @@ class Dist:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         if not td.is_initialized():  # a dead peer ends the run after timeout_s instead of hanging it
-            td.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, local_rank)
+            try:
+                td.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            except td.DistError as e:  # e.g. a peer that never started: the store times out
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise PeerLost(f"process {rank} of {world_size} could not join the others at {where} within "
+                               f"{timeout_s:g} s ({_reason(e)})") from e
+        return cls(rank, world_size, local_rank, timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +105,23 @@ class Dist:
                     stack.enter_context(m.no_sync())
         return stack
 
+    def lost(self, e: BaseException) -> "PeerLost | None":
+        """The one-line error for a collective that failed because a peer is gone, else None.
+        gloo raises a bare RuntimeError (its message names gloo), NCCL and the store a DistError."""
+        if not self.active or not isinstance(e, RuntimeError):
+            return None
+        if not (isinstance(e, torch.distributed.DistError) or re.search(r"gloo|NCCL|c10d", str(e))):
+            return None
+        return PeerLost(f"process {self.rank} of {self.world_size} lost contact with the others ({_reason(e)}): "
+                        f"another process crashed, was killed, or was silent for over {self.timeout_s:g} s "
+                        "(train.dist_timeout_s); its own output says which")
+
     def close(self) -> None:
         if self.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _reason(e: BaseException) -> str:
+    """The gist of a torch.distributed error: its first sentence, without the C++ source location."""
+    text = re.sub(r"^\[[^\]]*:\d+\]\s*", "", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.split(r"\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")

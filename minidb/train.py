@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
-from minidb.distributed import Dist
+from minidb.distributed import Dist, PeerLost
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
 from minidb.train_config import (DreamBoothConfig, differences, dump_toml, from_dict, load_config, resolved,
@@ -81,6 +81,13 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
     dist = Dist.from_env(cfg.train.dist_timeout_s)
     try:
         return _train(cfg, state, callback, dist, run, ckpt_dir)
+    except RuntimeError as e:  # a collective failed because a peer died or hung: one line, not a traceback
+        lost = dist.lost(e)
+        if lost is None:
+            raise
+        newest = latest_checkpoint(ckpt_dir)
+        raise PeerLost(f"{lost}; continue the run with --resume latest (newest checkpoint: "
+                         f"{newest or 'none'})") from e
     finally:
         dist.close()
 
