@@ -5,6 +5,7 @@
     dist.all_reduce_max_(found_inf)       # every rank skips the same fp16 steps
     if dist.is_main: write files
     dist.barrier(); dist.close()
+    dist.lost(error)                      # a collective failed (a peer died or hung): a one-line PeerLost
 
 With one process every method is a no-op (no torch.distributed, no process group), so the
 training loop reads the same either way. The engine is PyTorch's own: NCCL on GPUs, gloo on CPUs.

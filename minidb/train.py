@@ -87,7 +87,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
             raise
         newest = latest_checkpoint(ckpt_dir)
         raise PeerLost(f"{lost}; continue the run with --resume latest (newest checkpoint: "
-                         f"{newest or 'none'})") from e
+                       f"{newest or 'none'})") from e
     finally:
         dist.close()
 
