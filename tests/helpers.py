@@ -29,3 +29,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖, computed in float64."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def dreambooth_world(root, class_images: int = 0):
+    """A training set-up in `root`: a perturbed tiny SD as base.safetensors, 3 random instance
+    photos in instance/ and, if asked, `class_images` random class images in class/."""
+    import numpy as np
+    from PIL import Image
+
+    from minidb.config import tiny_config
+    from minidb.pipeline import StableDiffusion
+
+    sd = StableDiffusion(tiny_config())
+    for i, model in enumerate(sd.models.values()):
+        perturb_(model, seed=i)
+    sd.save(root / "base.safetensors")
+    rng = np.random.default_rng(0)
+    for folder, n in (("instance", 3), ("class", class_images)):
+        if n:
+            (root / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    return root

@@ -28,9 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import perturb_
+from helpers import dreambooth_world
 from minidb import checkpoint as ck
-from minidb.config import tiny_config
 from minidb.train import train
 from minidb.train_config import dump_toml, load_config
 
@@ -109,16 +108,7 @@ with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A perturbed tiny SD saved as the base checkpoint, 3 instance photos, the driver script."""
-    from minidb.pipeline import StableDiffusion
-    root = tmp_path_factory.mktemp("distributed")
-    sd = StableDiffusion(tiny_config())
-    for i, model in enumerate(sd.models.values()):
-        perturb_(model, seed=i)
-    sd.save(root / "base.safetensors")
-    rng = np.random.default_rng(0)
-    (root / "instance").mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / "instance" / f"{i}.png")
+    root = dreambooth_world(tmp_path_factory.mktemp("distributed"))
     (root / "driver.py").write_text(DRIVER)
     return root
 

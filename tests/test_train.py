@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import perturb_
+from helpers import dreambooth_world, perturb_
 from minidb import checkpoint as ck
 from minidb import train as train_module
 from minidb.config import tiny_config
@@ -29,18 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A perturbed tiny SD saved as the base checkpoint, 3 instance photos, 2 class images."""
-    from minidb.pipeline import StableDiffusion
-    root = tmp_path_factory.mktemp("dreambooth")
-    sd = StableDiffusion(tiny_config())
-    for i, model in enumerate(sd.models.values()):
-        perturb_(model, seed=i)
-    sd.save(root / "base.safetensors")
-    rng = np.random.default_rng(0)
-    for folder, n in (("instance", 3), ("class", 2)):
-        (root / folder).mkdir()
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
-    return root
+    return dreambooth_world(tmp_path_factory.mktemp("dreambooth"), class_images=2)
 
 
 def config(world, out, *sets):
