@@ -46,6 +46,7 @@ class SDConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    image_size: int = 512  # the resolution the model was trained at: the default for sampling and fine-tuning
 
 
 def tiny_config() -> SDConfig:
