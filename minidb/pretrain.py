@@ -1,0 +1,357 @@
+"""Pretrain the miniature world's model from scratch: an SD v1-architecture text-to-image model,
+only smaller, on the captioned shapes of minidb.world.
+
+    python -m minidb.pretrain --out runs/world          # the whole recipe, seeded
+    python -m minidb.pretrain --out runs/world          # again after Ctrl-C or a crash: resumes
+    python -m minidb.pretrain --out runs/world --ship   # and install the model as minidb/data/world.safetensors
+
+Two stages, as SD was built:
+1. The KL autoencoder (VAE) on rendered images: L1 + MSE reconstruction plus a small KL term.
+   Its latent scale factor is then measured, as SD's 0.18215 was: 1 / std of the latents.
+2. The UNet and the CLIP text encoder *together, from scratch*, on the usual noise-prediction
+   loss. This differs from SD, whose CLIP text encoder came pretrained (on 400M image-text pairs)
+   and stayed frozen; the world's 30-odd words are learned here. Captions leave out attributes at
+   random and one in ten is empty, which is what classifier-free guidance samples from.
+   The exported weights are an EMA of the UNet and text encoder.
+
+Everything lands in --out: checkpoints/{vae,unet}/step_N.pt (minidb's training checkpoints,
+written atomically; the newest one is resumed), metrics.jsonl, loss.png, samples/*.png, and
+model.safetensors (an original-layout SD v1 checkpoint, fp16, its config in the metadata).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state,
+                               save_checkpoint, set_rng_state)
+from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from minidb.world import World, _seed
+
+# SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
+# with cross-attention at 8x8 and 4x4, and a 3-layer CLIP text encoder with SD's tokenizer.
+WORLD_CONFIG = SDConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
+                    num_heads=4, context_dim=64),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    clip=CLIPTextConfig(width=64, layers=3, heads=4),
+    image_size=64,
+)
+SHIPPED = Path(__file__).parent / "data" / "world.safetensors"
+PREVIEW_PROMPTS = (
+    "a photo of a large green heart on a white background",
+    "a photo of a small red star on a blue background, top left",
+    "a photo of a large yellow circle on a black background, center",
+    "a photo of a blue square on a yellow background, bottom right",
+    "a photo of a large purple triangle on a gray background",
+    "a photo of a small orange ring on a green background, top right",
+    "a photo of a pink star, bottom left",
+    "a photo of a heart",
+)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 0
+    vae_steps: int = 300
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
+    pool: int = 4096                # images rendered and encoded once for stage 2 (captions re-drawn each step)
+    unet_steps: int = 1400
+    unet_batch: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4            # cosine decay to this at the last step
+    warmup: int = 100
+    ema: float = 0.999              # with the usual warm-up: decay = min(ema, (1 + n) / (10 + n))
+    checkpoint_every: int = 100
+    sample_every: int = 350
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [n, H, W, 3] -> float [n, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Stage:
+    """What both stages share: their checkpoint folder, metrics.jsonl, progress bar."""
+
+    def __init__(self, out: Path, name: str, total: int):
+        self.out, self.name, self.total = out, name, total
+        self.ckpt_dir = out / "checkpoints" / name
+        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+
+    def resume(self) -> dict | None:
+        path = latest_checkpoint(self.ckpt_dir)
+        return load_checkpoint(path) if path else None
+
+    def save(self, step: int, state: dict) -> None:
+        save_checkpoint(checkpoint_path(self.ckpt_dir, step), {"step": step, "rng": [rng_state()], **state})
+        prune_checkpoints(self.ckpt_dir, 2)
+
+    def log(self, step: int, **values) -> None:
+        self.metrics.write(json.dumps({"stage": self.name, "step": step, **values, "time": time.time()}) + "\n")
+        self.metrics.flush()
+
+
+# ---- stage 1: the autoencoder ------------------------------------------------------------------
+
+def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
+    """Trains sd.vae in place; returns the latent scale factor."""
+    stage = Stage(out, "vae", cfg.vae_steps)
+    vae = sd.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    world = World(cfg.seed, drop=0.0, drop_all=0.0)
+    step, state = 0, stage.resume()
+    if state is not None:
+        vae.load_state_dict(state["weights"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][0])
+        step = state["step"]
+        if "scale_factor" in state:
+            return state["scale_factor"]
+    bar = tqdm(total=cfg.vae_steps, initial=step, desc="1/2 VAE", dynamic_ncols=True)
+    while step < cfg.vae_steps:
+        x = images_to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)[0])
+        posterior = vae.encode(x)
+        z = posterior.sample(torch.Generator().manual_seed(_seed("vae-noise", cfg.seed, step)))
+        y = vae.decode(z)
+        rec = (y - x).abs().mean() + (y - x).pow(2).mean()
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.std.pow(2) - 1.0 - posterior.logvar).mean()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        stage.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item())
+        bar.set_postfix(rec=f"{rec.item():.4f}", refresh=False)
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 and step < cfg.vae_steps:
+            stage.save(step, {"weights": vae.state_dict(), "optimizer": opt.state_dict()})
+    bar.close()
+    vae.eval().requires_grad_(False)
+    # SD's scale factor: latents / their std have unit variance, which the noise schedule assumes
+    with torch.no_grad():
+        x = images_to_tensor(World(cfg.seed + 1).batch(0, 256)[0])
+        scale_factor = float(1.0 / torch.cat([vae.encode(c).mean for c in x.split(64)]).std())
+    stage.save(step, {"weights": vae.state_dict(), "optimizer": opt.state_dict(), "scale_factor": scale_factor})
+    return scale_factor
+
+
+# ---- stage 2: UNet and text encoder ------------------------------------------------------------
+
+@torch.no_grad()
+def encode_pool(sd, cfg: PretrainConfig, out: Path):
+    """The stage-2 images: `pool` renders (drawn from World(seed + 2)), their attributes, and the
+    VAE posterior (mean, std) of each. Cached in pool.pt, which is keyed by what made it."""
+    path = out / "pool.pt"
+    key = {"seed": cfg.seed, "pool": cfg.pool, "vae": _state_hash(sd.vae)}
+    if path.is_file():
+        cached = torch.load(path, weights_only=False)
+        if cached["key"] == key:
+            return cached["mean"], cached["std"], cached["items"]
+    world = World(cfg.seed + 2)
+    items = [world.attributes(i)[0] for i in range(cfg.pool)]
+    means, stds = [], []
+    for start in tqdm(range(0, cfg.pool, 64), desc="encoding images", leave=False):
+        images, _ = world.batch(start, min(64, cfg.pool - start))
+        posterior = sd.vae.encode(images_to_tensor(images))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "mean": mean, "std": std, "items": items}, tmp)
+    tmp.replace(path)
+    return mean, std, items
+
+
+def _state_hash(module) -> float:
+    return float(sum(p.double().sum() for p in module.state_dict().values()))
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.unet_steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
+    """Trains sd.unet and sd.text_encoder together; returns the EMA weights {"unet.*", "text_encoder.*"}."""
+    from minidb.world import ATTRIBUTES, caption
+    mean, std, items = encode_pool(sd, cfg, out)
+    stage = Stage(out, "unet", cfg.unet_steps)
+    models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
+    for m in models.values():
+        m.train().requires_grad_(True)
+    params = {f"{n}.{k}": p for n, m in models.items() for k, p in m.named_parameters()}
+    ema = {k: p.detach().clone() for k, p in params.items()}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.01)
+    step, state = 0, stage.resume()
+    if state is not None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["weights"][k])
+        ema = state["ema"]
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][0])
+        step = state["step"]
+    world = World(cfg.seed + 2)
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="2/2 UNet + text encoder", dynamic_ncols=True)
+    while step < cfg.unet_steps:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(_seed("unet-step", cfg.seed, step))
+        index = torch.randint(0, cfg.pool, (cfg.unet_batch,), generator=g)
+        rng = np.random.default_rng(_seed("captions", cfg.seed, step))
+        prompts = []
+        for i in index.tolist():
+            keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)
+            prompts.append("" if rng.random() < world.drop_all else caption(items[i], keep))
+        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)) * sd.config.scale_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sd.config.timesteps, (cfg.unet_batch,), generator=g)
+        context = sd.text_encoder(sd.tokenizer(prompts))
+        pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
+        loss = F.mse_loss(pred, noise)
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in params.items():
+                ema[k].lerp_(p.detach(), 1 - decay)
+        stage.log(step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
+                  images_per_s=cfg.unet_batch / (time.perf_counter() - t0))
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+            stage.save(step, {"weights": {k: p.detach() for k, p in params.items()}, "ema": ema,
+                              "optimizer": opt.state_dict()})
+        if step % cfg.sample_every == 0 or step == cfg.unet_steps:
+            preview(sd, ema, out / "samples" / f"unet_step_{step:06d}.png")
+    bar.close()
+    return ema
+
+
+@torch.no_grad()
+def preview(sd, weights: dict, path: Path, prompts=PREVIEW_PROMPTS, n: int = 2) -> Path:
+    """A grid, one row per prompt, n seeds each, from `weights` (the EMA), 20 DDIM steps at guidance 5."""
+    from minidb.pipeline import StableDiffusion
+    copy = StableDiffusion(sd.config)
+    load_trained(copy, weights, sd.vae)
+    size = sd.config.image_size
+    images = copy.generate([p for p in prompts for _ in range(n)], steps=20, guidance=5.0, height=size,
+                           width=size, seed=[1000 + i for _ in prompts for i in range(n)], progress=False)
+    return save_grid(images, n, path)
+
+
+def load_trained(sd, weights: dict, vae=None) -> None:
+    """weights {"unet.*", "text_encoder.*"} into sd's models (and a trained VAE's state)."""
+    for name in ("unet", "text_encoder"):
+        module = getattr(sd, name)
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
+    if vae is not None:
+        sd.vae.load_state_dict(vae.state_dict())
+    for m in sd.models.values():
+        m.eval().requires_grad_(False)
+
+
+def save_grid(images, columns: int, path: Path) -> Path:
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def plot_losses(metrics_file: Path, path: Path) -> Path:
+    """loss.png: each stage's loss per step (log scale, a 25-step running mean), drawn with PIL."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    stages = [s for s in ("vae", "unet") if any(r["stage"] == s for r in rows)]
+    W, H, pad = 480, 260, 40
+    image = Image.new("RGB", (W * len(stages), H), "white")
+    draw = ImageDraw.Draw(image)
+    for k, name in enumerate(stages):
+        last = {r["step"]: r["loss"] for r in rows if r["stage"] == name}  # a resumed step: its last value
+        steps = sorted(last)
+        losses = np.log10(np.maximum([last[s] for s in steps], 1e-8))
+        smooth = np.convolve(losses, np.ones(25) / 25, mode="valid") if len(losses) >= 25 else losses
+        lo, hi = float(losses.min()), float(losses.max()) + 1e-9
+        x0 = k * W
+
+        def xy(i, v):
+            return x0 + pad + (W - 2 * pad) * i / max(1, len(steps) - 1), H - pad - (H - 2 * pad) * (v - lo) / (hi - lo)
+        draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(200, 200, 230), width=1)
+        offset = len(losses) - len(smooth)
+        draw.line([xy(i + offset, v) for i, v in enumerate(smooth)], fill=(30, 60, 200), width=2)
+        draw.rectangle([x0 + pad, pad, x0 + W - pad, H - pad], outline="black")
+        draw.text((x0 + pad, 10), f"{name} loss (log10), steps 1-{steps[-1]}", fill="black")
+        draw.text((x0 + 2, pad - 6), f"{hi:.2f}", fill="black")
+        draw.text((x0 + 2, H - pad - 6), f"{lo:.2f}", fill="black")
+    image.save(path)
+    return path
+
+
+def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) -> Path:
+    """The whole recipe; resumes from out/checkpoints when they are there. Returns the model path."""
+    from minidb.pipeline import StableDiffusion
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = out / "pretrain.json"
+    if settings.is_file() and json.loads(settings.read_text()) != dataclasses.asdict(cfg):
+        raise SystemExit(f"{out} holds a pretraining run with other settings: choose another --out")
+    settings.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    sd = StableDiffusion(WORLD_CONFIG)  # random init, seeded
+    t0 = time.time()
+    scale_factor = train_vae(sd, cfg, out)
+    sd.config = dataclasses.replace(sd.config, scale_factor=round(scale_factor, 5))
+    ema = train_unet(sd, cfg, out)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    model = StableDiffusion(sd.config)
+    load_trained(model, ema, sd.vae)
+    path = out / "model.safetensors"
+    model.save(path, dtype=torch.float16)
+    print(f"pretrained in {(time.time() - t0) / 60:.1f} min (this session); model {path} "
+          f"({path.stat().st_size / 2 ** 20:.1f} MiB), scale factor {sd.config.scale_factor}", file=sys.stderr)
+    if ship:
+        shutil.copyfile(path, SHIPPED)
+        print(f"installed as {SHIPPED}", file=sys.stderr)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minidb.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
+    p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    for f in dataclasses.fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    pretrain(args.out, cfg, args.ship)
+
+
+if __name__ == "__main__":
+    main()
