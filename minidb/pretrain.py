@@ -64,7 +64,7 @@ PREVIEW_PROMPTS = (
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    vae_steps: int = 300
+    vae_steps: int = 1000
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
