@@ -11,7 +11,7 @@ setup(
     description="Stable Diffusion v1 and DreamBooth, from scratch, in plain PyTorch",
     packages=["minidb", "minidb.cli", "minidb.kernels", "minidb.weights"],
     package_dir={"minidb": "minidb", "minidb.kernels": "kernels", "minidb.weights": "weights"},
-    package_data={"minidb": ["data/*"]},
+    package_data={"minidb": ["data/*", "data/demo_subject/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -300,3 +300,45 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- DreamBooth's metrics (Ruiz et al. 2022, section 4.1), on the reader's embedding ------------
+
+def mean_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs of rows of a and b (unit vectors)."""
+    return float((a @ b.T).mean())
+
+
+def diversity(groups: list[torch.Tensor]) -> float:
+    """DIV: mean pairwise embedding distance (1 - cosine) between samples of the same prompt,
+    averaged over prompts: the analog of the paper's LPIPS diversity."""
+    values = []
+    for e in groups:
+        n = len(e)
+        if n > 1:
+            sim = e @ e.T
+            values.append(float((1 - sim)[~torch.eye(n, dtype=torch.bool)].mean()))
+    return float(np.mean(values))
+
+
+def subject_metrics(reader: Reader, subject_images, subject_samples: dict, class_samples: dict) -> dict:
+    """subject_samples {Attributes of the prompt: [images]} (prompts with the identifier),
+    class_samples {prompt: [images]} (the plain class prompt(s)). Returns
+    subject_fidelity (DINO / CLIP-I analog), prompt_fidelity (the context attributes of the subject
+    prompts, CLIP-T analog), pres (class samples vs the subject: lower = less collapse), div."""
+    real = reader.embed(list(subject_images))
+    groups = [reader.embed(images) for images in subject_samples.values()]
+    generated = torch.cat(groups)
+    reads, wanted, keys = [], [], []
+    for (a, keep), images in subject_samples.items():
+        reads += reader.read_all(images)
+        wanted += [a] * len(images)
+        keys.append(keep)
+    context = [n for n in ("background", "position", "size") if any(n in k for k in keys)]
+    checks = [[r[n] == getattr(a, n) for n in context if n in k] for r, a, k in
+              zip(reads, wanted, [k for (a, k), ims in subject_samples.items() for _ in ims])]
+    class_embeddings = reader.embed([im for images in class_samples.values() for im in images])
+    return {"subject_fidelity": mean_similarity(generated, real),
+            "prompt_fidelity": float(np.mean([np.mean(c) for c in checks])),
+            "pres": mean_similarity(class_embeddings, real),
+            "div": diversity(groups)}

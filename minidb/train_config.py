@@ -273,6 +273,8 @@ def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:
     cwd = cwd or os.getcwd()
 
     def absolute(p):
+        if p.startswith("minidb:"):  # a file shipped inside the package (the world model, the demo subject)
+            return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", p[len("minidb:"):])
         return os.path.normpath(os.path.join(cwd, os.path.expanduser(p))) if p else p
 
     output_dir = absolute(cfg.train.output_dir)

@@ -12,6 +12,7 @@ from minidb.errors import MinidbError
 SUBCOMMANDS = {
     "sample": "minidb.cli.sample",  # text to image
     "train": "minidb.cli.train",    # DreamBooth fine-tuning
+    "demo": "minidb.cli.demo",      # DreamBooth on the shipped miniature world, measured
     "eval": "minidb.cli.eval",      # prompt fidelity of a miniature-world model, read from its images
 }
 

@@ -1,0 +1,172 @@
+"""`minidb demo`: DreamBooth on the miniature world, end to end, in minutes on a CPU.
+
+The subject is a red-and-yellow two-tone star (minidb/data/demo_subject/, five renders in
+different places and on different backgrounds). The shipped world model has never seen a
+two-tone shape, so no prompt makes it draw this one. The demo runs the ordinary `minidb train`
+on minidb/data/demo.toml ("a photo of sks star", prior preservation with "a photo of a star"),
+then samples the subject in new contexts before and after, and measures it as the paper does
+(Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.eval.subject_metrics):
+
+    subject fidelity   mean cosine similarity of subject samples to the real subject images
+    prompt fidelity    share of the subject prompts' background / position / size that are right
+    PRES               similarity of plain "a photo of a star" samples to the subject (lower: the class
+                       has not collapsed onto the subject)
+    DIV                mean pairwise distance between samples of the same prompt
+
+    minidb demo                        # writes demo/before_after.png, demo/metrics.json
+    minidb demo --ablation --seeds 3   # with and without prior preservation, 3 seeds each
+"""
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minidb.world import Attributes, caption, render
+
+DATA = Path(__file__).parent / "data"
+DEMO_TOML = DATA / "demo.toml"
+SUBJECT_DIR = DATA / "demo_subject"
+SUBJECT = dict(shape="star", color="red", pattern="two-tone", color2="yellow")
+# where the five instance images put the subject (size, position, background)
+INSTANCES = [("large", "top left", "blue"), ("large", "bottom right", "white"), ("large", "center", "gray"),
+             ("large", "top right", "green"), ("small", "bottom left", "black")]
+# new contexts for the subject: combinations no instance image shows
+CONTEXTS = [("large", "bottom right", "green"), ("large", "center", "black"), ("large", "top left", "white"),
+            ("large", "center", "yellow"), ("large", "top right", "gray"), ("large", "bottom left", "blue")]
+CLASS_PROMPTS = ["a photo of a star", "a photo of a red star on a white background"]
+KEEP = ("shape", "size", "position", "background")
+
+
+def subject_images() -> list:
+    """The instance images, rendered (the files in demo_subject/ are exactly these)."""
+    return [render(Attributes(size=z, position=p, background=b, **SUBJECT), seed=100 + i)
+            for i, (z, p, b) in enumerate(INSTANCES)]
+
+
+def write_subject(folder=SUBJECT_DIR) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(subject_images()):
+        paths.append(folder / f"sks_star_{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def subject_prompts() -> list[tuple[Attributes, tuple]]:
+    return [(Attributes(size=z, position=p, background=b, **SUBJECT), KEEP) for z, p, b in CONTEXTS]
+
+
+def sample_all(sd, samples: int, steps: int, guidance: float, seed: int = 0):
+    """{(attrs, keep): images} for the subject prompts and {prompt: images} for the class prompts."""
+    size = sd.config.image_size
+    subject = {}
+    for a, keep in subject_prompts():
+        text = caption(a, keep, subject="sks")
+        subject[(a, keep)] = sd.generate([text] * samples, steps=steps, guidance=guidance, height=size, width=size,
+                                         seed=seed, progress=False)
+    classes = {p: sd.generate([p] * samples, steps=steps, guidance=guidance, height=size, width=size, seed=seed,
+                              progress=False) for p in CLASS_PROMPTS}
+    return subject, classes
+
+
+def class_fidelity(sd, reader, samples, steps, guidance, seed=0) -> float:
+    """The base model's prompt fidelity (background, position, size) on the subject prompts with
+    the class noun instead of the identifier: the bar the subject prompts are held to."""
+    reads, checks = [], []
+    size = sd.config.image_size
+    for a, keep in subject_prompts():
+        images = sd.generate([caption(Attributes(a.shape, "red", a.size, a.position, a.background), keep)] * samples,
+                             steps=steps, guidance=guidance, height=size, width=size, seed=seed, progress=False)
+        for r in reader.read_all(images):
+            checks.append(np.mean([r[n] == getattr(a, n) for n in ("background", "position", "size")]))
+    return float(np.mean(checks))
+
+
+def before_after(base_samples, tuned_samples, path: Path, columns: int = 3) -> Path:
+    """One row per prompt: `columns` base images, a gap, `columns` fine-tuned images."""
+    from PIL import Image, ImageDraw
+    rows = list(base_samples)
+    w = h = base_samples[rows[0]][0].size[0]
+    label = 360
+    grid = Image.new("RGB", (label + w * (2 * columns) + 16, 20 + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label, 4), "before (base model)", fill="black")
+    draw.text((label + w * columns + 16, 4), "after (DreamBooth)", fill="black")
+    for i, key in enumerate(rows):
+        text = caption(key[0], key[1], subject="sks") if isinstance(key, tuple) else key
+        draw.text((4, 20 + i * h + h // 2 - 6), text, fill="black")
+        for j in range(columns):
+            grid.paste(base_samples[key][j], (label + j * w, 20 + i * h))
+            grid.paste(tuned_samples[key][j], (label + (columns + j) * w + 16, 20 + i * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), samples: int = 8, eval_steps: int = 20,
+             guidance: float = 7.5, grid: bool = True, progress: bool = True) -> dict:
+    """Train per demo.toml into out/run (out/run-noprior without prior preservation), then
+    measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}."""
+    from minidb.eval import Reader, subject_metrics
+    from minidb.pipeline import StableDiffusion
+    from minidb.train import train
+    from minidb.train_config import load_config
+    out = Path(out)
+    t0 = time.perf_counter()
+    run = out / (f"run-seed{seed}" if seed else "run") if prior else out / f"run-noprior-seed{seed}"
+    sets = [f"train.output_dir={run}", f"train.seed={seed}"] + ([] if prior else ['prior.class_prompt=""'])
+    cfg = load_config(DEMO_TOML, sets + list(overrides))
+    result = train(cfg)
+    if result.model_path is None:
+        raise SystemExit(130)
+    reader = Reader.load()
+    real = subject_images()
+    base = StableDiffusion.from_checkpoint(cfg.model.base.replace("minidb:", str(DATA) + "/"))
+    tuned = StableDiffusion.from_checkpoint(result.model_path)
+    base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=1000)
+    tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=1000)
+    metrics = {"base": subject_metrics(reader, real, base_s, base_c),
+               "dreambooth": subject_metrics(reader, real, tuned_s, tuned_c),
+               "base_class_prompt_fidelity": class_fidelity(base, reader, samples, eval_steps, guidance, seed=1000),
+               "prior_preservation": prior, "seed": seed, "steps": cfg.train.steps,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    if grid:
+        metrics["grid"] = str(before_after({**base_s, **base_c}, {**tuned_s, **tuned_c}, out / "before_after.png"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    lines = ["| model | subject fidelity | prompt fidelity | PRES | DIV |", "|---|---|---|---|---|"]
+    for name in ("base", "dreambooth"):
+        r = m[name]
+        lines.append(f"| {name} | {r['subject_fidelity']:.3f} | {100 * r['prompt_fidelity']:.1f}% | "
+                     f"{r['pres']:.3f} | {r['div']:.3f} |")
+    lines.append(f"\nbase model's prompt fidelity on the same prompts with the class noun: "
+                 f"{100 * m['base_class_prompt_fidelity']:.1f}%")
+    return "\n".join(lines)
+
+
+def ablation(out="demo/ablation", seeds: int = 3, **kwargs) -> str:
+    """With and without prior preservation, `seeds` seeds each: mean +- std of every metric."""
+    rows = {True: [], False: []}
+    for prior in (True, False):
+        for seed in range(seeds):
+            rows[prior].append(run_demo(out, prior=prior, seed=seed, grid=False, **kwargs))
+    keys = ["subject_fidelity", "prompt_fidelity", "pres", "div"]
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    base = rows[True][0]["base"]
+    lines.append("| base model | " + " | ".join(f"{base[k]:.3f}" for k in keys) + " |")
+    for prior in (True, False):
+        vals = {k: [r["dreambooth"][k] for r in rows[prior]] for k in keys}
+        name = "with prior preservation" if prior else "without prior preservation"
+        lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in vals.values()) + " |")
+    table = "\n".join(lines)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "ablation.json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=1))
+    (Path(out) / "ablation.md").write_text(table + "\n")
+    return table
