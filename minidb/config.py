@@ -15,6 +15,7 @@ class UNetConfig:
     num_heads: int = 8
     transformer_depth: int = 1
     context_dim: int = 768
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups); tiny widths need fewer
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
     from minidb.eval import Reader, subject_metrics
     from minidb.pipeline import StableDiffusion
     from minidb.train import train
-    from minidb.train_config import load_config
+    from minidb.train_config import load_config, resolved
     out = Path(out)
     t0 = time.perf_counter()
     run = out / (f"run-seed{seed}" if seed else "run") if prior else out / f"run-noprior-seed{seed}"
@@ -125,7 +125,7 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
         raise SystemExit(130)
     reader = Reader.load()
     real = subject_images()
-    base = StableDiffusion.from_checkpoint(cfg.model.base.replace("minidb:", str(DATA) + "/"))
+    base = StableDiffusion.from_checkpoint(resolved(cfg).model.base)
     tuned = StableDiffusion.from_checkpoint(result.model_path)
     base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=1000)
     tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=1000)

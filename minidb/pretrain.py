@@ -43,8 +43,8 @@ from minidb.world import World, _seed
 # with cross-attention at 8x8 and 4x4, and a 3-layer CLIP text encoder with SD's tokenizer.
 WORLD_CONFIG = SDConfig(
     unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
-                    num_heads=4, context_dim=64),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+                    num_heads=4, context_dim=64, norm_groups=8),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
     clip=CLIPTextConfig(width=64, layers=3, heads=4),
     image_size=64,
 )
@@ -64,19 +64,19 @@ PREVIEW_PROMPTS = (
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    vae_steps: int = 1000
+    vae_steps: int = 800
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 4096                # images rendered and encoded once for stage 2 (captions re-drawn each step)
-    unet_steps: int = 1400
+    unet_steps: int = 2000
     unet_batch: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4            # cosine decay to this at the last step
     warmup: int = 100
     ema: float = 0.999              # with the usual warm-up: decay = min(ema, (1 + n) / (10 + n))
     checkpoint_every: int = 100
-    sample_every: int = 350
+    sample_every: int = 500
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -187,8 +187,8 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         widths = [mc * m for m in cfg.channel_mult]
         for width in widths:
-            if width % 32 or width % cfg.num_heads:
-                raise ConfigError(f"UNet width {width} must be a multiple of 32 (GroupNorm groups) "
+            if width % cfg.norm_groups or width % cfg.num_heads:
+                raise ConfigError(f"UNet width {width} must be a multiple of norm_groups={cfg.norm_groups} "
                                   f"and of num_heads={cfg.num_heads}")
         self.cfg = cfg
         self.gradient_checkpointing = False
@@ -232,6 +232,11 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_(conv3x3(ch, cfg.out_channels)))
+        # SD's 32 groups at 320+ channels; at 32 channels that would be one channel per group, which
+        # erases each channel's mean (a flat background's color), so small models set fewer groups
+        for m in self.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.num_groups = cfg.norm_groups
 
     def _block(self, block, h, emb, context):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -202,13 +202,16 @@ class DiagonalGaussian:
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        if cfg.ch % 32:
-            raise ConfigError(f"VAE ch={cfg.ch} must be a multiple of 32 (GroupNorm uses 32 groups)")
+        if cfg.ch % cfg.norm_groups:
+            raise ConfigError(f"VAE ch={cfg.ch} must be a multiple of norm_groups={cfg.norm_groups}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        for m in self.modules():  # as in the UNet: fewer groups for narrow models
+            if isinstance(m, nn.GroupNorm):
+                m.num_groups = cfg.norm_groups
 
     @property
     def downsample_factor(self) -> int:
