@@ -15,6 +15,7 @@ from helpers import perturb_, rel_err
 import minidb.attention
 import minidb.unet
 from minidb.config import UNetConfig, tiny_config
+from minidb.pretrain import WORLD_CONFIG
 from minidb.errors import ConfigError
 from minidb.unet import UNetModel
 
@@ -33,7 +34,7 @@ def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
         attention_head_dim=cfg.num_heads,  # diffusers' historic name: it is the number of heads
-        transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=32, norm_eps=1e-5,
+        transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=cfg.norm_groups, norm_eps=1e-5,
         use_linear_projection=False, flip_sin_to_cos=True, freq_shift=0)
 
 
@@ -99,8 +100,8 @@ def test_sd_v1_keys_match_checkpoint_and_diffusers():
         assert isinstance(twin, kind) and twin.eps == module.eps, name
 
 
-@pytest.mark.parametrize("cfg,hw", [(tiny_config().unet, (16, 24)), (THREE_LEVEL, (12, 20))],
-                         ids=["tiny", "three_level"])
+@pytest.mark.parametrize("cfg,hw", [(tiny_config().unet, (16, 24)), (THREE_LEVEL, (12, 20)),
+                                    (WORLD_CONFIG.unet, (16, 16))], ids=["tiny", "three_level", "world_8_groups"])
 def test_matches_diffusers(cfg, hw):
     ours, theirs = make_pair(cfg)
     x, t, context = inputs(cfg, h=hw[0], w=hw[1])

@@ -13,6 +13,7 @@ from helpers import perturb_, rel_err
 
 import minidb.attention
 from minidb.config import VAEConfig, tiny_config
+from minidb.pretrain import WORLD_CONFIG
 from minidb.errors import ConfigError, DataError
 from minidb.vae import AutoencoderKL, Upsample
 
@@ -28,7 +29,7 @@ def diffusers_vae(cfg: VAEConfig) -> DiffusersAutoencoderKL:
         in_channels=cfg.in_channels, out_channels=cfg.out_ch, latent_channels=cfg.z_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
-        norm_num_groups=32)
+        norm_num_groups=cfg.norm_groups)
 
 
 def converted(ours: AutoencoderKL, theirs: DiffusersAutoencoderKL) -> dict:
@@ -61,7 +62,7 @@ def test_full_size_keys_and_shapes_match_sd_v1():
     assert all(conv[k].shape == theirs_sd[k].shape for k in conv)
 
 
-@pytest.mark.parametrize("cfg", [TINY, THREE_LEVEL], ids=["tiny", "three_level"])
+@pytest.mark.parametrize("cfg", [TINY, THREE_LEVEL, WORLD_CONFIG.vae], ids=["tiny", "three_level", "world_8_groups"])
 def test_matches_diffusers(cfg):
     ours, theirs = pair(cfg)
     f = ours.downsample_factor
