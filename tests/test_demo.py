@@ -1,0 +1,63 @@
+"""`minidb demo`: its shipped files, its metrics, and a shortened run end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidb.demo import DEMO_TOML, SUBJECT_DIR, subject_images, subject_prompts
+from minidb.eval import Reader, diversity, mean_similarity, subject_metrics
+from minidb.pretrain import SHIPPED
+from minidb.train_config import load_config, resolved
+from minidb.world import Attributes, render
+
+shipped = pytest.mark.skipif(not SHIPPED.is_file(), reason="the world model is not installed")
+
+
+def test_demo_config_uses_the_shipped_model_and_subject():
+    cfg = resolved(load_config(DEMO_TOML))
+    assert cfg.model.base == str(SHIPPED)
+    assert cfg.data.instance_dir == str(SUBJECT_DIR)
+    assert cfg.data.resolution == 64 and "sks star" in cfg.data.instance_prompt
+    assert cfg.prior.class_prompt == "a photo of a star"
+    files = sorted(SUBJECT_DIR.glob("*.png"))
+    assert len(files) == 5
+    for path, image in zip(files, subject_images()):  # the shipped photos are the renders, pixel for pixel
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
+
+
+def test_subject_metrics_come_from_the_images():
+    """Same prompts, other images -> other numbers; the subject itself scores higher than a
+    plain star of the same color."""
+    reader = Reader.load()
+    real = subject_images()
+    like_subject = {k: [render(k[0], seed=s) for s in range(3)] for k in subject_prompts()[:2]}
+    plain = {k: [render(Attributes(k[0].shape, k[0].color, k[0].size, k[0].position, k[0].background), seed=s)
+                 for s in range(3)] for k in subject_prompts()[:2]}
+    classes = {"a photo of a star": [render(Attributes("star", "blue"), seed=s) for s in range(3)]}
+    a = subject_metrics(reader, real, like_subject, classes)
+    b = subject_metrics(reader, real, plain, classes)
+    assert a["subject_fidelity"] > b["subject_fidelity"] + 0.05, (a, b)
+    assert a["prompt_fidelity"] == 1.0 and b["prompt_fidelity"] == 1.0  # renders are exactly what was asked
+    same = subject_metrics(reader, real, like_subject, {"x": real})
+    assert same["pres"] > a["pres"]  # class samples that ARE the subject: the collapse PRES measures
+
+
+def test_similarity_and_diversity_helpers():
+    e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    assert mean_similarity(e, e) == pytest.approx(0.5)
+    assert diversity([e]) == pytest.approx(1.0)
+    assert diversity([e[:1].repeat(3, 1)]) == pytest.approx(0.0)
+
+
+@shipped
+def test_shortened_demo_runs_end_to_end(tmp_path):
+    from minidb.demo import run_demo
+    m = run_demo(tmp_path, overrides=["train.steps=2", "prior.num_class_images=2", "prior.sample_steps=2"],
+                 samples=2, eval_steps=2, progress=False)
+    for name in ("base", "dreambooth"):
+        assert set(m[name]) == {"subject_fidelity", "prompt_fidelity", "pres", "div"}
+        assert all(np.isfinite(v) for v in m[name].values())
+    assert (tmp_path / "before_after.png").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
