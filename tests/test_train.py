@@ -142,6 +142,7 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     resumed = train(cfg, resume="latest")
     assert resumed.step == 4
 
+    # bit-exact: the very same computation repeated (this process, its thread count, the same batch shapes)
     a, b = ck.load_checkpoint(full.checkpoint), ck.load_checkpoint(resumed.checkpoint)
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:

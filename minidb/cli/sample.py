@@ -7,7 +7,8 @@ Checkpoint: --ckpt, else $MINIDB_CKPT, else the single .safetensors/.ckpt file i
 Writes OUTDIR/samples/NNNNN.png (one per image; the prompt, seed, sampler, steps, scale and
 checkpoint hash are in the PNG's text, with a "parameters" entry in the form A1111-style tools
 read) and OUTDIR/grid-NNNN.png per prompt (one row per --n-iter, --n-samples columns).
-Image i of the run uses seed + i, so a seed gives the same image whatever the batch size.
+Image i of the run uses seed + i, so a seed gives the same image whatever the batch size, up to
+rounding: in fp32, pixels within 1/255 (another batch size sums matrix products in another order).
 """
 import hashlib
 import os
