@@ -284,8 +284,10 @@ def test_run_folder_of_another_run_is_refused(world, tmp_path):
     train(config(world, out, "train.steps=2"))
     with pytest.raises(ConfigError, match=r"holds a different run \(optim.lr"):
         train(config(world, out, "train.steps=2", "optim.lr=2e-3"))
+    other_base = tmp_path / "other.safetensors"
+    other_base.write_bytes((world / "base.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="cannot resume .* different model.base"):
-        train(config(world, out, f"model.base={world / 'instance' / '0.png'}"), resume="latest")
+        train(config(world, out, f"model.base={other_base}"), resume="latest")
     # resuming with more steps continues the run
     more = train(config(world, out, "train.steps=3"), resume="latest")
     assert more.step == 3
