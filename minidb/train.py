@@ -158,10 +158,11 @@ def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResul
         with torch.no_grad():
             fixed_context = sd.text_encoder(prompt_ids)  # [1 or 2, 77, width], the same every step
     latent_cache = None
-    if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip):
+    if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip, dataset.exact_size):
         latent_cache = cache_latents(sd, dataset, prior, dist)
     elif cfg.data.cache_latents:
-        log("not caching latents: random crops/flips change the image every epoch")
+        log("not caching latents: random " + ("flips" if cfg.data.hflip else "crops of images larger than the "
+                                              "resolution") + " change the image every epoch")
 
     n_trained = sum(p.numel() for p in masters.params)
     parts = "UNet + text encoder" if cfg.model.train_text_encoder else "UNet (text encoder frozen)"

@@ -257,6 +257,13 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     assert all(left_edge(fixed.get(0, e)["instance"]) == 12 for e in range(5))
     assert can_cache_latents(True, False) and not can_cache_latents(False, False)
     assert not can_cache_latents(True, True)
+    # images that are all exactly R x R: a random crop is the whole image too, so latents can be cached
+    assert not fixed.exact_size
+    exact = DreamBoothDataset([columns_image(r, r), columns_image(r, r)], [columns_image(r, r)], r, seed=7)
+    assert exact.exact_size and can_cache_latents(False, False, exact.exact_size)
+    assert not can_cache_latents(False, True, exact.exact_size)
+    assert all(torch.equal(exact.get(0, e)["instance"], exact.get(0, 0)["instance"]) for e in range(5))
+    assert not DreamBoothDataset([columns_image(r, r)], [columns_image(r, r + 8)], r).exact_size
 
 
 def test_epoch_order_and_shard():
