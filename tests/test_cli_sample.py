@@ -143,3 +143,13 @@ def test_long_prompt_warns_and_goes_on(ckpt, in_tmp, capsys):
     err = capsys.readouterr().err
     assert "warning" in err and "77" in err and "Traceback" not in err
     assert (in_tmp / "o" / "samples" / "00000.png").exists()
+
+
+def test_help_keeps_the_examples_as_written(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert '    minidb sample --prompt "a photo of an astronaut riding a horse" --n-samples 4 --seed 42' in lines
+    assert "    minidb sample --from-file prompts.txt --sampler dpm++2m --steps 20 --precision fp16" in lines
+    assert "the model's image size" in " ".join(out.split())  # --H/--W's default
