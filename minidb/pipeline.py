@@ -9,6 +9,7 @@ schedule, loaded from and saved to original (CompVis-layout) checkpoints.
 Models come back in eval mode with requires_grad off: inference is the default, and the
 trainer turns on what it trains.
 """
+import contextlib
 import functools
 
 import torch
@@ -27,7 +28,8 @@ class StableDiffusion:
 
     def _build(self, config: SDConfig, device):
         self.config = config
-        with torch.device(device):  # "meta" builds shapes only, for a checkpoint to fill in
+        # "meta" builds shapes only, for a checkpoint to fill in: nothing to initialise
+        with torch.device(device), (_no_init() if str(device) == "meta" else contextlib.nullcontext()):
             self.text_encoder = CLIPTextModel(config.clip)
             self.unet = UNetModel(config.unet)
             self.vae = AutoencoderKL(config.vae)
@@ -97,6 +99,22 @@ class StableDiffusion:
     def __repr__(self):
         params = sum(p.numel() for m in self.models.values() for p in m.parameters())
         return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Module constructors without their random init (torch.nn.init's in-place functions do nothing).
+    Why: on the meta device nn.Embedding's normal_ runs through torch._refs, whose first call imports
+    torch._dynamo, ~2 s of every load (measured: minidb sample's start-up) for values never used."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def _stored_config(ckpt) -> SDConfig:
