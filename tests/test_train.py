@@ -295,6 +295,7 @@ def test_resolution_defaults_to_the_base_models_and_exact_size_images_cache_late
     assert cached == [1]
     out, err = capsys.readouterr()
     assert "2 instance images at 32x32 (the base model's image size); 1 step of" in err
+    assert "accumulation = 1 instance image per step" in err
     assert out.startswith("done: 1 step, loss ") and "not caching" not in err
 
 
