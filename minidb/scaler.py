@@ -56,13 +56,13 @@ class DynamicLossScaler:
             self.clean_steps = 0
             self.skipped_steps += 1
             if self.scale < self.min_scale:
+                skipped = f"{self.skipped_steps} skipped step" + ("s" if self.skipped_steps != 1 else "")
                 raise LossScaleCollapsed(
-                    f"fp16 loss scale fell below its floor {self.min_scale:g} (optim.loss_scale_min) after "
-                    f"{self.skipped_steps} skipped step{'s' if self.skipped_steps != 1 else ''}: the gradients were inf/NaN at every scale tried, down to "
-                    f"{self.scale / self.backoff_factor:g}, which a smaller loss scale cannot fix. Either the forward "
-                    "pass overflows (fp16 activations past 65504, or a model diverged by too high an optim.lr: "
-                    "train in bf16/fp32 (model.precision) to see where it breaks), or the floor is too high for "
-                    "gradients this large (lower optim.loss_scale_min)")
+                    f"fp16 loss scale fell below its floor {self.min_scale:g} (optim.loss_scale_min) after {skipped}: "
+                    f"the gradients were inf/NaN at every scale tried, down to {self.scale / self.backoff_factor:g}, "
+                    "which a smaller loss scale cannot fix. Either the forward pass overflows (fp16 activations past "
+                    "65504, or a model diverged by too high an optim.lr: train in bf16/fp32 (model.precision) to see "
+                    "where it breaks), or the floor is too high for gradients this large (lower optim.loss_scale_min)")
         else:
             self.clean_steps += 1
             if self.clean_steps >= self.growth_interval:

@@ -171,7 +171,8 @@ def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResul
         + (f", {_count(len(class_images), 'class image')}" if prior else "")
         + f" at {r}x{r}" + (" (the base model's image size)" if r == base_config.image_size else "")
         + f"; {_count(cfg.train.steps, 'step')} of {B} x {W} process(es) x {accum} accumulation = "
-        f"{_count(B * W * accum, 'instance image')} per step; training {parts}, {n_trained / 1e6:.1f}M parameters, {precision}"
+        f"{_count(B * W * accum, 'instance image')} per step; training {parts}, {n_trained / 1e6:.1f}M parameters, "
+        f"{precision}"
         + (" with fp32 master weights" if masters.separate else "") + f"; run folder {run}")
 
     # ---- the loop ------------------------------------------------------------------------------
