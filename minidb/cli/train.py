@@ -39,7 +39,7 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 
 def load(args):
-    from minidb.checkpoint import load_checkpoint
+    from minidb.checkpoint import latest_checkpoint, load_checkpoint
     from minidb.train_config import DreamBoothConfig, from_dict, load_config, to_dict
 
     if args.config:
@@ -50,8 +50,9 @@ def load(args):
             raise ConfigError(f"--resume {args.resume}: no such run folder or checkpoint file")
         if path.is_dir() and (path / "config.toml").is_file():
             return load_config(path / "config.toml", args.set)
-        if path.is_file():
-            return from_dict(load_checkpoint(path)["config"], args.set)
+        newest = path if path.is_file() else latest_checkpoint(path)  # a checkpoint, or a checkpoints/ folder
+        if newest is not None:
+            return from_dict(load_checkpoint(newest)["config"], args.set)
         raise ConfigError(f"--resume {args.resume}: not a run folder (it has no config.toml); pass the folder "
                           "minidb train wrote (train.output_dir), or add --config run.toml")
     if args.print_config:
