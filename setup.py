@@ -5,10 +5,16 @@ as `minidb.kernels` and `minidb.weights` so nothing named `kernels` lands in sit
 """
 from setuptools import setup
 
+# Not a hard dependency: PyTorch's CUDA builds bring their own Triton (which minidb's kernels then
+# use), and a CPU-only install would carry ~1 GB it cannot run. The test extra needs it: the kernel
+# tests run in Triton's interpreter on the CPU.
+TRITON = 'triton; platform_system == "Linux"'
+
 setup(
     name="minidb",
     version="0.1.0",
     description="Stable Diffusion v1 and DreamBooth, from scratch, in plain PyTorch",
+    license="MIT",
     packages=["minidb", "minidb.cli", "minidb.kernels", "minidb.weights"],
     package_dir={"minidb": "minidb", "minidb.kernels": "kernels", "minidb.weights": "weights"},
     package_data={"minidb": ["data/*", "data/demo_subject/*"]},
@@ -23,11 +29,11 @@ setup(
         # tqdm: a progress bar is exactly the well-kept small library worth not rewriting.
         "tqdm",
         'tomli; python_version < "3.11"',
-        'triton; platform_system == "Linux"',
     ],
     extras_require={
-        # Reference implementations for the equivalence tests; the runtime never imports them.
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40"],
+        "triton": [TRITON],
+        # Reference implementations for the equivalence tests (the runtime never imports them), and Triton.
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", TRITON],
     },
     entry_points={"console_scripts": ["minidb=minidb.cli:main"]},
 )

@@ -3,7 +3,7 @@ which implementation runs is one setting:
 
     minidb.attention.set_backend("math")            # for the whole process
     with minidb.attention.use_backend("triton"): ... # for a block
-    MINIDB_ATTENTION=sdpa python ...                 # from the environment
+    MINIDB_ATTENTION=sdpa python ...                 # from the environment, checked at first use
 
 Backends: "sdpa" (torch.nn.functional.scaled_dot_product_attention), "math" (plain PyTorch,
 the readable reference), "triton" (minidb.kernels.flash_attention), and "auto" (the default):
@@ -17,32 +17,43 @@ import os
 import torch
 import torch.nn.functional as F
 
+from minidb.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "math", "triton")
-_backend = os.environ.get("MINIDB_ATTENTION", "auto")
+_backend: str | None = None  # None: MINIDB_ATTENTION is read, and checked, at first use
 _fallback_reasons_logged: set[str] = set()
 
 
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _backend = name
 
 
 def get_backend() -> str:
+    """The backend in use; the first call reads MINIDB_ATTENTION (a bad value is a ConfigError)."""
+    global _backend
+    if _backend is None:
+        name = os.environ.get("MINIDB_ATTENTION", "").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ConfigError(f"MINIDB_ATTENTION={os.environ['MINIDB_ATTENTION']!r} is not an attention "
+                              f"backend: set it to one of {', '.join(BACKENDS)}, or unset it (auto)")
+        _backend = name
     return _backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    previous = _backend
+    global _backend
+    previous = _backend  # may be None (environment not read yet): restored as it was
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _backend = previous
 
 
 def math_attention(q, k, v, causal=False):
@@ -68,7 +79,7 @@ def _triton_unsupported_reason(q, k, v):
 
 def attention(q, k, v, causal=False):
     """Scaled dot-product attention. q [B,H,N,D], k and v [B,H,M,D] -> [B,H,N,D]."""
-    backend = _backend
+    backend = _backend or get_backend()
     if backend == "auto":
         backend = "sdpa"
         if q.is_cuda:
@@ -82,5 +93,6 @@ def attention(q, k, v, causal=False):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if backend == "math":
         return math_attention(q, k, v, causal)
+    assert backend == "triton", backend
     from minidb.kernels import flash_attention
     return flash_attention(q, k, v, causal=causal)

@@ -75,6 +75,8 @@ def _fsync_folder(folder: Path) -> None:
 def load_checkpoint(path) -> dict:
     """The state dict of a training checkpoint; tensors on the CPU. CheckpointError if unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: pass one of the step_N.pt files in a run's checkpoints/")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such training checkpoint")
     try:

@@ -201,6 +201,8 @@ class DreamBoothDataset:
         self.class_ = None if class_images is None else [self._prepare(item, small) for item in class_images]
         if small:
             _warn_small("training", small, resolution)
+        # every image already R x R, so a random crop is the whole image too
+        self.exact_size = all(x.shape[1:] == (resolution, resolution) for x in self.instance + (self.class_ or []))
 
     def _prepare(self, item, small: list) -> torch.Tensor:
         """(path, image) or an image -> uint8 [3, h, w] with min(h, w) = resolution."""
@@ -255,12 +257,14 @@ def shard(order: list[int], rank: int, world_size: int) -> list[int]:
     return padded[rank::world_size]
 
 
-def can_cache_latents(center_crop: bool, hflip: bool) -> bool:
+def can_cache_latents(center_crop: bool, hflip: bool, exact_size: bool = False) -> bool:
     """Whether an example's VAE latent is the same in every epoch, so it can be encoded once.
-    Only with a centre crop and no flips: a random crop changes every epoch, and a flipped image
-    is not the flipped latent (the VAE is not mirror-equivariant); a cache of both flips would
-    double the VAE work up front for 50% reuse, so we decide against it and encode on the fly."""
-    return bool(center_crop) and not hflip
+    Only without flips, and with a centre crop or images that are all exactly R x R already
+    (`DreamBoothDataset.exact_size`: every crop is then the whole image): a random crop of a larger
+    image changes every epoch, and a flipped image is not the flipped latent (the VAE is not
+    mirror-equivariant); a cache of both flips would double the VAE work up front for 50% reuse,
+    so we decide against it and encode on the fly."""
+    return (bool(center_crop) or exact_size) and not hflip
 
 
 # ---- class images for prior preservation --------------------------------------------------------

@@ -9,6 +9,7 @@ schedule, loaded from and saved to original (CompVis-layout) checkpoints.
 Models come back in eval mode with requires_grad off: inference is the default, and the
 trainer turns on what it trains.
 """
+import contextlib
 import functools
 
 import torch
@@ -27,7 +28,8 @@ class StableDiffusion:
 
     def _build(self, config: SDConfig, device):
         self.config = config
-        with torch.device(device):  # "meta" builds shapes only, for a checkpoint to fill in
+        # "meta" builds shapes only, for a checkpoint to fill in: nothing to initialise
+        with torch.device(device), (_no_init() if str(device) == "meta" else contextlib.nullcontext()):
             self.text_encoder = CLIPTextModel(config.clip)
             self.unet = UNetModel(config.unet)
             self.vae = AutoencoderKL(config.vae)
@@ -43,15 +45,24 @@ class StableDiffusion:
         config=None: the config stored in the file by save(), else SD v1's. ema=True: take the
         UNet from the file's EMA weights (model_ema.*). Bad files raise CheckpointError."""
         with weights.open_checkpoint(path) as ckpt:
-            if config is None:
-                config = weights.config_from_dict(ckpt.config) if ckpt.config else SDConfig()
             sd = cls.__new__(cls)
-            sd._build(config, "meta")  # no memory until each tensor is assigned its loaded one
+            sd._build(config or _stored_config(ckpt), "meta")  # no memory until each tensor is loaded
             sd.extras = weights.load_models(ckpt, sd.models, dtype=dtype, device=device, ema=ema)
         for model in sd.models.values():
             model.eval().requires_grad_(False)  # assign=True brought back the meta params' flag
         sd.device, sd.dtype = torch.device(device), dtype
         return sd
+
+    @classmethod
+    def inspect_checkpoint(cls, path, config: SDConfig | None = None, ema: bool = False) -> SDConfig:
+        """The config from_checkpoint would use, after every check it makes that needs no tensor
+        (file format, model family, keys, shapes): to fail early and cheaply, before a long load
+        or before anything is written. Bad files raise CheckpointError."""
+        with weights.open_checkpoint(path) as ckpt:
+            sd = cls.__new__(cls)
+            sd._build(config or _stored_config(ckpt), "meta")
+            weights.plan_load(ckpt, sd.models, ema)
+        return sd.config
 
     @property
     def models(self) -> dict:
@@ -88,3 +99,25 @@ class StableDiffusion:
     def __repr__(self):
         params = sum(p.numel() for m in self.models.values() for p in m.parameters())
         return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Module constructors without their random init (torch.nn.init's in-place functions do nothing).
+    Why: on the meta device nn.Embedding's normal_ runs through torch._refs, whose first call imports
+    torch._dynamo, ~2 s of every load (measured: minidb sample's start-up) for values never used."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def _stored_config(ckpt) -> SDConfig:
+    """The config minidb stored in the file (fields it lacks take their defaults: image_size 512 in
+    files written before it existed); SD v1's for files from elsewhere."""
+    return weights.config_from_dict(ckpt.config) if ckpt.config else SDConfig()

@@ -7,10 +7,13 @@ txt2img), eps = eps_u + guidance * (eps_c - eps_u); guidance 1.0 drops the uncon
 A negative prompt takes the place of the empty prompt in the unconditional half.
 
 Reproducibility: image i starts from torch.randn drawn on the CPU by its own generator seeded
-seed + i (or seeds[i]); DDIM's eta noise comes from the same generator. So an image depends on
-its seed only, not on the batch it is in nor on the device, and matches diffusers given
-`generator=[torch.Generator().manual_seed(s) for s in seeds]`.
+seed + i (or seeds[i]); DDIM's eta noise comes from the same generator. So an image's noise
+depends on its seed only, not on the batch it is in nor on the device, and matches diffusers given
+`generator=[torch.Generator().manual_seed(s) for s in seeds]`. The image itself is equal up to
+rounding: another batch size, thread count or device sums the matrix products in another order,
+so in fp32 the final latents agree to ~1e-6 relative error and the images to 1/255.
 """
+import math
 import warnings
 
 import numpy as np
@@ -72,17 +75,22 @@ def make_generators(seed, n: int) -> list[torch.Generator]:
 
 @torch.no_grad()
 def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5,
-                   eta: float = 0.0, sampler: str = "ddim", height: int = 512, width: int = 512,
+                   eta: float = 0.0, sampler: str = "ddim", height: int | None = None, width: int | None = None,
                    seed=None, latents=None, progress: bool = True) -> torch.Tensor:
-    """Final (scaled) latents [B, 4, height/f, width/f], float32, before the VAE."""
+    """Final (scaled) latents [B, 4, height/f, width/f], float32, before the VAE.
+    height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1)."""
     prompts = _as_list(prompts, "prompts")
     b = len(prompts)
     if sampler not in SAMPLERS:
         raise MinidbError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
     if not isinstance(steps, int) or steps < 1:
         raise MinidbError(f"steps must be an integer >= 1, got {steps!r}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
+    if not math.isfinite(guidance):
+        raise MinidbError(f"guidance must be a finite number, got {guidance}")
+    if not eta >= 0 or (eta > 0 and sampler != "ddim"):  # `not >=`: NaN fails too
         raise MinidbError(f"eta must be >= 0, and 0 for {sampler}: got {eta}")
+    size = sd.config.image_size
+    height, width = size if height is None else height, size if width is None else width
     h, w = check_size(sd.config, height, width)
     guided = guidance != 1.0
     if negative_prompts is not None:
@@ -134,10 +142,11 @@ def decode(sd, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
-             sampler: str = "ddim", height: int = 512, width: int = 512, seed=None, latents=None,
+             sampler: str = "ddim", height: int | None = None, width: int | None = None, seed=None, latents=None,
              progress: bool = True) -> list[Image.Image]:
     """Images for `prompts` (a string or a list, one image each).
 
+    height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1).
     negative_prompts: None (the empty prompt), a string for all, or one per prompt.
     sampler: "ddim" (CompVis' steps, eta), "plms" (CompVis' --plms) or "dpm++2m" (~20 steps suffice).
     seed: int (image i uses seed + i), a list (one per image) or None (random).

@@ -29,7 +29,10 @@ from minidb.errors import MinidbError
 
 
 class LossScaleCollapsed(MinidbError):
-    """Gradients are inf/NaN at every loss scale: the model diverged, not the fp16 range."""
+    """The gradients stayed inf/NaN while the loss scale halved down to its floor. Not a too-large
+    initial scale (halving would have found a working one long before): the forward pass itself
+    overflows (fp16 activations past 65504, a diverged model, NaN inputs), or the floor is set above
+    the scale that gradients this large need."""
 
 
 class DynamicLossScaler:
@@ -53,10 +56,13 @@ class DynamicLossScaler:
             self.clean_steps = 0
             self.skipped_steps += 1
             if self.scale < self.min_scale:
+                skipped = f"{self.skipped_steps} skipped step" + ("s" if self.skipped_steps != 1 else "")
                 raise LossScaleCollapsed(
-                    f"fp16 loss scale fell below {self.min_scale:g} after {self.skipped_steps} skipped "
-                    "steps: the gradients are inf/NaN at any scale, so the model itself diverged. "
-                    "Lower optim.lr, or train in bf16/fp32 (model.precision) to find where it breaks")
+                    f"fp16 loss scale fell below its floor {self.min_scale:g} (optim.loss_scale_min) after {skipped}: "
+                    f"the gradients were inf/NaN at every scale tried, down to {self.scale / self.backoff_factor:g}, "
+                    "which a smaller loss scale cannot fix. Either the forward pass overflows (fp16 activations past "
+                    "65504, or a model diverged by too high an optim.lr: train in bf16/fp32 (model.precision) to see "
+                    "where it breaks), or the floor is too high for gradients this large (lower optim.loss_scale_min)")
         else:
             self.clean_steps += 1
             if self.clean_steps >= self.growth_interval:

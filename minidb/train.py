@@ -24,6 +24,7 @@ generator seeded by (seed, step, micro-batch, position in the global batch), and
 from (seed, epoch, index) in minidb.data: no global RNG state enters a step, so a resumed run
 repeats an uninterrupted one bit for bit, and N processes draw what one process would.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from minidb.config import SDConfig
 from minidb.distributed import Dist, PeerLost
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
@@ -64,6 +66,7 @@ class TrainResult:
     model_path: Path | None       # the exported model (None when interrupted)
     interrupted: bool = False
     loss: float = float("nan")    # mean loss of the last step
+    stopped_by: str | None = None  # when interrupted: "SIGINT", "SIGTERM" or "another process"
 
 
 def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> TrainResult:
@@ -73,14 +76,22 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
     # ---- set-up --------------------------------------------------------------------------------
     validate(cfg)
     cfg = resolved(cfg)
-    if not Path(cfg.model.base).is_file():
-        raise CheckpointError(f"model.base: {cfg.model.base}: no such checkpoint file")
     run = Path(cfg.train.output_dir)
     ckpt_dir = run / "checkpoints"
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"train.output_dir: {run} is a file, not a folder: choose another train.output_dir")
     state = find_resume_state(resume, ckpt_dir)
+    finished = finished_model(state, run, cfg)
+    if finished is None:
+        cfg, base_config = check_base(cfg)
     dist = Dist.from_env(cfg.train.dist_timeout_s)
     try:
-        return _train(cfg, state, callback, dist, run, ckpt_dir)
+        if finished is not None:  # nothing to train, nothing to write
+            Log(dist).result(f"{run} is already finished: step {state['step']} of train.steps = {cfg.train.steps}; "
+                             f"model: {finished}. To train on, resume with a larger train.steps "
+                             "(--set train.steps=N)")
+            return TrainResult(run, state["step"], state["path"], finished, loss=state.get("loss", float("nan")))
+        return _train(cfg, state, callback, dist, run, ckpt_dir, base_config)
     except RuntimeError as e:  # a collective failed because a peer died or hung: one line, not a traceback
         lost = dist.lost(e)
         if lost is None:
@@ -92,11 +103,10 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         dist.close()
 
 
-def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
+def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResult:
     from minidb.data import (DreamBoothDataset, can_cache_latents, check_prompts, ensure_class_images,
                              load_image_folder, open_rgb)
     from minidb.pipeline import StableDiffusion
-    from minidb.sampling import check_size
 
     log = Log(dist)
     device = pick_device(cfg.model.device, dist)
@@ -113,8 +123,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
     prepare_run_folder(cfg, run, ckpt_dir, state, dist, log)
     log(f"loading {cfg.model.base} ({device}, {precision})")
-    sd = StableDiffusion.from_checkpoint(cfg.model.base, device=device, dtype=dtype)
-    check_size(sd.config, cfg.data.resolution, cfg.data.resolution)
+    sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
     class_images = None
     if prior:  # missing class images are generated from the base model, each rank its share
         paths = ensure_class_images(
@@ -149,16 +158,21 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
         with torch.no_grad():
             fixed_context = sd.text_encoder(prompt_ids)  # [1 or 2, 77, width], the same every step
     latent_cache = None
-    if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip):
+    if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip, dataset.exact_size):
         latent_cache = cache_latents(sd, dataset, prior, dist)
     elif cfg.data.cache_latents:
-        log("not caching latents: random crops/flips change the image every epoch")
+        log("not caching latents: random " + ("flips" if cfg.data.hflip else "crops of images larger than the "
+                                              "resolution") + " change the image every epoch")
 
     n_trained = sum(p.numel() for p in masters.params)
     parts = "UNet + text encoder" if cfg.model.train_text_encoder else "UNet (text encoder frozen)"
-    log(f"{len(instance_images)} instance images" + (f", {len(class_images)} class images" if prior else "")
-        + f"; {cfg.train.steps} steps of {B} x {W} process(es) x {accum} accumulation = {B * W * accum} "
-        f"instance images per step; training {parts}, {n_trained / 1e6:.1f}M parameters, {precision}"
+    r = cfg.data.resolution
+    log(_count(len(instance_images), "instance image")
+        + (f", {_count(len(class_images), 'class image')}" if prior else "")
+        + f" at {r}x{r}" + (" (the base model's image size)" if r == base_config.image_size else "")
+        + f"; {_count(cfg.train.steps, 'step')} of {B} x {W} process(es) x {accum} accumulation = "
+        f"{_count(B * W * accum, 'instance image')} per step; training {parts}, {n_trained / 1e6:.1f}M parameters, "
+        f"{precision}"
         + (" with fp32 master weights" if masters.separate else "") + f"; run folder {run}")
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -168,7 +182,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
     log.bar = bar
     latents_hw = cfg.data.resolution // 2 ** (len(sd.config.vae.ch_mult) - 1)
     last_checkpoint = latest_checkpoint(ckpt_dir)
-    loss_value = float("nan")
+    loss_value = state.get("loss", float("nan")) if state is not None else float("nan")
     try:
         with StopOnSignal(log) as stop:
             while step < cfg.train.steps:
@@ -227,9 +241,11 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
                     last_checkpoint = write_checkpoint(ckpt_dir, step, cursor, masters, optimizer, scaler, cfg,
                                                        precision, dist, loss_value)
                 if stop_now:
-                    log(f"stopped by {stop.requested or 'another process'} at step {step}; "
-                        f"checkpoint {last_checkpoint} (continue with resume=\"latest\" / --resume latest)")
-                    return TrainResult(run, step, last_checkpoint, None, interrupted=True, loss=loss_value)
+                    who = stop.requested or "another process"
+                    log(f"stopped by {who} at step {step}; checkpoint {last_checkpoint}; continue with: "
+                        f"minidb train --resume {run}  (Python: train(cfg, resume=\"latest\"))")
+                    return TrainResult(run, step, last_checkpoint, None, interrupted=True, loss=loss_value,
+                                       stopped_by=who)
     finally:
         bar.close()
         log.bar = None
@@ -245,10 +261,45 @@ def _train(cfg, state, callback, dist, run, ckpt_dir) -> TrainResult:
         export_model(cfg.model.base, masters.state_dict(), model_path, DTYPES[cfg.model.export_dtype])
         size = model_path.stat().st_size
         size = f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
-        log.result(f"done: {step} steps, loss {loss_value:.4f}; model: {model_path} ({cfg.model.export_dtype}, "
-                   f"{size}); try: minidb sample --ckpt {model_path} --prompt {json.dumps(cfg.data.instance_prompt)}")
+        log.result(f"done: {_count(step, 'step')}, loss {loss_value:.4f}; model: {model_path} "
+                   f"({cfg.model.export_dtype}, {size}); try: minidb sample --ckpt {model_path} "
+                   f"--prompt {json.dumps(cfg.data.instance_prompt)}")
     dist.barrier()
     return TrainResult(run, step, last_checkpoint, model_path, loss=loss_value)
+
+
+def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
+    """The base checkpoint opened and checked (format, model family, keys, shapes; no tensor read)
+    and the checks that need its config, before anything is written. Returns the config with
+    data.resolution = 0 replaced by the base model's image size, and the base model's config."""
+    from minidb.pipeline import StableDiffusion
+    from minidb.sampling import check_size
+    if not Path(cfg.model.base).is_file():
+        raise CheckpointError(f"model.base: {cfg.model.base}: no such checkpoint file")
+    base_config = StableDiffusion.inspect_checkpoint(cfg.model.base)
+    if cfg.data.resolution == 0:  # the default: the resolution the base model was trained at
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base_config.image_size))
+    try:
+        check_size(base_config, cfg.data.resolution, cfg.data.resolution)
+    except MinidbError as e:
+        raise ConfigError(f"data.resolution: {e}") from None
+    class_dir = Path(cfg.prior.class_dir)
+    if cfg.prior.class_prompt and class_dir.exists() and not class_dir.is_dir():
+        raise ConfigError(f"prior.class_dir: {class_dir} is a file, not a folder")
+    return cfg, base_config
+
+
+def finished_model(state, run: Path, cfg) -> Path | None:
+    """The run's model when a resume finds nothing left to do: the checkpoint is at (or past)
+    train.steps and model.safetensors was written after it (else the export still has to happen)."""
+    model = run / "model.safetensors"
+    if state is None or state["step"] < cfg.train.steps or not model.is_file():
+        return None
+    return model if model.stat().st_mtime >= Path(state["path"]).stat().st_mtime else None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # ---- the pieces of a step ------------------------------------------------------------------------

@@ -10,10 +10,13 @@ the resolved config back out (into the run folder), paths made absolute.
 """
 import dataclasses
 import difflib
+import inspect
+import io
 import json
 import math
 import os
 import sys
+import tokenize
 from dataclasses import dataclass, field
 
 from minidb.errors import ConfigError
@@ -39,7 +42,7 @@ class ModelConfig:
 class DataConfig:
     instance_dir: str = ""            # folder with the 3-5 photos of the subject; required
     instance_prompt: str = ""         # e.g. "a photo of sks dog"; required
-    resolution: int = 512             # training images are resized (short side) and cropped to this
+    resolution: int = 0               # train at this size (shorter side resized, then cropped); 0 = the base model's
     center_crop: bool = False         # false = random crop
     hflip: bool = False               # random horizontal flip (off: subjects are often asymmetric)
     cache_latents: bool = True        # encode each image once, when the augmentation allows it
@@ -51,10 +54,10 @@ class PriorConfig:
     class_dir: str = ""               # empty = <output_dir>/class_images
     num_class_images: int = 100       # missing ones are generated from the base model before training
     loss_weight: float = 1.0          # loss = instance MSE + loss_weight * class MSE
-    sample_steps: int = 50            # sampler settings for generating class images
-    guidance: float = 7.5
+    sample_steps: int = 50            # sampling steps per class image
+    guidance: float = 7.5             # classifier-free guidance scale of the class images
     sampler: str = "ddim"             # ddim | plms | dpm++2m
-    batch_size: int = 4
+    batch_size: int = 4               # class images generated per batch
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,15 @@ class OptimConfig:
     lr: float = 1e-6                  # the DreamBooth setting; the UNet forgets the class quickly above ~5e-6
     lr_schedule: str = "constant"     # constant | cosine (decays to min_lr at the last step)
     warmup_steps: int = 0             # linear warm-up from 0 before the schedule
-    min_lr: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
+    min_lr: float = 0.0               # where cosine ends
+    adam_beta1: float = 0.9           # AdamW's decay rate of the gradient mean
+    adam_beta2: float = 0.999         # AdamW's decay rate of the squared-gradient mean
+    weight_decay: float = 1e-2        # AdamW's decoupled weight decay
+    adam_eps: float = 1e-8            # AdamW's epsilon
     max_grad_norm: float = 1.0        # 0 = no clipping
     loss_scale_init: float = 65536.0  # fp16 only: the dynamic loss scaler (minidb.scaler)
-    loss_scale_growth_interval: int = 2000
-    loss_scale_min: float = 1e-4      # below this the scaler gives up: the gradients are inf at any scale
+    loss_scale_growth_interval: int = 2000  # fp16: clean steps before the loss scale doubles
+    loss_scale_min: float = 1e-4      # fp16: below this the scaler gives up (minidb.scaler says why)
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ValidationConfig:
     prompts: tuple[str, ...] = ()     # sampled into samples/step_XXXXXX.png every `every` steps and at the end
-    every: int = 100
-    sample_steps: int = 25
-    guidance: float = 7.5
-    sampler: str = "ddim"
+    every: int = 100                  # steps between validation grids
+    sample_steps: int = 25            # sampler settings of the validation images
+    guidance: float = 7.5             # classifier-free guidance scale
+    sampler: str = "ddim"             # ddim | plms | dpm++2m
     seed: int = 0                     # image i uses seed + i: the same noise at every validation
 
 
@@ -234,7 +237,7 @@ def validate(cfg: DreamBoothConfig) -> None:
         problems.append("data.instance_dir (the folder with the subject's photos) is not set")
     if not cfg.data.instance_prompt.strip():
         problems.append('data.instance_prompt is not set (e.g. "a photo of sks dog")')
-    for section, key, lowest in [("data", "resolution", 8), ("train", "steps", 1), ("train", "batch_size", 1),
+    for section, key, lowest in [("data", "resolution", 0), ("train", "steps", 1), ("train", "batch_size", 1),
                                  ("train", "grad_accum", 1), ("train", "checkpoint_every", 1),
                                  ("train", "keep_checkpoints", 1), ("validation", "every", 1),
                                  ("validation", "sample_steps", 1), ("prior", "sample_steps", 1),
@@ -258,6 +261,10 @@ def validate(cfg: DreamBoothConfig) -> None:
             problems.append(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
     if not (math.isfinite(o.loss_scale_init) and o.loss_scale_init >= max(o.loss_scale_min, 1e-30)):
         problems.append(f"optim.loss_scale_init must be >= optim.loss_scale_min, got {o.loss_scale_init}")
+    for section in ("prior", "validation"):
+        guidance = getattr(cfg, section).guidance
+        if not (math.isfinite(guidance) and guidance >= 0):
+            problems.append(f"{section}.guidance must be a finite number >= 0, got {guidance}")
     if cfg.prior.class_prompt and cfg.prior.loss_weight < 0:
         problems.append(f"prior.loss_weight must be >= 0, got {cfg.prior.loss_weight}")
     if cfg.prior.class_prompt and cfg.prior.num_class_images < 1:
@@ -301,14 +308,35 @@ def differences(old: DreamBoothConfig, new: DreamBoothConfig) -> list[str]:
 
 # ---- writing -------------------------------------------------------------------------------------
 
-def dump_toml(cfg: DreamBoothConfig) -> str:
-    """The config as TOML that load_config reads back to an equal config (tomllib cannot write)."""
+def dump_toml(cfg: DreamBoothConfig, explain: bool = False) -> str:
+    """The config as TOML that load_config reads back to an equal config (tomllib cannot write).
+    explain: each option followed by its comment from the dataclasses above."""
+    comments = explanations() if explain else {}
     lines = []
     for name, body in to_dict(cfg).items():
         lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in body.items()]
+        for key, value in body.items():
+            line, comment = f"{key} = {_toml_value(value)}", comments.get((name, key))
+            lines.append(f"{line:<38}  # {comment}" if comment else line)
         lines.append("")
     return "\n".join(lines)
+
+
+def explanations() -> dict[tuple[str, str], str]:
+    """{(section, key): the comment beside that field in the dataclasses above}: each option is
+    explained once, in this file, and --print-config reads the words back from the source."""
+    skip = (tokenize.INDENT, tokenize.DEDENT, tokenize.NEWLINE, tokenize.NL)
+    found = {}
+    for name, cls in SECTIONS.items():
+        lines = {}
+        for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+            if tok.type not in skip:
+                lines.setdefault(tok.start[0], []).append(tok)
+        for toks in lines.values():  # a field's line: `key: type = default  # what it means`
+            if (len(toks) > 2 and toks[0].string in _field_names(cls) and toks[1].string == ":"
+                    and toks[-1].type == tokenize.COMMENT):
+                found[(name, toks[0].string)] = toks[-1].string.lstrip("#").strip()
+    return found
 
 
 def _toml_value(value) -> str:

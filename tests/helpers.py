@@ -31,6 +31,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_same_image_up_to_rounding(a, b, max_fraction: float = 0.01) -> None:
+    """Two renderings of one seed, in batches of different sizes (or on other thread counts, CPUs
+    or devices), as uint8 arrays. Never bit-equal there: matrix products sum in another order, so
+    the float images differ by rounding (~1e-6 relative in fp32) and a value next to a uint8
+    rounding boundary can land on the other side. Allowed: 1/255, in at most `max_fraction` of the
+    values (measured on tiny models: 9 of 122,880 values differ; a wrong seed or noise changes
+    most values by far more). Bit equality is demanded only where the very same computation repeats."""
+    import numpy as np
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = np.abs(a - b)
+    assert diff.max() <= 1, f"max |diff| {diff.max()}/255"
+    assert (diff > 0).mean() <= max_fraction, f"{(diff > 0).sum()} of {diff.size} values differ"
+
+
 def dreambooth_world(root, class_images: int = 0):
     """A training set-up in `root`: a perturbed tiny SD as base.safetensors, 3 random instance
     photos in instance/ and, if asked, `class_images` random class images in class/."""

@@ -59,3 +59,18 @@ def test_backend_is_one_setting_for_every_model(monkeypatch):
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*sdpa"):
         seam.set_backend("flash")
+
+
+def test_environment_is_checked_at_first_use(monkeypatch):
+    """MINIDB_ATTENTION is read when attention is first used (importing minidb has no side effects)
+    and a bad value is an error then, instead of silently running some backend."""
+    from minidb.errors import ConfigError
+    monkeypatch.setattr(seam, "_backend", None)
+    monkeypatch.setenv("MINIDB_ATTENTION", "bogus")
+    with pytest.raises(ConfigError, match="MINIDB_ATTENTION='bogus' is not an attention backend"):
+        seam.attention(*qkv(4, 4))
+    with seam.use_backend("math"):  # an explicit choice needs no environment, and restores it after
+        assert seam.get_backend() == "math"
+    assert seam._backend is None
+    monkeypatch.setenv("MINIDB_ATTENTION", "math")
+    assert seam.get_backend() == "math"

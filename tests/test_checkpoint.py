@@ -101,6 +101,8 @@ def test_process_killed_mid_write_keeps_previous(tmp_path):
 def test_foreign_and_broken_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
         ck.load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a folder: pass one of the step_N.pt files"):
+        ck.load_checkpoint(tmp_path)
     torch.save({"state_dict": {}}, tmp_path / "model.ckpt")
     with pytest.raises(CheckpointError, match="not a minidb training checkpoint"):
         ck.load_checkpoint(tmp_path / "model.ckpt")

@@ -1,4 +1,6 @@
 """StableDiffusion.save / from_checkpoint on tiny random models: what goes in comes back out."""
+import dataclasses
+
 import pytest
 import safetensors.torch
 import torch
@@ -116,3 +118,47 @@ def test_from_checkpoint_raises_checkpoint_error_on_bad_files(tmp_path, case):
         path = BAD_FILES[case][0](tmp_path)
     with pytest.raises(CheckpointError):
         StableDiffusion.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_inspect_checkpoint_refuses_what_from_checkpoint_refuses(tmp_path, case):
+    path = BAD_FILES[case][0](tmp_path)
+    with pytest.raises(CheckpointError, match=BAD_FILES[case][1]):
+        StableDiffusion.inspect_checkpoint(path)
+
+
+def test_inspect_checkpoint_reads_the_config_and_checks_shapes_without_reading_tensors(tmp_path, monkeypatch):
+    sd = tiny_models()
+    sd.save(tmp_path / "tiny.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd_v1_layout(sd).items()}, tmp_path / "other.safetensors")
+    from minidb.weights.files import SafetensorsFile
+
+    def no_reading(*args):
+        raise AssertionError("a tensor was read")
+    monkeypatch.setattr(SafetensorsFile, "get", no_reading)
+    assert StableDiffusion.inspect_checkpoint(tmp_path / "tiny.safetensors") == tiny_config()
+    with pytest.raises(CheckpointError, match="lacks 520 tensors of the UNet"):  # no stored config: SD v1
+        StableDiffusion.inspect_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_image_size_is_stored_and_older_files_without_it_load_as_512(tmp_path):
+    """SDConfig.image_size: the default size for sampling and fine-tuning, stored in the file's
+    metadata. Files minidb wrote before the field existed lack it and mean SD v1's 512."""
+    sd = tiny_models()
+    assert sd.config.image_size == 32
+    sd.save(tmp_path / "tiny.safetensors")
+    assert StableDiffusion.from_checkpoint(tmp_path / "tiny.safetensors").config.image_size == 32
+    older = dataclasses.asdict(tiny_config())
+    del older["image_size"]
+    write_checkpoint(tmp_path / "older.safetensors", sd_v1_layout(sd), config=older)
+    loaded = StableDiffusion.from_checkpoint(tmp_path / "older.safetensors")
+    assert loaded.config == dataclasses.replace(tiny_config(), image_size=512)
+
+
+def test_sampling_defaults_to_the_models_image_size():
+    sd = tiny_models()
+    assert minidb.sampling.sample_latents(sd, "a cat", steps=1, seed=0, progress=False).shape == (1, 4, 16, 16)
+    small = StableDiffusion.__new__(StableDiffusion)
+    small.__dict__.update(sd.__dict__, config=dataclasses.replace(sd.config, image_size=16))
+    assert small.generate("a cat", steps=1, seed=0, progress=False)[0].size == (16, 16)
+    assert sd.generate("a cat", steps=1, seed=0, height=16, width=24, progress=False)[0].size == (24, 16)

@@ -142,6 +142,7 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     resumed = train(cfg, resume="latest")
     assert resumed.step == 4
 
+    # bit-exact: the very same computation repeated (this process, its thread count, the same batch shapes)
     a, b = ck.load_checkpoint(full.checkpoint), ck.load_checkpoint(resumed.checkpoint)
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
@@ -273,6 +274,31 @@ def test_bad_inputs_fail_before_training(world, tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_resolution_defaults_to_the_base_models_and_exact_size_images_cache_latents(world, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """data.resolution = 0: the base model's image_size (32 for the tiny model), written into the run's
+    config.toml. Instance images of exactly that size: a random crop changes nothing, so the latents
+    are cached even with center_crop = false."""
+    (tmp_path / "exact").mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "exact" / f"{i}.png")
+    cached = []
+    real_cache = train_module.cache_latents
+    monkeypatch.setattr(train_module, "cache_latents", lambda *a: cached.append(1) or real_cache(*a))
+    cfg = load_config(None, [f"model.base={world / 'base.safetensors'}", f"data.instance_dir={tmp_path / 'exact'}",
+                             "data.instance_prompt=a photo of sks dog", f"train.output_dir={tmp_path / 'run'}",
+                             "train.steps=1", "data.center_crop=false"])
+    assert cfg.data.resolution == 0
+    result = train(cfg)
+    assert load_config(result.run_dir / "config.toml").data.resolution == 32
+    assert cached == [1]
+    out, err = capsys.readouterr()
+    assert "2 instance images at 32x32 (the base model's image size); 1 step of" in err
+    assert "accumulation = 1 instance image per step" in err
+    assert out.startswith("done: 1 step, loss ") and "not caching" not in err
+
+
 def test_prompt_without_identifier_warns(world, tmp_path):
     with pytest.warns(UserWarning, match="dog"):
         train(config(world, tmp_path / "run", "data.instance_prompt=a photo of sks", "train.steps=1"))
@@ -283,8 +309,10 @@ def test_run_folder_of_another_run_is_refused(world, tmp_path):
     train(config(world, out, "train.steps=2"))
     with pytest.raises(ConfigError, match=r"holds a different run \(optim.lr"):
         train(config(world, out, "train.steps=2", "optim.lr=2e-3"))
+    other_base = tmp_path / "other.safetensors"
+    other_base.write_bytes((world / "base.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="cannot resume .* different model.base"):
-        train(config(world, out, f"model.base={world / 'instance' / '0.png'}"), resume="latest")
+        train(config(world, out, f"model.base={other_base}"), resume="latest")
     # resuming with more steps continues the run
     more = train(config(world, out, "train.steps=3"), resume="latest")
     assert more.step == 3
@@ -333,17 +361,28 @@ sample_steps = 2
     assert "model: " + str(run / "model.safetensors") in second.stdout
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
+    done = _minidb("train", "--config", toml, "--resume", "latest")  # nothing left to do: said, nothing written
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (f"{run} is already finished: step 4 of train.steps = 2; model: "
+                                   f"{run / 'model.safetensors'}. To train on, resume with a larger train.steps "
+                                   "(--set train.steps=N)")
+    assert "loss nan" not in done.stdout + done.stderr
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    # --H/--W default to the model's own size, which the exported file stores (32 for the tiny model)
     sample = _minidb("sample", "--ckpt", run / "model.safetensors", "--prompt", "a photo of sks dog",
-                     "--steps", 2, "--H", 32, "--W", 32, "--outdir", tmp_path / "out", "--seed", 0)
+                     "--steps", 2, "--outdir", tmp_path / "out", "--seed", 0)
     assert sample.returncode == 0, sample.stderr
     assert Image.open(tmp_path / "out" / "samples" / "00000.png").size == (32, 32)
+    assert "1 image of 'a photo of sks dog'" in sample.stderr
 
     bad = _minidb("train", "--config", toml, "--set", "optim.lrr=1")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "minidb train: error: --set: unknown option optim.lrr (did you mean optim.lr?)"]
 
 
-def test_cli_ctrl_c_writes_checkpoint_and_says_how_to_resume(world, tmp_path):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # 128 + the signal
+def test_cli_ctrl_c_or_sigterm_writes_checkpoint_and_says_how_to_resume(world, tmp_path, sig, status):
     run = tmp_path / "run"
     args = ["train", "--config", REPO / "minidb" / "data" / "dreambooth_example.toml",
             "--set", f"model.base={world / 'base.safetensors'}", "--set", f"data.instance_dir={world / 'instance'}",
@@ -360,11 +399,12 @@ def test_cli_ctrl_c_writes_checkpoint_and_says_how_to_resume(world, tmp_path):
         while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert f"resume with: minidb train --resume {run}" in err
+    assert proc.returncode == status, err
+    assert err.count(f"continue with: minidb train --resume {run}") == 1 and "interrupted" not in err  # said once
+    assert f"stopped by {sig.name} at step" in err
     step, path = ck.list_checkpoints(run / "checkpoints")[-1]
     assert step >= 2 and ck.load_checkpoint(path)["step"] == step

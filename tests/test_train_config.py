@@ -92,3 +92,20 @@ def test_dump_round_trip_and_resolve(tmp_path):
     assert differences(r, back) == []
     other = dataclasses.replace(r, optim=dataclasses.replace(r.optim, lr=2e-6))
     assert differences(r, other) == ["optim.lr: 1e-06 -> 2e-06"]
+
+
+def test_print_config_explains_every_option(capsys):
+    """--print-config prints each option's comment from minidb/train_config.py, as TOML that reads
+    back to the defaults."""
+    from minidb.cli import main
+    from minidb.train_config import SECTIONS
+    assert main(["train", "--print-config", "--set", "optim.lr=2e-6"]) == 0
+    out = capsys.readouterr().out
+    assert from_dict(tomllib.loads(out)) == from_dict({"optim": {"lr": 2e-6}})
+    lines = {line.split(" = ")[0]: line for line in out.splitlines() if " = " in line}
+    assert "# optimizer steps" in lines["steps"]
+    assert lines["lr"].startswith("lr = 2e-06 ") and "# the DreamBooth setting;" in lines["lr"]
+    assert "0 = the base model's" in lines["resolution"]
+    every = [key for cls in SECTIONS.values() for key in (f.name for f in dataclasses.fields(cls))]
+    unexplained = [line for section in out.split("\n\n") for line in section.splitlines()[1:] if " # " not in line]
+    assert len(every) == sum(1 for _ in out.splitlines() if " = " in _) and not unexplained

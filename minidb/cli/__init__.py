@@ -4,10 +4,17 @@ Each subcommand lives in its own module with a `add_arguments(parser)` and a `ru
 argparse lives here and in those modules only; the library never parses arguments.
 """
 import argparse
+import errno
 import importlib
 import sys
 
 from minidb.errors import MinidbError
+
+# What the file system says about the user's paths and disks: one line, not a traceback. Any other
+# OSError (EINVAL, EBADF, ...) would be a bug in minidb and keeps its traceback.
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+               errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTEMPTY,
+               errno.EIO, errno.EMFILE, errno.EBUSY, errno.EXDEV}
 
 SUBCOMMANDS = {
     "sample": "minidb.cli.sample",  # text to image
@@ -28,10 +35,26 @@ def main(argv=None) -> int:
                                             description=module.__doc__))
     args = parser.parse_args(argv)
     try:
+        from minidb.attention import get_backend
+        get_backend()  # a bad MINIDB_ATTENTION fails now, not after the model has loaded
         return modules[args.command].run(args) or 0
-    except (MinidbError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"minidb {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except MinidbError as e:  # bad input: one clear line, no traceback
+        return error(args.command, str(e))
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        return error(args.command, describe_os_error(e))
     except KeyboardInterrupt:
         print(f"minidb {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def error(command: str, message: str) -> int:
+    print(f"minidb {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def describe_os_error(e: OSError) -> str:
+    """"runs/dog/config.toml: No space left on device", without Python's "[Errno 28]"."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{where}: {e.strerror}" if where and e.strerror else str(e)

@@ -7,9 +7,13 @@ Checkpoint: --ckpt, else $MINIDB_CKPT, else the single .safetensors/.ckpt file i
 Writes OUTDIR/samples/NNNNN.png (one per image; the prompt, seed, sampler, steps, scale and
 checkpoint hash are in the PNG's text, with a "parameters" entry in the form A1111-style tools
 read) and OUTDIR/grid-NNNN.png per prompt (one row per --n-iter, --n-samples columns).
-Image i of the run uses seed + i, so a seed gives the same image whatever the batch size.
+Size: --H/--W, default the model's own image size (512 for SD v1; a model minidb saved stores its own).
+Image i of the run uses seed + i, so a seed gives the same image whatever the batch size, up to
+rounding: in fp32, pixels within 1/255 (another batch size sums matrix products in another order).
 """
+import argparse
 import hashlib
+import math
 import os
 import sys
 import time
@@ -28,17 +32,19 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def add_arguments(p):
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples above as written
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt to render")
     src.add_argument("--from-file", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--ckpt", help="SD v1 checkpoint (.safetensors or .ckpt); default $MINIDB_CKPT or ./checkpoints/")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale; 1 = none (default 7.5)")
+    p.add_argument("--scale", type=float, default=7.5,
+                   help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="default ddim")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels (default 512)")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels (default 512)")
+    p.add_argument("--H", type=int, help="image height in pixels (default: the model's image size, 512 for SD v1)")
+    p.add_argument("--W", type=int, help="image width in pixels (default: the model's image size, 512 for SD v1)")
     p.add_argument("--n-samples", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--n-iter", type=int, default=1, help="batches per prompt (default 1)")
     p.add_argument("--seed", type=int, help="seed of the first image (default: random, printed)")
@@ -52,6 +58,8 @@ def find_checkpoint(ckpt: str | None) -> Path:
     """--ckpt, else $MINIDB_CKPT, else the one checkpoint file in ./checkpoints/."""
     path = ckpt or os.environ.get("MINIDB_CKPT")
     if path:
+        if Path(path).is_dir():
+            raise MinidbError(f"{path} is a folder: pass the checkpoint file in it (.safetensors or .ckpt)")
         if not Path(path).is_file():
             raise MinidbError(f"checkpoint not found: {path}")
         return Path(path)
@@ -89,16 +97,60 @@ def read_prompts(args) -> list[str]:
 
 
 def check_args(args):
-    """Bad numbers fail here, before minutes of checkpoint loading."""
+    """Bad arguments fail here, before minutes of checkpoint loading (check_model_args: those that
+    depend on the model, once its file's config is read)."""
     if args.steps < 1:
         raise MinidbError(f"--steps must be at least 1, got {args.steps}")
     for name in ("H", "W"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 8:
-            raise MinidbError(f"--{name} must be a positive multiple of 8, got {getattr(args, name)}")
+        size = getattr(args, name)
+        if size is not None and (size <= 0 or size % 8):
+            raise MinidbError(f"--{name} must be a positive multiple of 8, got {size}")
     if args.n_samples < 1 or args.n_iter < 1:
         raise MinidbError("--n-samples and --n-iter must be at least 1")
-    if args.eta < 0 or (args.eta > 0 and args.sampler != "ddim"):
+    if not math.isfinite(args.scale):
+        raise MinidbError(f"--scale must be a number, got {args.scale}")
+    if args.scale < 0:  # eps_u + scale * (eps_c - eps_u) would point away from the prompt
+        raise MinidbError(f"--scale must be >= 0, got {args.scale:g}: a negative scale steers away from the "
+                          "prompt; to steer away from something, put it in --negative-prompt")
+    if not (math.isfinite(args.eta) and args.eta >= 0) or (args.eta > 0 and args.sampler != "ddim"):
         raise MinidbError(f"--eta must be >= 0, and 0 for --sampler {args.sampler} (got {args.eta})")
+    outdir = Path(args.outdir)
+    for folder in (outdir, outdir / "samples"):
+        if folder.exists() and not folder.is_dir():
+            raise MinidbError(f"--outdir: {folder} is a file, not a folder")
+
+
+def check_model_args(args, config):
+    """The arguments that depend on the model: the step count against its schedule, the image size
+    (default: the model's own) against its downsampling."""
+    from minidb.sampling import check_size
+    if args.steps > config.timesteps:
+        raise MinidbError(f"--steps must be at most the model's {config.timesteps} timesteps, got {args.steps}")
+    args.H = args.H or config.image_size
+    args.W = args.W or config.image_size
+    try:
+        check_size(config, args.H, args.W)
+    except MinidbError as e:
+        raise MinidbError(f"--H/--W: {e}") from None
+
+
+def pick_device(name: str | None) -> str:
+    """--device, checked now (a missing GPU is one line, not a traceback from deep inside the load)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MinidbError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise MinidbError(f"--device {name}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MinidbError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise MinidbError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
 
 
 def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
@@ -134,24 +186,25 @@ def _next_index(folder: Path, pattern: str) -> int:
 
 
 def run(args) -> int:
+    check_args(args)
+    device = pick_device(args.device)
+    prompts = read_prompts(args)
+    ckpt = find_checkpoint(args.ckpt)
+
     from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
     from minidb.sampling import PromptTruncatedWarning, generate, truncated_prompts
     from minidb.tokenizer import CLIPTokenizer
-
-    check_args(args)
-    prompts = read_prompts(args)
-    ckpt = find_checkpoint(args.ckpt)
+    check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt))  # reads no tensor: fails in a second
     tokenizer = CLIPTokenizer()
     for p in truncated_prompts(tokenizer, prompts + [args.negative_prompt]):
         short = p if len(p) <= 60 else p[:57] + "..."
         print(f"warning: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(p) + 2} with start and end), "
               f"the rest is ignored: {short!r}", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")]
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
 
     t0 = time.perf_counter()
-    print(f"loading {ckpt} ({device}, {dtype})", file=sys.stderr)
+    print(f"loading {ckpt} ({device}, {dtype}); images {args.W}x{args.H}", file=sys.stderr)
     sd = StableDiffusion.from_checkpoint(ckpt, device=device, dtype=dtype)
     model_hash = file_hash(ckpt)
     print(f"loaded in {time.perf_counter() - t0:.1f}s; seed {seed}", file=sys.stderr)
@@ -178,7 +231,8 @@ def run(args) -> int:
         make_grid(rows).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
                                                          model_hash, ckpt.name))
         grid_index += 1
-        print(f"{len(rows) * args.n_samples} images of {prompt[:60]!r} -> {samples}/, grid {grid_path}",
+        n = len(rows) * args.n_samples
+        print(f"{n} image{'s' if n != 1 else ''} of {prompt[:60]!r} -> {samples}/, grid {grid_path}",
               file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0

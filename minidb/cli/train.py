@@ -5,7 +5,7 @@
     minidb train --config run.toml --resume latest      # continue after Ctrl-C or a crash
     minidb train --resume runs/dog                       # the same, with the run folder's config
     minidb train --export runs/dog/checkpoints/step_000400.pt   # an earlier step as a model
-    minidb train --print-config                          # every option and its default, as TOML
+    minidb train --print-config                          # every option, its default and its meaning, as TOML
 
 Every option, its default and its meaning: `minidb train --print-config`, or minidb/train_config.py.
 An example: minidb/data/dreambooth_example.toml.
@@ -29,7 +29,9 @@ def add_arguments(p):
     p.add_argument("--out", metavar="PATH", help="with --export: the model file (default: next to the run's "
                                                  "model.safetensors, named after the step)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="with --export (default fp16)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every option (its value from the defaults, --config and --set) and its meaning, "
+                        "as TOML, and exit")
 
 
 def _warning(message, category, filename, lineno, file=None, line=None):
@@ -37,17 +39,22 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 
 def load(args):
-    from minidb.checkpoint import load_checkpoint
+    from minidb.checkpoint import latest_checkpoint, load_checkpoint
     from minidb.train_config import DreamBoothConfig, from_dict, load_config, to_dict
 
     if args.config:
         return load_config(args.config, args.set)
     if args.resume and args.resume != "latest":  # the run's own config, from its folder or checkpoint
         path = Path(args.resume)
+        if not path.exists():
+            raise ConfigError(f"--resume {args.resume}: no such run folder or checkpoint file")
         if path.is_dir() and (path / "config.toml").is_file():
             return load_config(path / "config.toml", args.set)
-        if path.is_file():
-            return from_dict(load_checkpoint(path)["config"], args.set)
+        newest = path if path.is_file() else latest_checkpoint(path)  # a checkpoint, or a checkpoints/ folder
+        if newest is not None:
+            return from_dict(load_checkpoint(newest)["config"], args.set)
+        raise ConfigError(f"--resume {args.resume}: not a run folder (it has no config.toml); pass the folder "
+                          "minidb train wrote (train.output_dir), or add --config run.toml")
     if args.print_config:
         return from_dict(to_dict(DreamBoothConfig()), args.set)
     raise ConfigError("no config: pass --config run.toml (see `minidb train --print-config` and "
@@ -75,11 +82,9 @@ def _run(args) -> int:
         return 0
     cfg = load(args)
     if args.print_config:
-        print(dump_toml(cfg), end="")
+        print(dump_toml(cfg, explain=True), end="")
         return 0
-    result = train(cfg, resume=args.resume)
-    if result.interrupted:
-        print(f"interrupted at step {result.step}; checkpoint: {result.checkpoint}\n"
-              f"resume with: minidb train --resume {result.run_dir}", file=sys.stderr)
-        return 130
+    result = train(cfg, resume=args.resume)  # an interruption is reported there, once
+    if result.interrupted:  # 128 + the signal's number, as a shell reports it: 130 Ctrl-C, 143 SIGTERM
+        return 130 if result.stopped_by == "SIGINT" else 143
     return 0

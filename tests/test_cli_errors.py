@@ -1,0 +1,126 @@
+"""Every way a user can get the command line wrong ends in one line on stderr, `minidb CMD: error:
+...`, exit status 2, before anything is loaded or written. Run as subprocesses, as typed."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import dreambooth_world
+from minidb.train_config import dump_toml, load_config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return dreambooth_world(tmp_path_factory.mktemp("cli_errors"))
+
+
+def minidb(*args, cwd=None, **env):
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
+    environ.pop("MINIDB_CKPT", None)
+    return subprocess.run([sys.executable, "-m", "minidb", *map(str, args)], capture_output=True, text=True,
+                          env=environ, cwd=cwd, timeout=120)
+
+
+def one_line_error(proc, command: str) -> str:
+    """The single line of stderr (exit status 2, no traceback), without its `minidb CMD: error: ` prefix."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"minidb {command}: error: "), proc.stderr
+    return lines[0].removeprefix(f"minidb {command}: error: ")
+
+
+def run_toml(world, tmp_path, **changes) -> str:
+    """A run's config file: the tiny world, 1 step, and `changes` ({"train.output_dir": ...})."""
+    sets = [f"model.base={world / 'base.safetensors'}", f"data.instance_dir={world / 'instance'}",
+            "data.instance_prompt=a photo of sks dog", f"train.output_dir={tmp_path / 'run'}", "train.steps=1"]
+    sets += [f"{k}={v}" for k, v in changes.items()]
+    path = tmp_path / "run.toml"
+    path.write_text(dump_toml(load_config(None, sets)))
+    return path
+
+
+# ---- minidb sample ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "nan"], "--scale must be a number, got nan"),
+    (["--scale", "-3"], "--scale must be >= 0, got -3: a negative scale steers away from the prompt"),
+    (["--eta", "nan"], "--eta must be >= 0"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+])
+def test_sample_bad_arguments(world, tmp_path, args, message):
+    proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--outdir", tmp_path / "o", *args)
+    assert message in one_line_error(proc, "sample")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_on_a_missing_cuda_device(world, tmp_path):
+    # without CUDA (CI): "cuda" itself; with it, a device index past the last one
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--device", device,
+                  "--outdir", tmp_path / "o")
+    error = one_line_error(proc, "sample")
+    assert error.startswith(f"--device {device}: ") and ("--device cpu" in error or "CUDA device(s)" in error)
+
+
+def test_sample_steps_past_the_schedule_fail_before_loading(world, tmp_path):
+    proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--steps", "2000",
+                  "--outdir", tmp_path / "o")
+    assert one_line_error(proc, "sample") == "--steps must be at most the model's 1000 timesteps, got 2000"
+    assert not (tmp_path / "o").exists()  # and no "loading ..." line: one_line_error saw one line only
+
+
+def test_sample_ckpt_that_is_a_folder(tmp_path):
+    (tmp_path / "models").mkdir()
+    proc = minidb("sample", "--ckpt", tmp_path / "models", "--prompt", "x")
+    assert one_line_error(proc, "sample") == (f"{tmp_path / 'models'} is a folder: pass the checkpoint file in it "
+                                              "(.safetensors or .ckpt)")
+
+
+def test_unknown_attention_backend(world, tmp_path):
+    proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--outdir", tmp_path / "o",
+                  MINIDB_ATTENTION="bogus")
+    assert one_line_error(proc, "sample") == ("MINIDB_ATTENTION='bogus' is not an attention backend: set it to one "
+                                              "of auto, sdpa, math, triton, or unset it (auto)")
+
+
+def test_file_system_errors_are_one_line(world, tmp_path):
+    """An OSError about the user's files is one line (here the output folder's parent is a file,
+    which the file system reports when the samples folder is made)."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--outdir",
+                  tmp_path / "notes.txt" / "o", "--steps", "1", "--no-progress")
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert error == f"minidb sample: error: {tmp_path / 'notes.txt' / 'o' / 'samples'}: Not a directory"
+
+
+# ---- minidb train ----------------------------------------------------------------------------------
+
+def test_train_output_dir_that_is_a_file(world, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    proc = minidb("train", "--config", run_toml(world, tmp_path, **{"train.output_dir": tmp_path / "notes.txt"}))
+    assert one_line_error(proc, "train") == (f"train.output_dir: {tmp_path / 'notes.txt'} is a file, not a folder: "
+                                             "choose another train.output_dir")
+
+
+def test_train_bad_base_writes_nothing_so_the_retry_works(world, tmp_path):
+    """The base file is opened and identified before the run folder is written: fixing the path and
+    running the same command again is not refused as "holds a different run"."""
+    (tmp_path / "base.safetensors").write_text("<!doctype html> a failed download")
+    toml = run_toml(world, tmp_path, **{"model.base": tmp_path / "base.safetensors"})
+    proc = minidb("train", "--config", toml)
+    assert "is an HTML page" in one_line_error(proc, "train")
+    assert not (tmp_path / "run").exists()
+    wrong_size = run_toml(world, tmp_path, **{"data.resolution": 36})
+    assert "data.resolution must be a multiple of 8" in one_line_error(minidb("train", "--config", wrong_size), "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_resume_of_a_missing_folder(tmp_path):
+    proc = minidb("train", "--resume", tmp_path / "nope")
+    assert one_line_error(proc, "train") == f"--resume {tmp_path / 'nope'}: no such run folder or checkpoint file"
+    (tmp_path / "empty").mkdir()
+    assert "not a run folder (it has no config.toml)" in one_line_error(minidb("train", "--resume", tmp_path / "empty"),
+                                                                          "train")
