@@ -103,7 +103,14 @@ def run_error(args, capsys):
     return err
 
 
-def test_no_checkpoint_says_where_to_put_one(in_tmp, capsys):
+def test_no_checkpoint_falls_back_to_the_world_model_and_says_so(in_tmp, monkeypatch, capsys):
+    from minidb.cli import sample
+    world = sample.find_checkpoint(None)
+    assert world.name == "world.safetensors" and world.is_file()
+    said = capsys.readouterr().err
+    assert "miniature-world model" in said and "not Stable Diffusion" in said
+    # without the shipped file: the old message says where a checkpoint goes
+    monkeypatch.setattr(sample.Path, "is_file", lambda self: False)
     err = run_error(["--prompt", "x", *TINY_ARGS], capsys)
     assert "--ckpt" in err and "MINIDB_CKPT" in err and "checkpoints" in err
 

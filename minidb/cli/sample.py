@@ -55,7 +55,8 @@ def add_arguments(p):
 
 
 def find_checkpoint(ckpt: str | None) -> Path:
-    """--ckpt, else $MINIDB_CKPT, else the one checkpoint file in ./checkpoints/."""
+    """--ckpt, else $MINIDB_CKPT, else the one checkpoint file in ./checkpoints/, else the shipped
+    miniature-world model (minidb/data/world.safetensors)."""
     path = ckpt or os.environ.get("MINIDB_CKPT")
     if path:
         if Path(path).is_dir():
@@ -70,8 +71,14 @@ def find_checkpoint(ckpt: str | None) -> Path:
     if found:
         raise MinidbError(f"{len(found)} checkpoints in {folder}/ ({', '.join(p.name for p in found)}): "
                           "choose one with --ckpt")
-    raise MinidbError("no checkpoint: pass --ckpt PATH, set MINIDB_CKPT=PATH, or put one SD v1 "
-                      f".safetensors/.ckpt file in {folder.resolve()}/")
+    # nothing of the user's: the shipped miniature-world model, said loudly so nobody takes it for SD
+    world = Path(__file__).resolve().parent.parent / "data" / "world.safetensors"
+    if not world.is_file():
+        raise MinidbError("no checkpoint: pass --ckpt PATH, set MINIDB_CKPT=PATH, or put one SD v1 "
+                          f".safetensors/.ckpt file in {folder.resolve()}/")
+    print(f"no --ckpt, $MINIDB_CKPT or ./checkpoints/ file: using minidb's miniature-world model {world} "
+          "(64x64 shapes, not Stable Diffusion)", file=sys.stderr)
+    return world
 
 
 def file_hash(path: Path) -> str:
