@@ -146,8 +146,9 @@ def measure(targets=tuple(TARGETS), dtypes=DTYPES, every_row=False, jobs=None):
         for shape, launch in sd_launches(dtype):
             for cc in targets:
                 target = GPUTarget("cuda", cc, 32)
-                plans.append((cc, dtype, shape, launch, [
-                    (launch.name, *specialise(launch.kernel, launch.args, kw, target), cc) for _, kw in launch.candidates]))
+                jobs_ = [(launch.name, *specialise(launch.kernel, launch.args, kw, target), cc)
+                         for _, kw in launch.candidates]
+                plans.append((cc, dtype, shape, launch, jobs_))
 
     # Compile in rounds, as the launches would try them: first rows, then the next row of each
     # launch whose row did not fit. Fresh processes: Triton's compiler is not fork-safe once used.

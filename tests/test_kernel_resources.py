@@ -6,6 +6,7 @@ compiles each ahead of time for each target with Triton's bundled ptxas, and tak
 launch would run there (the first that fits the target's shared memory). This test runs it in a
 fresh process (this one has TRITON_INTERPRET=1, and interpreted kernels cannot be compiled),
 prints its table and checks every row. The interpreter tests (test_kernels.py) check the arithmetic.
+Marked slow (about 3.5 CPU-minutes of compiling: ~100 s on 2 cores); .ci/run runs it after the suite.
 """
 import json
 import os

@@ -255,7 +255,7 @@ def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "RESULTS.md"))
     bench.write_results(lines, ["--write"], "test device")
     written = (tmp_path / "RESULTS.md").read_text()
-    assert "test device" in written and "bench_attention.py --write" in written and lines[-1] in written
+    assert "test device" in written and "python -m benchmarks.bench_attention --write" in written and lines[-1] in written
     monkeypatch.setattr(bench, "CANDIDATES", {"fwd": [(32, 16, 4, 1)], "dq": [(16, 16, 4, 1)],
                                               "dkdv": [(16, 16, 4, 1)]})
     bench.sweep(shapes[:1])
