@@ -1,9 +1,9 @@
 """minidb's Triton flash attention against SDPA and diffusers' UNet attention, at SD v1's shapes.
 
-    python benchmarks/bench_attention.py            # print the table (needs a CUDA GPU)
-    python benchmarks/bench_attention.py --write    # and append it to benchmarks/RESULTS.md
-    python benchmarks/bench_attention.py --pad      # add a column: head dim zero-padded in memory
-    python benchmarks/bench_attention.py --sweep    # time candidate block sizes per kernel
+    python -m benchmarks.bench_attention            # print the table (needs a CUDA GPU)
+    python -m benchmarks.bench_attention --write    # and append it to benchmarks/RESULTS.md
+    python -m benchmarks.bench_attention --pad      # add a column: head dim zero-padded in memory
+    python -m benchmarks.bench_attention --sweep    # time candidate block sizes per kernel
 
 Every attention of SD v1 at 512×512 with batch 2 (classifier-free guidance): the UNet's
 self-attention over 4096/1024/256/64 latent tokens with 8 heads of width 40/80/160/160, its
@@ -13,6 +13,8 @@ the kernel stops at 256 and the seam sends it to SDPA.)
 
 Columns, all fp16, forward and forward+backward, timed in one run:
   minidb     minidb.kernels.flash_attention on [B,H,N,D] tensors
+  padded     (--pad) the same with q, k, v zero-padded in memory to the block's head dim (64, 128,
+             256) and the output sliced back, pad and slice included in the time
   SDPA       torch.nn.functional.scaled_dot_product_attention on the same tensors
   diffusers  diffusers' Attention module with AttnProcessor2_0 (its default) and with the plain
              AttnProcessor, its q/k/v/out projections replaced by identities so that only
@@ -108,22 +110,27 @@ def diffusers_attention(shape: Shape, processor):
     return lambda hidden, context: attn(hidden, encoder_hidden_states=context)
 
 
+def padded(q, k, v, causal):
+    """flash_attention with the head dim zero-padded in memory to the kernel's block (40 -> 64):
+    the alternative to the kernel's masked loads. Zero columns add nothing to q·k; the scale stays
+    the true head dim's."""
+    import triton
+
+    from minidb.kernels import flash_attention
+    d = q.shape[-1]
+    pad = max(16, triton.next_power_of_2(d)) - d
+    q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    return flash_attention(q, k, v, causal=causal, scale=d ** -0.5)[..., :d]
+
+
 def implementations(shape: Shape, pad: bool):
     """Column name -> f(*inputs) for this shape."""
-    import minidb.kernels.flash as fa
     from minidb.kernels import flash_attention
-
-    def padded(q, k, v):
-        fa._PAD_HEAD_DIM = True
-        try:
-            return flash_attention(q, k, v, causal=shape.causal)
-        finally:
-            fa._PAD_HEAD_DIM = False
 
     impls = {"minidb": lambda q, k, v: flash_attention(q, k, v, causal=shape.causal),
              "SDPA": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)}
     if pad:
-        impls["minidb padded"] = padded
+        impls["minidb padded"] = lambda q, k, v: padded(q, k, v, shape.causal)
     try:
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
     except ImportError:
@@ -145,11 +152,11 @@ def make_inputs(shape: Shape, name: str, backward: bool):
             for s in sizes]
 
 
-def check_correct(shape: Shape):
+def check_correct(shape: Shape, configs=None):
     """A benchmark of a wrong kernel is worthless: compare with SDPA first."""
     from minidb.kernels import flash_attention
     q, k, v = make_inputs(shape, "minidb", False)
-    ours = flash_attention(q, k, v, causal=shape.causal).float()
+    ours = flash_attention(q, k, v, causal=shape.causal, configs=configs).float()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=shape.causal)
     err = ((ours - ref).norm() / ref.norm()).item()
     if not err < 1e-2:
@@ -196,26 +203,20 @@ CANDIDATES = {  # (BLOCK_Q, BLOCK_KV, num_warps, num_stages)
 
 def sweep(shapes):
     """Time each candidate config of one kernel with the others at their defaults."""
-    import minidb.kernels.flash as fa
-    default = fa._configs
+    from minidb.kernels import flash_attention
     for shape in shapes:
         for kernel, candidates in CANDIDATES.items():
             backward = kernel != "fwd"
             inputs = make_inputs(shape, "minidb", backward)
             results = []
-            for bq, bkv, warps, stages in candidates:
-                override = dict(BLOCK_Q=bq, BLOCK_KV=bkv, num_warps=warps, num_stages=stages)
-                fa._configs = lambda k, d, o=override, kern=kernel: [o] if k == kern else default(k, d)
-                fa._first_fit.clear()
+            for config in candidates:
+                configs = {kernel: config}
                 try:
-                    check_correct(shape)
-                    f = lambda q, k, v: fa.flash_attention(q, k, v, causal=shape.causal)
-                    results.append((timed(f, inputs, backward), (bq, bkv, warps, stages)))
+                    check_correct(shape, configs)
+                    f = lambda q, k, v: flash_attention(q, k, v, causal=shape.causal, configs=configs)
+                    results.append((timed(f, inputs, backward), config))
                 except (Exception, SystemExit) as e:  # out of shared memory, or wrong
-                    print(f"  {shape.name} {kernel} {override}: {type(e).__name__} {str(e)[:80]}")
-                finally:
-                    fa._configs = default
-                    fa._first_fit.clear()
+                    print(f"  {shape.name} {kernel} {config}: {type(e).__name__} {str(e)[:80]}")
             results.sort()
             print(f"{shape.name} D={shape.head_dim} {kernel} ({'fwd+bwd' if backward else 'fwd'} ms): "
                   + ", ".join(f"{c}={t:.3f}" for t, c in results[:5]), flush=True)
@@ -230,7 +231,7 @@ def write_results(lines, argv, device_name):
         versions = "diffusers not installed"
     with open(RESULTS, "a") as f:
         f.write(f"\n## Attention: minidb Triton flash attention vs SDPA vs diffusers, {device_name}\n\n"
-                f"`python benchmarks/bench_attention.py {' '.join(argv)}` on {datetime.date.today()}: "
+                f"`python -m benchmarks.bench_attention {' '.join(argv)}` on {datetime.date.today()}: "
                 f"torch {torch.__version__}, triton {triton.__version__}, {versions}; fp16, "
                 "medians of CUDA-event timings, TFLOP/s on the true head dim.\n\n")
         f.write("\n".join(lines) + "\n")

@@ -1,8 +1,8 @@
 """minidb against diffusers, side by side: the same weights, the same inputs, timed in one run.
 
-    python benchmarks/bench_vs_diffusers.py                  # SD v1 sizes, 256x256, on CPU (or CUDA if present)
-    python benchmarks/bench_vs_diffusers.py --res 512 --steps 20 --dtype fp16 --device cuda
-    python benchmarks/bench_vs_diffusers.py --memory --write # add peak memory; append the table to RESULTS.md
+    python -m benchmarks.bench_vs_diffusers                  # SD v1 sizes, 256x256, on CPU (or CUDA if present)
+    python -m benchmarks.bench_vs_diffusers --res 512 --steps 20 --dtype fp16 --device cuda
+    python -m benchmarks.bench_vs_diffusers --memory --write # add peak memory; append the table to RESULTS.md
 
 Tasks (batch 2 = one prompt under classifier-free guidance):
   text encoder   CLIP ViT-L/14 text tower on [2, 77] token ids
@@ -10,8 +10,9 @@ Tasks (batch 2 = one prompt under classifier-free guidance):
   VAE decode     one latent to one image
   txt2img        one image: prompt encoding, `--steps` DDIM steps with guidance 7.5, decoding
 diffusers runs its own StableDiffusionPipeline (DDIM configured the CompVis way) on weights converted
-from minidb's by diffusers' single-file converters, so both compute the same function (the tests
-check that). Weights are random (timing does not depend on their values).
+from minidb's by diffusers' single-file converters (tests/reference.py, the twin the equivalence
+tests build), so both compute the same function (the tests check that). Weights are random (timing
+does not depend on their values).
 
 Times are medians over `--repeats`, minidb and diffusers alternating so that a noisy neighbour on a
 shared machine hits both; "x" is diffusers' time over minidb's (above 1: minidb is faster).
@@ -36,12 +37,11 @@ from pathlib import Path
 
 import torch
 
+from minidb.config import SDConfig, tiny_config
+from minidb.pipeline import StableDiffusion
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-sys.path.insert(0, str(HERE.parent / "tests"))  # the diffusers twin the tests build (test_sampling.py)
-
-from minidb.config import SDConfig, tiny_config  # noqa: E402
-from minidb.pipeline import StableDiffusion  # noqa: E402
 
 PROMPT = "a photo of sks dog in a bucket"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,7 +49,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build(size: str, device: str, dtype: torch.dtype):
     """minidb's StableDiffusion and diffusers' pipeline holding the same weights."""
-    from test_sampling import diffusers_pipeline, scheduler
+    from tests.reference import diffusers_pipeline, scheduler
 
     sd = StableDiffusion(tiny_config() if size == "tiny" else SDConfig())
     with tempfile.TemporaryDirectory() as folder:
@@ -137,9 +137,9 @@ def cpu_peak(fn) -> int:
 
 def child_memory(args, side: int) -> int:
     """CPU txt2img peak of one side (0 minidb, 1 diffusers) in a fresh process holding only its models."""
-    cmd = [sys.executable, __file__, "--size", args.size, "--res", str(args.res), "--steps", str(args.steps),
-           "--device", args.device, "--dtype", args.dtype, "--_child", str(side)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, "-m", "benchmarks.bench_vs_diffusers", "--size", args.size, "--res", str(args.res),
+           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype, "--_child", str(side)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=HERE.parent).stdout
     return json.loads(out.strip().splitlines()[-1])["peak"]
 
 
@@ -204,7 +204,7 @@ def main(argv=None):
         del sd, pipe
         rows[-1]["mem"] = (child_memory(args, 0), child_memory(args, 1))
 
-    command = "python benchmarks/bench_vs_diffusers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_vs_diffusers " + " ".join(argv if argv is not None else sys.argv[1:])
     table = [f"## minidb vs diffusers, {args.size} model, {args.res}x{args.res}, {args.dtype}, {args.device} "
              f"({datetime.date.today()})", "",
              f"`{command.strip()}`  ", f"Machine: {machine(args.device)}; diffusers "

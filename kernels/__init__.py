@@ -2,6 +2,7 @@
 
     from minidb.kernels import flash_attention, supports
     o = flash_attention(q, k, v, causal=False)   # q [B,H,N,D], k/v [B,H,M,D], like SDPA
+    o = flash_attention(q, k, v, scale=0.1, configs={"fwd": (64, 64, 4, 2)})  # for measuring
     supports(q, k, v)                            # None, or why the kernel cannot run them
 
 Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1 (set before triton is imported).
@@ -15,7 +16,7 @@ except ImportError as _error:  # triton missing (macOS, Windows)
     def supports(q, k, v):
         return _reason
 
-    def flash_attention(q, k, v, causal=False):
+    def flash_attention(q, k, v, causal=False, scale=None, configs=None):
         raise ImportError(_reason)
 
 __all__ = ["flash_attention", "supports"]

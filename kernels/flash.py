@@ -25,10 +25,12 @@ of zeros, which add nothing to q·k and are never stored. Masking rather than ze
 in memory: the dots do the padded block's work either way, and the masked loads stay 16-byte
 vectors (in the sm_90 PTX every q, k, v, dO tile load is 16 bytes wide for D = 40, 80, 160 once
 ALIGN lets the compiler prove the row strides are multiples of 8 elements; without ALIGN they are
-all 2 bytes wide), so padding in memory can only add copies. Not yet timed on a GPU: bench_attention.py --pad does.
+all 2 bytes wide), so padding in memory can only add copies. Not yet timed on a GPU:
+`python -m benchmarks.bench_attention --pad` does.
 fp16 and bf16 on GPUs; fp32 only in the interpreter (fp32 tiles spill registers on a GPU).
 """
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -38,10 +40,6 @@ import triton.language as tl
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Measurement switch (benchmarks/bench_attention.py --pad): pad q, k, v with zeros to the block's
-# head dim in memory before the kernel instead of masking the loads. See benchmarks/RESULTS.md.
-_PAD_HEAD_DIM = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,21 +281,32 @@ INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"   # TRITON_INTER
 # (BLOCK_Q, BLOCK_KV, num_warps, num_stages) per kernel and head-dim block, best first. A launch
 # takes the first that fits the GPU's shared memory (Triton raises OutOfResources before running
 # anything); the later ones fit an A100 (163 KB), then consumer cards (99 KB), then a T4 (64 KB).
-# Chosen for Hopper from the compiler's reports (shared memory, registers, no spills); time them
-# on yours with benchmarks/bench_attention.py --sweep.
+# Every row a launch of SD v1 takes on sm_80, sm_89 and sm_90 compiles without register spills,
+# except two small ones outside any loop (tests/test_kernel_resources.py checks this; the table
+# is in benchmarks/RESULTS.md). Where several configs compile clean, the one kept is the one
+# expected to be fastest; time them with `python -m benchmarks.bench_attention --sweep`.
 CONFIGS = {
+    # dkdv 8 warps, not 4: the same tiles, grid and shared memory, with the dK/dV accumulators
+    # over twice the threads (4 warps spilled 12-24 B at 255 registers).
     64: dict(fwd=[(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
              dq=[(128, 32, 4, 3), (64, 32, 4, 2)],
-             dkdv=[(32, 128, 4, 3), (32, 64, 4, 2)]),
+             dkdv=[(32, 128, 8, 3), (32, 64, 4, 2)]),
     128: dict(fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
               dq=[(128, 32, 8, 2), (64, 32, 4, 2)],
               dkdv=[(32, 128, 8, 2), (32, 64, 4, 2), (16, 32, 4, 1)]),
-    256: dict(fwd=[(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    # fwd's sm_89 fallback 8 warps, not 4: the same tiles (4 spilled at 255 registers), and twice
+    # the warps per SM, where its 68 KB of shared memory allow one program per SM.
+    # dkdv 32 keys per program, not 64: 64 spilled 116-176 B, in the query loop too, on sm_90. At
+    # D = 160 SD has at most 256 tokens and B×H = 16: 64-key blocks make 64 programs (32 for the 77
+    # text keys) for 108-132 SMs, 32-key blocks twice as many. (64, 32, 8, 2) and (32, 32, 8, 3)
+    # compile clean too, with the same grid and 33 KB more shared memory: the sweep may prefer them.
+    256: dict(fwd=[(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1)],
               dq=[(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1)],
-              dkdv=[(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 1)]),
+              dkdv=[(32, 32, 8, 2), (16, 32, 4, 1)]),
 }
 # Interpreter: small unequal blocks, quick in numpy, and every tail and causal edge is hit.
 INTERPRET_CONFIGS = dict(fwd=[(32, 16, 4, 1)], dq=[(32, 16, 4, 1)], dkdv=[(16, 32, 4, 1)])
+PREPROCESS_BLOCK_Q = 16 if INTERPRET else 64
 
 
 def _configs(kernel: str, block_d: int) -> list[dict]:
@@ -305,24 +314,50 @@ def _configs(kernel: str, block_d: int) -> list[dict]:
     return [dict(BLOCK_Q=q, BLOCK_KV=kv, num_warps=w, num_stages=s) for q, kv, w, s in table[kernel]]
 
 
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch as the host plans it, before any GPU is involved: the kernel, its
+    arguments, and the configs it may take, best first, each as (grid, keyword arguments).
+    The first that fits the GPU runs; tests/test_kernel_resources.py compiles the same list."""
+    name: str                            # "fwd", "preprocess", "dkdv" or "dq"
+    kernel: object
+    args: tuple
+    candidates: list[tuple[tuple, dict]]
+    remember: tuple | None = None        # _first_fit's key; None for configs passed explicitly
+
+
+def _plan(name: str, kernel, grid_len: int, bh: int, n_q: int, n_kv: int, args, consts, config=None):
+    """A Launch over bh × ⌈grid_len / block⌉ programs, trying the table's configs (or `config`)."""
+    if config is None:
+        configs = _configs(name, consts["BLOCK_D"])
+        remember = (name, consts["BLOCK_D"], args[0].dtype, args[0].device)
+    else:
+        configs = [dict(zip(("BLOCK_Q", "BLOCK_KV", "num_warps", "num_stages"), config))]
+        remember = None
+    candidates = []
+    for cfg in configs:
+        block = cfg["BLOCK_KV"] if name == "dkdv" else cfg["BLOCK_Q"]
+        even = dict(EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=n_kv % cfg["BLOCK_KV"] == 0)
+        candidates.append(((bh * triton.cdiv(grid_len, block),), dict(consts, **even, **cfg)))
+    return Launch(name, kernel, args, candidates, remember)
+
+
 _first_fit: dict[tuple, int] = {}
 
 
-def _launch(kernel, name: str, grid_len: int, bh: int, n_q: int, n_kv: int, args, consts):
-    """Launch over bh × ⌈grid_len / block⌉ programs with the first config that fits the GPU."""
-    configs = _configs(name, consts["BLOCK_D"])
-    key = (name, consts["BLOCK_D"], args[0].dtype, args[0].device)
-    for i in range(_first_fit.get(key, 0), len(configs)):
-        cfg = configs[i]
-        block = cfg["BLOCK_KV"] if name == "dkdv" else cfg["BLOCK_Q"]
-        even = dict(EVEN_Q=n_q % cfg["BLOCK_Q"] == 0, EVEN_KV=n_kv % cfg["BLOCK_KV"] == 0)
+def _run(launch: Launch):
+    """Run the first candidate that fits the GPU, starting from the one that fitted last time."""
+    start = _first_fit.get(launch.remember, 0)
+    for i in range(start, len(launch.candidates)):
+        grid, kwargs = launch.candidates[i]
         try:
-            kernel[(bh * triton.cdiv(grid_len, block),)](*args, **consts, **even, **cfg)
+            launch.kernel[grid](*launch.args, **kwargs)
         except triton.runtime.OutOfResources:
-            if i + 1 == len(configs):
+            if i + 1 == len(launch.candidates):
                 raise
             continue
-        _first_fit[key] = i
+        if launch.remember is not None:
+            _first_fit[launch.remember] = i
         return
 
 
@@ -345,38 +380,45 @@ def _strides(*tensors: torch.Tensor) -> tuple[int, list[int]]:
     return align, [s // align for s in strides]
 
 
-def _forward(q, k, v, causal, sm_scale):
+def plan_forward(q, k, v, causal: bool, sm_scale: float, configs: dict | None = None):
+    """(o, lse, [Launch]): the forward's outputs, allocated, and the launch that fills them."""
     (b, h, n_q, d), n_kv = q.shape, k.shape[2]
+    configs = configs or {}
     block_d = max(16, triton.next_power_of_2(d))
     o = _alloc(q)
     lse = _alloc(q, (b * h, n_q), torch.float32)
     align, strides = _strides(q, k, v, o)
     consts = dict(HEAD_DIM=d, CAUSAL=causal, ALIGN=align, EVEN_D=d == block_d, BLOCK_D=block_d)
-    _launch(_fwd_kernel, "fwd", n_q, b * h, n_q, n_kv,
-            (q, k, v, o, lse, *strides, h, n_q, n_kv, sm_scale * LOG2E), consts)
-    return o, lse
+    fwd = _plan("fwd", _fwd_kernel, n_q, b * h, n_q, n_kv,
+                (q, k, v, o, lse, *strides, h, n_q, n_kv, sm_scale * LOG2E), consts, configs.get("fwd"))
+    return o, lse, [fwd]
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale):
+def plan_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, configs: dict | None = None):
+    """(dq, dk, dv, [Launch]): the gradients, allocated, and the three launches that fill them."""
     (b, h, n_q, d), n_kv = q.shape, k.shape[2]
+    configs = configs or {}
     block_d = max(16, triton.next_power_of_2(d))
     delta = _alloc(q, (b * h, n_q), torch.float32)
     align, strides = _strides(o, do)
-    block_q = 16 if INTERPRET else 64
-    _bwd_preprocess_kernel[(b * h * triton.cdiv(n_q, block_q),)](
-        o, do, delta, *strides, h, n_q, HEAD_DIM=d, ALIGN=align, EVEN_Q=n_q % block_q == 0,
-        EVEN_D=d == block_d, BLOCK_Q=block_q, BLOCK_D=block_d)
+    block_q = PREPROCESS_BLOCK_Q
+    preprocess = Launch("preprocess", _bwd_preprocess_kernel, (o, do, delta, *strides, h, n_q), [(
+        (b * h * triton.cdiv(n_q, block_q),),
+        dict(HEAD_DIM=d, ALIGN=align, EVEN_Q=n_q % block_q == 0, EVEN_D=d == block_d, BLOCK_Q=block_q,
+             BLOCK_D=block_d))])
 
     dq, dk, dv = _alloc(q), _alloc(k), _alloc(v)
     consts = dict(HEAD_DIM=d, CAUSAL=causal, EVEN_D=d == block_d, BLOCK_D=block_d)
     sizes = (h, n_q, n_kv, sm_scale * LOG2E, sm_scale)
     align, strides = _strides(q, k, v, do, dk, dv)
-    _launch(_bwd_dkdv_kernel, "dkdv", n_kv, b * h, n_q, n_kv,
-            (q, k, v, do, lse, delta, dk, dv, *strides, *sizes), dict(consts, ALIGN=align))
+    dkdv = _plan("dkdv", _bwd_dkdv_kernel, n_kv, b * h, n_q, n_kv,
+                 (q, k, v, do, lse, delta, dk, dv, *strides, *sizes), dict(consts, ALIGN=align),
+                 configs.get("dkdv"))
     align, strides = _strides(q, k, v, do, dq)
-    _launch(_bwd_dq_kernel, "dq", n_q, b * h, n_q, n_kv,
-            (q, k, v, do, lse, delta, dq, *strides, *sizes), dict(consts, ALIGN=align))
-    return dq, dk, dv
+    dq_launch = _plan("dq", _bwd_dq_kernel, n_q, b * h, n_q, n_kv,
+                      (q, k, v, do, lse, delta, dq, *strides, *sizes), dict(consts, ALIGN=align),
+                      configs.get("dq"))
+    return dq, dk, dv, [preprocess, dkdv, dq_launch]
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -390,20 +432,25 @@ def _on_device_of(t: torch.Tensor):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, configs):
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+        o, lse, launches = plan_forward(q, k, v, causal, sm_scale, configs)
         with _on_device_of(q):
-            o, lse = _forward(q, k, v, causal, sm_scale)
+            for launch in launches:
+                _run(launch)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        ctx.causal, ctx.sm_scale, ctx.configs = causal, sm_scale, configs
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv, launches = plan_backward(_unit_stride(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale,
+                                             ctx.configs)
         with _on_device_of(q):
-            dq, dk, dv = _backward(_unit_stride(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+            for launch in launches:
+                _run(launch)
+        return dq, dk, dv, None, None, None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -432,15 +479,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     return None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False):
-    """softmax(q kᵀ / √D [+ top-left causal mask]) v. q [B,H,N,D], k and v [B,H,M,D] -> [B,H,N,D]."""
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                    scale: float | None = None, configs: dict | None = None):
+    """softmax(q kᵀ · scale [+ top-left causal mask]) v. q [B,H,N,D], k and v [B,H,M,D] -> [B,H,N,D].
+
+    scale defaults to 1/√D, as in SDPA. configs, for measuring: {"fwd" | "dkdv" | "dq": (BLOCK_Q,
+    BLOCK_KV, num_warps, num_stages)} runs those kernels with exactly that config instead of the
+    first in CONFIGS that fits (python -m benchmarks.bench_attention --sweep)."""
     reason = supports(q, k, v)
     if reason is not None:
         raise ValueError(f"flash_attention cannot run these tensors: {reason}")
-    d = q.shape[-1]
-    sm_scale = 1.0 / math.sqrt(d)
-    pad = max(16, triton.next_power_of_2(d)) - d
-    if _PAD_HEAD_DIM and pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, pad)) for t in (q, k, v))
-        return _FlashAttention.apply(q, k, v, bool(causal), sm_scale)[..., :d]
-    return _FlashAttention.apply(q, k, v, bool(causal), sm_scale)
+    if configs and not set(configs) <= {"fwd", "dkdv", "dq"}:
+        raise ValueError(f"configs: unknown kernels {sorted(set(configs) - {'fwd', 'dkdv', 'dq'})}")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _FlashAttention.apply(q, k, v, bool(causal), sm_scale, configs)

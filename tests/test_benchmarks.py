@@ -1,13 +1,10 @@
 """The side-by-side benchmark against diffusers runs end to end (tiny model, one repeat): its table
 has every task, positive times, and the CPU memory column from the child processes."""
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_vs_diffusers  # noqa: E402
+from benchmarks import bench_vs_diffusers
 
 
 def test_bench_vs_diffusers_tiny_table(capsys):

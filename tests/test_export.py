@@ -9,7 +9,7 @@ from helpers import perturb_, rel_err
 from minidb.config import tiny_config
 from minidb.pipeline import StableDiffusion
 from minidb.train import export_model
-from test_sampling import diffusers_pipeline
+from tests.reference import diffusers_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ so causal alignment (top-left) is torch's. Every buffer a kernel writes is NaN-f
 (`poisoned`): an element left unwritten fails. GPU tests (`-m gpu` selects them; skipped without
 CUDA) rerun this at SD's real shapes with the real block sizes, in fp16 and bf16.
 """
-import importlib.util
-import os
 import subprocess
 import sys
 
@@ -20,6 +18,7 @@ import triton
 from helpers import rel_err
 
 import minidb.attention
+from benchmarks import bench_attention as bench
 from minidb.kernels import flash as fa
 from minidb.kernels import flash_attention, supports
 
@@ -210,16 +209,7 @@ def test_attention_seam_triton_equals_math():
 
 
 # --- benchmark script: its CPU path, shape table and FLOP count -------------------------------
-def load_bench():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_attention.py")
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_flop_count():
-    bench = load_bench()
     # Two matmuls of 2·N·M·D each; backward 2.5× that (five matmuls): 3.5× for forward+backward.
     assert bench.attention_flops(1, 1, 2, 3, 5, causal=False) == 4 * 2 * 3 * 5
     assert bench.attention_flops(2, 8, 4096, 4096, 40, causal=False, backward=True) == \
@@ -232,7 +222,7 @@ def test_bench_flop_count():
 
 
 def test_bench_shapes_are_sd_v1():
-    shapes = {(s.name, s.batch, s.heads, s.n, s.m, s.head_dim, s.causal) for s in load_bench().SHAPES}
+    shapes = {(s.name, s.batch, s.heads, s.n, s.m, s.head_dim, s.causal) for s in bench.SHAPES}
     for n, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)):
         assert (f"unet self {n}", 2, 8, n, n, d, False) in shapes
         assert (f"unet cross {n}", 2, 8, n, 77, d, False) in shapes
@@ -242,13 +232,12 @@ def test_bench_shapes_are_sd_v1():
 
 @pytest.mark.skipif(CUDA, reason="the no-GPU path; with a GPU main() runs the whole benchmark")
 def test_bench_without_gpu_exits_cleanly(capsys):
-    assert load_bench().main([]) == 0
+    assert bench.main([]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
 
 
 def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     """The GPU code path end to end on tiny shapes, with a stand-in timer (2 ms per call)."""
-    bench = load_bench()
     monkeypatch.setattr(bench, "DEVICE", DEVICE)
     monkeypatch.setattr(bench, "median_ms", lambda fn: (fn(), 2.0)[1])
     shapes = [bench.Shape("tiny cross", 1, 2, 40, 77, 40),
@@ -266,7 +255,7 @@ def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "RESULTS.md"))
     bench.write_results(lines, ["--write"], "test device")
     written = (tmp_path / "RESULTS.md").read_text()
-    assert "test device" in written and "bench_attention.py --write" in written and lines[-1] in written
+    assert "test device" in written and "python -m benchmarks.bench_attention --write" in written and lines[-1] in written
     monkeypatch.setattr(bench, "CANDIDATES", {"fwd": [(32, 16, 4, 1)], "dq": [(16, 16, 4, 1)],
                                               "dkdv": [(16, 16, 4, 1)]})
     bench.sweep(shapes[:1])

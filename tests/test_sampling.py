@@ -12,89 +12,20 @@ DPMSolverMultistepScheduler with its defaults. Designed differences (see tests/t
 CompVis' DDIM/PLMS timesteps have more entries than `steps` when steps does not divide 1000, and
 PLMS with 1 step; so the step counts here divide 1000, where CompVis and diffusers coincide.
 """
-import json
-
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
-                       StableDiffusionPipeline, UNet2DConditionModel)
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
 
 from helpers import assert_same_image_up_to_rounding, perturb_, rel_err
 from minidb.config import tiny_config
 from minidb.errors import MinidbError
 from minidb.pipeline import StableDiffusion
 from minidb.sampling import check_size, decode, generate, sample_latents
-from minidb.tokenizer import build_vocab, load_merges
+from tests.reference import diffusers_pipeline, scheduler
 
-SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 PROMPTS = ["a photo of sks dog in a bucket", "an oil painting of a castle at sunset"]
 NEGATIVE = ["blurry", "low quality, watermark"]
 H = W = 32  # tiny VAE downsamples by 2: 16x16 latents
-
-
-def scheduler(sampler):
-    compvis = dict(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading")
-    if sampler == "ddim":
-        return DDIMScheduler(**SD, clip_sample=False, **compvis)
-    if sampler == "plms":
-        return PNDMScheduler(**SD, skip_prk_steps=True, **compvis)
-    return DPMSolverMultistepScheduler(**SD)
-
-
-def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) -> StableDiffusionPipeline:
-    """diffusers' pipeline for sd's config, its weights from sd, or from ckpt: a dict in the
-    original checkpoint layout (what minidb's export writes), through diffusers' own converters."""
-    import transformers
-
-    cfg = sd.config
-    if ckpt is None:
-        ckpt = {"model.diffusion_model." + k: v for k, v in sd.unet.state_dict().items()}
-        ckpt |= {"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()}
-        ckpt |= {"cond_stage_model.transformer." + k: v for k, v in sd.text_encoder.state_dict().items()}
-
-    u = cfg.unet
-    attn = [2 ** level in u.attention_resolutions for level in range(len(u.channel_mult))]
-    unet = UNet2DConditionModel(
-        in_channels=u.in_channels, out_channels=u.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult), layers_per_block=u.num_res_blocks,
-        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads, transformer_layers_per_block=u.transformer_depth)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet.config), strict=True)
-
-    v = cfg.vae
-    vae = AutoencoderKL(in_channels=v.in_channels, out_channels=v.out_ch, latent_channels=v.z_channels,
-                        down_block_types=("DownEncoderBlock2D",) * len(v.ch_mult),
-                        up_block_types=("UpDecoderBlock2D",) * len(v.ch_mult),
-                        block_out_channels=tuple(v.ch * m for m in v.ch_mult), layers_per_block=v.num_res_blocks,
-                        scaling_factor=cfg.scale_factor)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, vae.config), strict=True)
-
-    c = cfg.clip
-    clip_cfg = transformers.CLIPTextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=4 * c.width, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads, max_position_embeddings=c.max_length, hidden_act="quick_gelu",
-        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    text_encoder = transformers.CLIPTextModel(clip_cfg)
-    converted = convert_ldm_clip_checkpoint(ckpt)
-    if not hasattr(text_encoder, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
-        converted = {k.removeprefix("text_model."): t for k, t in converted.items()}
-    text_encoder.load_state_dict(converted, strict=True)
-
-    merges = load_merges()
-    (folder / "vocab.json").write_text(json.dumps(build_vocab(merges)), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                       encoding="utf-8")
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                   unet=unet.eval(), scheduler=scheduler("ddim"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

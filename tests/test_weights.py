@@ -416,11 +416,7 @@ def test_full_size_fp16_load_peak_memory(tmp_path):
     """A random fp16 checkpoint with all of SD v1's tensors (2.1 GB) loads through
     from_checkpoint with peak RSS at most 1.3x the loaded tensors, from either format.
     Needs ~2.5 GB: run it as `flock /tmp/minidb-bigmem.lock python -m pytest -m slow tests/test_weights.py`."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "load_memory", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "load_memory.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import load_memory as bench
     tensors = bench.sd_v1_tensors()
     # 686 UNet + 248 VAE + 196 CLIP keys, 12 schedule buffers, position_ids, model_ema.decay/num_updates
     assert len(tensors) == 686 + 248 + 196 + 12 + 1 + 2
