@@ -90,6 +90,7 @@ def before_after(base_samples, tuned_samples, path: Path, columns: int = 3) -> P
     """One row per prompt: `columns` base images, a gap, `columns` fine-tuned images."""
     from PIL import Image, ImageDraw
     rows = list(base_samples)
+    columns = min(columns, *(len(v) for v in base_samples.values()))
     w = h = base_samples[rows[0]][0].size[0]
     label = 360
     grid = Image.new("RGB", (label + w * (2 * columns) + 16, 20 + h * len(rows)), "white")
