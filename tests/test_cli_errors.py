@@ -55,6 +55,13 @@ def test_sample_bad_arguments(world, tmp_path, args, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_argument_syntax_errors_are_one_line_too():
+    error = one_line_error(minidb("sample", "--prompt", "x", "--steps", "many"), "sample")
+    assert error == "argument --steps: invalid int value: 'many' (see minidb sample --help)"
+    assert one_line_error(minidb("train", "--frobnicate"), "train") == ("unrecognized arguments: --frobnicate "
+                                                                        "(see minidb train --help)")
+
+
 def test_sample_on_a_missing_cuda_device(world, tmp_path):
     # without CUDA (CI): "cuda" itself; with it, a device index past the last one
     device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"

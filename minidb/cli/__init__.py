@@ -24,16 +24,23 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other failure (argparse adds its usage block)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="minidb", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minidb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    modules, parsers = {}, {}
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0],
-                                            description=module.__doc__))
-    args = parser.parse_args(argv)
+        parsers[name] = sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+        module.add_arguments(parsers[name])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand, whose --help lists what it takes
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         from minidb.attention import get_backend
         get_backend()  # a bad MINIDB_ATTENTION fails now, not after the model has loaded
