@@ -175,8 +175,10 @@ def test_bad_inputs_raise_clear_errors():
         vae.encode(torch.zeros(1, 4, 8, 8))
     with pytest.raises(DataError, match=r"\[B, 4, h, w\]"):
         vae.decode(torch.zeros(1, 3, 2, 2))
-    with pytest.raises(ConfigError, match="multiple of 32"):
+    with pytest.raises(ConfigError, match="multiple of norm_groups=32"):
         AutoencoderKL(VAEConfig(ch=48))
+    with pytest.raises(ConfigError, match="multiple of norm_groups=32"):
+        AutoencoderKL(VAEConfig(ch=40, norm_groups=32))
 
 
 @pytest.mark.slow
