@@ -48,7 +48,12 @@ class SDConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    parameterization: str = "eps"  # what the UNet predicts: "eps" (the noise, SD v1) or "v" (CompVis' v-models)
     image_size: int = 512  # the resolution the model was trained at: the default for sampling and fine-tuning
+
+    def __post_init__(self):
+        if self.parameterization not in ("eps", "v"):
+            raise ValueError(f'parameterization must be "eps" or "v", got {self.parameterization!r}')
 
 
 def tiny_config() -> SDConfig:

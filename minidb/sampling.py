@@ -115,16 +115,19 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
         context = torch.cat([uncond, context])  # [2B, 77, width]: unconditional first, as CompVis
     context = context.to(dtype)
 
+    schedule = sd.schedule
+
     def eps_fn(x, t: int):
         x_in = torch.cat([x, x]) if guided else x
         t_in = torch.full((x_in.shape[0],), t, device=device, dtype=torch.long)
-        eps = unet(x_in.to(dtype), t_in, context).float()
-        if not guided:
-            return eps
-        eps_uncond, eps_cond = eps.chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        out = unet(x_in.to(dtype), t_in, context).float()
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        # a v-model's output, guided as CompVis guides it (before the conversion, which is affine in it)
+        return schedule.eps_from_v(x, out, t) if sd.config.parameterization == "v" else out
 
-    return SAMPLERS[sampler](eps_fn, x, sd.schedule, steps, eta=eta, generators=generators, progress=progress)
+    return SAMPLERS[sampler](eps_fn, x, schedule, steps, eta=eta, generators=generators, progress=progress)
 
 
 @torch.no_grad()

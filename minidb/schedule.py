@@ -31,6 +31,17 @@ class NoiseSchedule:
         out = sqrt_a * x0.to(dtype) + sqrt_1ma * noise.to(device=x0.device, dtype=dtype)
         return out.to(x0.dtype)
 
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0 (Salimans & Ho 2022): the target of a
+        "v"-parameterized model. Where little signal is left, v ~ -x0, so the model states the
+        image outright instead of an eps that is x_t minus a sliver of it."""
+        return self.add_noise(noise, -x0, t)  # the same two coefficients, with noise and x0 swapped
+
+    def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+        """eps = sqrt(a_t) * v + sqrt(1 - a_t) * x_t, at one integer timestep (as samplers step)."""
+        a = float(self.alphas_cumprod[t])
+        return a ** 0.5 * v + (1 - a) ** 0.5 * x_t
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alphas_cumprod / (1 - alphas_cumprod) at t (float64, for loss weighting)."""
         a = self.alphas_cumprod[torch.as_tensor(t).long().cpu()]

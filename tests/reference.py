@@ -19,13 +19,17 @@ from minidb.tokenizer import build_vocab, load_merges
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-def scheduler(sampler):
+def scheduler(sampler, config=None):
+    """diffusers' scheduler for `sampler`, configured as CompVis samples `config` (default SD v1)."""
+    sd = SD if config is None else dict(SD, beta_start=config.linear_start, beta_end=config.linear_end,
+                                           num_train_timesteps=config.timesteps)
+    sd = dict(sd, prediction_type="v_prediction" if config is not None and config.parameterization == "v" else "epsilon")
     compvis = dict(steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading")
     if sampler == "ddim":
-        return DDIMScheduler(**SD, clip_sample=False, **compvis)
+        return DDIMScheduler(**sd, clip_sample=False, **compvis)
     if sampler == "plms":
-        return PNDMScheduler(**SD, skip_prk_steps=True, **compvis)
-    return DPMSolverMultistepScheduler(**SD)
+        return PNDMScheduler(**sd, skip_prk_steps=True, **compvis)
+    return DPMSolverMultistepScheduler(**sd)
 
 
 def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) -> StableDiffusionPipeline:

@@ -66,3 +66,22 @@ def test_add_noise_keeps_half_dtype_and_accepts_int_timesteps():
     assert out.dtype == torch.bfloat16
     ref = s.add_noise(x0.float(), noise.float(), torch.tensor([10, 900]))
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_velocity_and_its_inverse_match_diffusers_and_the_formula():
+    cfg = SDConfig(linear_start=0.003, linear_end=0.02)
+    s = NoiseSchedule.from_config(cfg)
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.003, beta_end=0.02, beta_schedule="scaled_linear")
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 4, 5, 5, generator=g), torch.randn(4, 4, 5, 5, generator=g)
+    t = torch.tensor([0, 300, 900, 999])
+    v = s.velocity(x0, noise, t)
+    torch.testing.assert_close(v, ref.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6)
+    x_t = s.add_noise(x0, noise, t)
+    for i, ti in enumerate(t.tolist()):  # v and x_t give back the noise: what a sampler needs
+        torch.testing.assert_close(s.eps_from_v(x_t[i], v[i], ti), noise[i], rtol=1e-4, atol=1e-5)
+
+
+def test_parameterization_is_eps_or_v():
+    with pytest.raises(ValueError, match="parameterization"):
+        SDConfig(parameterization="x0")
