@@ -204,7 +204,7 @@ def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResul
                         latents = (mean + std * eps.to(device)) * sd.config.scale_factor  # posterior sample, fp32
                         loss, loss_instance, loss_class = micro_batch_loss(
                             unet, sd.schedule, latents, noise.to(device), t.to(device), context, B,
-                            cfg.prior.loss_weight, dtype)
+                            cfg.prior.loss_weight, dtype, sd.config.parameterization)
                         # fp16: scale the loss up so small gradients survive; / accum: the mean over micro-batches
                         backward_loss = scaler.scale_loss(loss) if scaler else loss
                         (backward_loss / accum).backward()
@@ -318,13 +318,15 @@ def set_trainable(sd, train_text_encoder: bool) -> list[tuple[str, torch.nn.Para
 
 
 def micro_batch_loss(unet, schedule, latents, noise, t, context, n_instance: int, prior_loss_weight: float,
-                     dtype=torch.float32):
+                     dtype=torch.float32, parameterization: str = "eps"):
     """Noise-prediction MSE on latents [instance; class] (one UNet pass over both halves):
     loss = MSE(instance half) + prior_loss_weight * MSE(class half). Returns (loss, instance, class);
-    without class examples (no prior preservation), class is None and loss = instance."""
+    without class examples (no prior preservation), class is None and loss = instance.
+    A v-model (parameterization "v") is fitted to v instead of the noise."""
     noisy = schedule.add_noise(latents, noise, t)                     # x_t, fp32 [2B, 4, h, w]
-    eps = unet(noisy.to(dtype), t, context.to(dtype)).float()         # the MSE in fp32 whatever the model
-    return dreambooth_loss(eps, noise, n_instance, prior_loss_weight)
+    pred = unet(noisy.to(dtype), t, context.to(dtype)).float()        # the MSE in fp32 whatever the model
+    target = noise if parameterization == "eps" else schedule.velocity(latents, noise, t)
+    return dreambooth_loss(pred, target, n_instance, prior_loss_weight)
 
 
 def dreambooth_loss(eps_pred, noise, n_instance: int, prior_loss_weight: float):

@@ -75,6 +75,20 @@ def test_prior_loss_is_instance_plus_weighted_class_half():
     assert none is None and torch.equal(only, inst_only)
 
 
+
+def test_a_v_model_is_fitted_to_v():
+    sd = tiny_sd()
+    g = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t, context = torch.tensor([50, 950]), torch.randn(2, 77, 32, generator=g)
+    loss, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 1.0, parameterization="v")
+    pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
+    a = sd.schedule.alphas_cumprod[t].float()[:, None, None, None]
+    v = a.sqrt() * noise - (1 - a).sqrt() * latents
+    torch.testing.assert_close(loss, (pred - v).square().mean(), rtol=1e-5, atol=0)
+    eps_loss, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 1.0)
+    assert abs(eps_loss - loss) > 1e-3
+
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_only_trainable_parts_get_gradients(train_text_encoder):
     sd = tiny_sd()
