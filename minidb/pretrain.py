@@ -307,6 +307,25 @@ def save_grid(images, columns: int, path: Path) -> Path:
     return path
 
 
+@torch.no_grad()
+def sample_sheet(sd, path: Path, prompts=PREVIEW_PROMPTS, n: int = 4, steps: int = 20, guidance: float = 7.5) -> Path:
+    """The README's picture of a model: one row per prompt, labelled, seeds 0..n-1."""
+    size = sd.config.image_size
+    images = sd.generate([p for p in prompts for _ in range(n)], steps=steps, guidance=guidance, height=size,
+                         width=size, seed=[i for _ in prompts for i in range(n)], progress=False)
+    label, scale = 300, 2  # 64x64 images shown at 128x128
+    sheet = Image.new("RGB", (label + n * size * scale, len(prompts) * size * scale), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, prompt in enumerate(prompts):
+        draw.text((4, row * size * scale + size * scale // 2 - 6), prompt, fill="black")
+        for col in range(n):
+            image = images[row * n + col].resize((size * scale,) * 2, Image.NEAREST)
+            sheet.paste(image, (label + col * size * scale, row * size * scale))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
 def plot_losses(metrics_file: Path, path: Path) -> Path:
     """loss.png: each stage's loss per step (log scale, a 25-step running mean), drawn with PIL."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
@@ -368,11 +387,16 @@ def main(argv=None):
     p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
     p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--sheet", metavar="PNG", help="only draw the shipped model's sample sheet (README) to PNG")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sheet:
+        from minidb.pipeline import StableDiffusion
+        print(sample_sheet(StableDiffusion.from_checkpoint(SHIPPED), Path(args.sheet)))
+        return
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
     pretrain(args.out, cfg, args.ship)
 
