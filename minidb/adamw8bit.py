@@ -15,9 +15,9 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
    v is never negative, so its code spends the sign bit on one more fraction bit (`dynamic_code`).
    Rounding is a table lookup: the nearest code value for each of the 65536 fp16 numbers, indexed
    by the fp16 bits of the normalised value (a binary search per value is 2x slower on CPU).
-3. Each step dequantises one tensor's m and v to fp32, does the AdamW update in fp32 exactly as
-   torch.optim.AdamW does (decoupled weight decay, bias corrections), and quantises them back.
-   Only one tensor's fp32 moments exist at a time.
+3. Each step dequantises m and v to fp32, does the AdamW update in fp32 exactly as
+   torch.optim.AdamW does (decoupled weight decay, bias corrections), and quantises them back,
+   one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
 
 Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep fp32 moments, as
 bitsandbytes does: they are cheap, and their few values get no help from blocks. Rounding error:
@@ -85,13 +85,16 @@ class AdamW8bit(torch.optim.Optimizer):
     exp_avg_sq_codes/exp_avg_sq_absmax (8-bit)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096):
+                 weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
+                 chunk_size: int = 2 ** 20):
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
             raise ValueError(f"AdamW8bit: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW8bit: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.block_size, self.min_8bit_size = block_size, min_8bit_size
+        if chunk_size % block_size:
+            raise ValueError(f"AdamW8bit: chunk_size {chunk_size} must be a multiple of block_size {block_size}")
+        self.block_size, self.min_8bit_size, self.chunk_size = block_size, min_8bit_size, chunk_size
         self._codes = {}      # (signed, device) -> (code values, nearest-code table), built once per device
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
@@ -134,31 +137,33 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         state["step"] += 1
-        if eight_bit:
-            m = dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], self.code(True, p.device)[0],
-                           self.block_size, p.shape)
-            v = dequantize(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], self.code(False, p.device)[0],
-                           self.block_size, p.shape)
-        else:
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-        grad = p.grad.float()
-        weight = p if p.dtype == torch.float32 else p.float()
-
-        # torch.optim.AdamW's single-tensor update, operation for operation
-        weight.mul_(1 - lr * wd)
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        weight.addcdiv_(m, denom, value=-lr / bias_correction1)
 
+        def adamw(weight, grad, m, v):  # torch.optim.AdamW's single-tensor update, operation for operation
+            weight.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            weight.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+        weight = p if p.dtype == torch.float32 else p.float()
+        if not eight_bit:
+            adamw(weight, p.grad.float(), state["exp_avg"], state["exp_avg_sq"])
+        else:  # chunk by chunk of whole blocks, so the fp32 temporaries stay small whatever p's size
+            codes = self.code(True, p.device), self.code(False, p.device)
+            flat_w, flat_g, bs = weight.view(-1), p.grad.view(-1), self.block_size
+            for start in range(0, p.numel(), self.chunk_size):
+                values, blocks = slice(start, start + self.chunk_size), slice(start // bs, (start + self.chunk_size) // bs)
+                m, v = (dequantize(state[name + "_codes"][values], state[name + "_absmax"][blocks], code[0], bs, (-1,))
+                        for name, code in (("exp_avg", codes[0]), ("exp_avg_sq", codes[1])))
+                adamw(flat_w[values], flat_g[values].float(), m, v)
+                for name, moment, code, signed in (("exp_avg", m, codes[0], True), ("exp_avg_sq", v, codes[1], False)):
+                    q, absmax = quantize(moment, code[1], bs, unsigned=not signed)
+                    state[name + "_codes"][values] = q        # into the state's own storage: no reallocation
+                    state[name + "_absmax"][blocks] = absmax
         if weight is not p:
             p.copy_(weight)
-        if eight_bit:
-            state["exp_avg_codes"], state["exp_avg_absmax"] = quantize(m, self.code(True, p.device)[1], self.block_size)
-            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize(
-                v, self.code(False, p.device)[1], self.block_size, unsigned=True)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except for dtypes: torch casts every state tensor of a floating-point

@@ -121,7 +121,7 @@ def test_trajectory_close_to_adamw():
     net_b, _ = problem()
     net_b.load_state_dict(net_a.state_dict())
     start = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach().clone()
-    opt_b = AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024)
+    opt_b = AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, chunk_size=512)  # 2 chunks of 64x64
     losses_a = train(net_a, torch.optim.AdamW(net_a.parameters(), lr=3e-3), batches)
     losses_b = train(net_b, opt_b, batches)
     assert "exp_avg_codes" in opt_b.state[net_b[2].weight] and "exp_avg" in opt_b.state[net_b[0].bias]
@@ -177,3 +177,14 @@ def test_rejects_bad_hyperparameters():
         AdamW8bit([w], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="lr"):
         AdamW8bit([w], lr=-1)
+
+
+def test_chunks_change_nothing():
+    """Stepping in chunks of whole blocks only bounds the temporaries: bit-equal to one chunk."""
+    net_a, batches = problem()
+    net_b, _ = problem()
+    net_b.load_state_dict(net_a.state_dict())
+    train(net_a, AdamW8bit(net_a.parameters(), lr=3e-3, min_8bit_size=1024), batches[:10])
+    train(net_b, AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, chunk_size=3 * BLOCK), batches[:10])
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(a, b)
