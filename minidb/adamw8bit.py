@@ -154,7 +154,8 @@ class AdamW8bit(torch.optim.Optimizer):
             codes = self.code(True, p.device), self.code(False, p.device)
             flat_w, flat_g, bs = weight.view(-1), p.grad.view(-1), self.block_size
             for start in range(0, p.numel(), self.chunk_size):
-                values, blocks = slice(start, start + self.chunk_size), slice(start // bs, (start + self.chunk_size) // bs)
+                end = start + self.chunk_size
+                values, blocks = slice(start, end), slice(start // bs, end // bs)
                 m, v = (dequantize(state[name + "_codes"][values], state[name + "_absmax"][blocks], code[0], bs, (-1,))
                         for name, code in (("exp_avg", codes[0]), ("exp_avg_sq", codes[1])))
                 adamw(flat_w[values], flat_g[values].float(), m, v)

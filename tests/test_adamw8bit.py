@@ -5,7 +5,8 @@ to fp16 (error <= 2**-11 |y|), then to the nearest of the 256 code values, so it
 half the gap between the two code values around it (beyond the outermost code value, the distance
 to it: -1 vs the signed code's lowest value -0.99297) plus that fp16 rounding. The widest gap is in
 the top decade, 0.9 / 64 (signed, 6 fraction bits) or 0.9 / 128 (unsigned): so |x̂ - x| <=
-(0.00703 + 0.00049) * absmax signed, (0.00352 + 0.00049) * absmax unsigned, much less for small values. One exception, by design: a positive v below half the smallest unsigned code
+(0.00703 + 0.00049) * absmax signed, (0.00352 + 0.00049) * absmax unsigned, much less for small
+values. One exception, by design: a positive v below half the smallest unsigned code
 value (3.25e-7) is rounded up to it, not to 0. Slack: 2 fp32 roundings (normalise, rescale).
 """
 import io
