@@ -1,6 +1,6 @@
 """The optimizer step fused into backward: each weight is updated, and its gradient freed, the
 moment backward has finished that gradient, so the gradients of the whole model never coexist
-(at SD v1 size: 3.9 GB of fp32 gradients that become one tensor's worth, at most 59 MB).
+(at SD v1 size: 3.9 GB of fp32 gradients become one tensor's worth, at most 152 MB).
 
     fused = FusedBackwardStep(masters, optimizer.step_param, max_grad_norm=1.0, scaler=scaler)
     stepped, grad_norm = fused.step(lambda: loss_of_the_batch())   # replaces backward + optimizer_step
