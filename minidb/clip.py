@@ -10,6 +10,7 @@ x += attn(LN(x)); x += mlp(LN(x)) with quick-GELU, then a final LayerNorm.
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from minidb.attention import attention
 from minidb.config import CLIPTextConfig
@@ -69,10 +70,14 @@ class CLIPEncoder(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)  # keep only each layer's input; recompute in backward
+            else:
+                x = layer(x)
         return x
 
 
@@ -105,6 +110,15 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """As UNetModel's: when training, recompute each layer's activations in backward."""
+        return self.text_model.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.text_model.encoder.gradient_checkpointing = on
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_length:

@@ -143,3 +143,32 @@ def test_full_size_matches_transformers(ids):
     assert got.shape == (len(PROMPTS), 77, 768)
     print(f"full-size CLIP rel err {rel_err(got, expected):.2e}")
     assert rel_err(got, expected) < 1e-5
+
+
+def test_gradient_checkpointing_same_gradients(monkeypatch):
+    """Checkpointed layers recompute the same forward in backward: the same gradients (bit for bit
+    here: the very same operations on the same CPU), and one checkpoint per layer."""
+    import minidb.clip
+    ours = perturb_(CLIPTextModel(TINY)).train()
+    ids = CLIPTokenizer()(PROMPTS[:2])
+    target = torch.randn(2, ids.shape[1], TINY.width)
+
+    def grads():
+        ours.zero_grad()
+        ((ours(ids) - target) ** 2).mean().backward()
+        return [p.grad.clone() for p in ours.parameters()]
+
+    calls = []
+    real = minidb.clip.checkpoint
+    monkeypatch.setattr(minidb.clip, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = grads()
+    assert not calls
+    ours.gradient_checkpointing = True
+    assert ours.text_model.encoder.gradient_checkpointing
+    checkpointed = grads()
+    assert len(calls) == TINY.layers
+    for a, b in zip(checkpointed, plain):
+        assert rel_err(a, b) < 1e-6, rel_err(a, b)
+    with torch.no_grad():  # no gradients wanted: nothing to checkpoint
+        ours(ids)
+    assert len(calls) == TINY.layers

@@ -1,0 +1,317 @@
+"""One DreamBooth training step, minidb against diffusers: step time and peak memory, and where
+minidb's peak goes (weights, gradients, optimizer state, activations).
+
+    python -m benchmarks.bench_train                 # SD v1 size, 256x256 on CPU (512x512 on CUDA)
+    python -m benchmarks.bench_train --quick         # the tiny model, seconds (tests run this)
+    python -m benchmarks.bench_train --configs diffusers,minidb,low_memory --write
+
+The step, on both sides: a batch of 1 instance + 1 class image with prior preservation (prior
+loss weight 1), VAE-encoded each step (frozen), noised at a random timestep; the text encoder and
+the UNet both trained; loss = MSE(instance) + MSE(class); global-norm clipping at 1.0; AdamW
+(lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2); fp32 weights on both sides.
+diffusers runs its UNet2DConditionModel and transformers' CLIPTextModel holding the same
+(random, seeded) weights as minidb's, converted by diffusers' own single-file converters
+(tests/reference.py), with the step written as examples/dreambooth/train_dreambooth.py writes it:
+one backward over the concatenated batch, clip_grad_norm_, optimizer.step(),
+optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off).
+
+Configurations (minidb's step is built from its models, minidb.adamw8bit and minidb.fused_step):
+  diffusers          its train_dreambooth.py step, defaults
+  minidb             minidb's default step (torch AdamW, gradients set to None after the step)
+  +adamw8bit         8-bit AdamW moments
+  +fused             the optimizer step inside backward, exact clipping (two backward passes)
+  +checkpointing     gradient checkpointing in the UNet and the text encoder
+  low_memory         all three, the fused step clipping by the previous step's norm (one pass)
+  low_memory_exact   all three, exact clipping (two passes)
+
+Each configuration runs in a fresh process: one warm-up step, then `--steps` timed steps (median
+reported). Peak memory: on CPU, the peak RSS (sampled every 2 ms) above the RSS the process had
+after its imports, so it includes the weights; on CUDA, torch.cuda.max_memory_allocated. The
+breakdown counts tensor bytes: weights (all three models), gradients (all trained weights, or the
+largest single one for the fused step), optimizer state (after the steps); activations and the
+rest (allocator slack, temporaries) are what remains of the peak.
+"""
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_vs_diffusers import machine, rss
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
+    "diffusers": ("diffusers", False, None, False),
+    "minidb": ("minidb", False, None, False),
+    "+adamw8bit": ("minidb", True, None, False),
+    "+fused": ("minidb", False, "exact", False),
+    "+checkpointing": ("minidb", False, None, True),
+    "low_memory": ("minidb", True, "lagged", True),
+    "low_memory_exact": ("minidb", True, "exact", True),
+}
+ADAMW = dict(lr=5e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+MAX_GRAD_NORM = 1.0
+PROMPTS = ["a photo of sks dog", "a photo of dog"]  # instance, class
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build(quick: bool):
+    from minidb.config import SDConfig, tiny_config
+    from minidb.pipeline import StableDiffusion
+    torch.manual_seed(0)
+    return StableDiffusion(tiny_config() if quick else SDConfig())
+
+
+def inputs(sd_config, ids, res: int, step: int, device):
+    """The step's batch: [instance; class] images and token ids, and the step's noise draws."""
+    g = torch.Generator().manual_seed(1000 + step)
+    pixels = torch.rand(2, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    h = res // 2 ** (len(sd_config.vae.ch_mult) - 1)
+    latent_noise = torch.randn(2, sd_config.vae.embed_dim, h, h, generator=g)  # the posterior sample's
+    noise = torch.randn(2, sd_config.unet.in_channels, h, h, generator=g)
+    t = torch.randint(0, sd_config.timesteps, (2,), generator=g)
+    return [x.to(device) for x in (pixels, latent_noise, noise, t, ids)]
+
+
+def prior_loss(pred, noise):
+    """train_dreambooth.py's loss: the batch split in halves, instance MSE + 1.0 * class MSE."""
+    pred, pred_prior = pred.float().chunk(2)
+    target, target_prior = noise.float().chunk(2)
+    mse = torch.nn.functional.mse_loss
+    return mse(pred, target) + 1.0 * mse(pred_prior, target_prior)
+
+
+def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device):
+    from minidb.adamw8bit import AdamW8bit
+    from minidb.fused_step import FusedBackwardStep
+    from minidb.scaler import MasterWeights, total_norm
+
+    sd.vae.eval().requires_grad_(False)
+    sd.unet.train().requires_grad_(True)
+    sd.text_encoder.train().requires_grad_(True)
+    sd.unet.gradient_checkpointing = checkpointing
+    sd.text_encoder.gradient_checkpointing = checkpointing
+    masters = MasterWeights([(f"unet.{n}", p) for n, p in sd.unet.named_parameters()]
+                            + [(f"text_encoder.{n}", p) for n, p in sd.text_encoder.named_parameters()])
+    if adamw8bit:
+        optimizer = AdamW8bit(masters.params, **ADAMW)
+        step_param, state = optimizer.step_param, optimizer.state_bytes
+    else:
+        optimizer = torch.optim.AdamW(masters.params, **ADAMW)
+        per_param = {m: torch.optim.AdamW([m], **ADAMW) for m in masters.params} if fused_clip else None
+        step_param = (lambda m: per_param[m].step()) if fused_clip else None
+        state = lambda: sum(nbytes(v for s in o.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
+                            for o in (per_param.values() if per_param else [optimizer]))
+    fused = FusedBackwardStep(masters, step_param, MAX_GRAD_NORM, clip=fused_clip) if fused_clip else None
+    scale = sd.config.scale_factor
+    token_ids = sd.tokenizer(PROMPTS)
+
+    def step(k, res):
+        pixels, latent_noise, noise, t, ids = inputs(sd.config, token_ids, res, k, device)
+        with torch.no_grad():
+            posterior = sd.vae.encode(pixels)
+            latents = (posterior.mean + posterior.std * latent_noise) * scale
+        noisy = sd.schedule.add_noise(latents, noise, t)
+
+        def loss_fn():
+            return prior_loss(sd.unet(noisy, t, sd.text_encoder(ids)), noise)
+
+        if fused is not None:
+            return fused.step(loss_fn)
+        loss_fn().backward()
+        grads = masters.grads()
+        norm = total_norm(grads)
+        coef = (MAX_GRAD_NORM / (norm + 1e-6)).clamp(max=1.0)  # minidb.train.optimizer_step's clipping
+        for g in grads:
+            g.mul_(coef)
+        optimizer.step()
+        masters.zero_grad()
+
+    trained = masters.params
+    grads = max(nbytes([p]) for p in trained) if fused else nbytes(trained)
+    return step, state, grads
+
+
+def diffusers_models(sd):
+    from tests.reference import diffusers_pipeline
+    with tempfile.TemporaryDirectory() as folder:
+        pipe = diffusers_pipeline(sd, Path(folder))
+    return pipe.vae, pipe.text_encoder, pipe.unet, sd.schedule
+
+
+def diffusers_step_fn(vae, text_encoder, unet, schedule, sd_config, token_ids, device):
+    """examples/dreambooth/train_dreambooth.py's step (fp32, no accelerate)."""
+    vae.requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, **ADAMW)
+    scaling_factor = vae.config.scaling_factor
+
+    def step(k, res):
+        pixels, latent_noise, noise, t, ids = inputs(sd_config, token_ids, res, k, device)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+            model_input = (dist.mean + dist.std * latent_noise) * scaling_factor  # .sample(), our draw
+        noisy = schedule.add_noise(model_input, noise, t)
+        encoder_hidden_states = text_encoder(ids, return_dict=False)[0]
+        model_pred = unet(noisy, t, encoder_hidden_states, return_dict=False)[0]
+        loss = prior_loss(model_pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    state = lambda: nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
+    return step, state, nbytes(params)
+
+
+class PeakRSS:
+    """Peak RSS while inside the block, sampled every 2 ms."""
+
+    def __enter__(self):
+        self.peak, self.done = rss(), threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def run_child(args) -> dict:
+    """One configuration in this (fresh) process."""
+    side, adamw8bit, fused_clip, checkpointing = CONFIGS[args._child]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    baseline = rss()
+    sd = build(args.quick)
+    if side == "diffusers":
+        vae, text_encoder, unet, schedule = diffusers_models(sd)
+        sd_config, token_ids = sd.config, sd.tokenizer(PROMPTS)
+        del sd  # only diffusers' models stay
+        models = [vae, text_encoder, unet]
+        for m in models:
+            m.to(device)
+        step, state, grads = diffusers_step_fn(vae, text_encoder, unet, schedule, sd_config, token_ids, device)
+    else:
+        models = [sd.vae, sd.text_encoder, sd.unet]
+        for m in models:
+            m.to(device)
+        step, state, grads = minidb_step_fn(sd, adamw8bit, fused_clip, checkpointing, device)
+    weights = nbytes([t for m in models for t in list(m.parameters()) + list(m.buffers())])
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the build's freed heap back before measuring
+    except OSError:
+        pass
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with PeakRSS() as peak:
+        for k in range(1 + args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(k, args.res)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            print(f"  {args._child} step {k}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    total = torch.cuda.max_memory_allocated(device) if cuda else peak.peak - baseline
+    optimizer_state = state()
+    return {"config": args._child, "step_s": statistics.median(times[1:]), "times": times, "peak": total,
+            "weights": weights, "grads": grads, "state": optimizer_state,
+            "rest": total - weights - grads - optimizer_state}
+
+
+def child(args, name: str) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--res", str(args.res), "--steps", str(args.steps),
+           "--device", args.device, "--_child", name] + (["--quick"] if args.quick else [])
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
+                         env={**os.environ, "PYTHONPATH": str(HERE.parent)}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f}"
+
+
+def table(rows: list[dict], args, command: str) -> str:
+    base = {r["config"]: r for r in rows}
+    diff, ours = base.get("diffusers"), base.get("minidb")
+    lines = [f"## DreamBooth training step, minidb vs diffusers, {'tiny' if args.quick else 'SD v1'} model, "
+             f"{args.res}x{args.res}, fp32, {args.device} ({datetime.date.today()})", "",
+             f"`{command}`  ", f"Machine: {machine(args.device)}; diffusers {__import__('diffusers').__version__}; "
+             f"median of {args.steps} steps after 1 warm-up, each configuration in a fresh process; peak = "
+             + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
+                "peak RSS above the process's RSS after imports") + "; GiB = 2^30 bytes", "",
+             "| configuration | step time | x minidb default | peak memory | x diffusers | weights | gradients | "
+             "optimizer state | activations + rest |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs_ours = f"{r['step_s'] / ours['step_s']:.2f}" if ours else "-"
+        vs_diff = f"**{r['peak'] / diff['peak']:.2f}**" if diff else "-"
+        lines.append(f"| {r['config']} | {r['step_s']:.2f} s | {vs_ours} | {gib(r['peak'])} GiB | {vs_diff} | "
+                     f"{gib(r['weights'])} | {gib(r['grads'])} | {gib(r['state'])} | {gib(r['rest'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny model at 32x32: seconds, for tests")
+    p.add_argument("--res", type=int, default=None, help="image side (default 512 on CUDA, 256 on CPU, 32 quick)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration, after 1 warm-up")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.res = args.res or (32 if args.quick else 512 if args.device.startswith("cuda") else 256)
+    if args.res % 8:
+        p.error(f"--res must be a multiple of 8, got {args.res}")
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
+    if args._child is not None:
+        print(json.dumps(run_child(args)))
+        return None
+    rows = []
+    for name in names:
+        rows.append(child(args, name))
+        r = rows[-1]
+        print(f"{name:17s} {r['step_s']:7.2f} s/step  peak {gib(r['peak'])} GiB  (weights {gib(r['weights'])}, "
+              f"grads {gib(r['grads'])}, state {gib(r['state'])}, rest {gib(r['rest'])})", flush=True)
+    command = "python -m benchmarks.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = table(rows, args, command.strip())
+    print("\n" + text)
+    if args.write:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + text)
+        print(f"appended to {RESULTS}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

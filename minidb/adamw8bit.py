@@ -1,0 +1,184 @@
+"""AdamW with 8-bit moments (Dettmers et al. 2021, "8-bit Optimizers via Block-wise Quantization",
+arXiv 2110.02861), in plain PyTorch: CPU and GPU alike, no bitsandbytes.
+
+Adam keeps two fp32 numbers per weight, the gradient's running mean m and its running square v:
+8 bytes against the weight's own 4, so at SD v1 size (983M trained weights, UNet + text encoder)
+its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight in all:
+
+1. Block-wise: a tensor is cut into blocks of `block_size` (256) values; each block stores its
+   absmax in fp32 and its values divided by it, in [-1, 1]. An outlier then only coarsens its own
+   256 neighbours, not the whole tensor.
+2. A dynamic code: those normalised values are rounded to the nearest of 256 fixed numbers that
+   are spaced like a float, not evenly: a code is a sign, then e zeros (a magnitude of 10**-e),
+   a 1, then linear fraction bits filling [0.1, 1] * 10**-e. Large values get 6 fraction bits,
+   values near 1e-6 still get one, so a block spans 7 decades where int8 would span 2.
+   v is never negative, so its code spends the sign bit on one more fraction bit (`dynamic_code`).
+   Rounding is a table lookup: the nearest code value for each of the 65536 fp16 numbers, indexed
+   by the fp16 bits of the normalised value (a binary search per value is 2x slower on CPU).
+3. Each step dequantises m and v to fp32, does the AdamW update in fp32 exactly as
+   torch.optim.AdamW does (decoupled weight decay, bias corrections), and quantises them back,
+   one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
+
+Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep fp32 moments, as
+bitsandbytes does: they are cheap, and their few values get no help from blocks. Rounding error:
+`quantize` is round-to-nearest (of the fp16-rounded value), so a value's error is at most half the
+gap between the two codes around it plus 2**-11 of it, times its block's absmax
+(tests/test_adamw8bit.py derives and checks that bound).
+"""
+import math
+
+import torch
+
+
+def dynamic_code(signed: bool) -> torch.Tensor:
+    """The 256 sorted fp32 values an 8-bit state can take, for a block whose absmax is 1.
+    For e = 0..6 leading zeros (magnitude 10**-e) a signed code has 6 - e fraction bits
+    (2**(6-e) bin centres over [0.1, 1] * 10**-e, each with both signs); an unsigned one has
+    7 - e. With 0 and 1.0 (so the block's absmax itself is exact) that is 256 values."""
+    fraction_bits = 6 if signed else 7
+    values = [0.0, 1.0]
+    for e in range(7):
+        n = 2 ** (fraction_bits - e)
+        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
+        centres = ((edges[:-1] + edges[1:]) / 2 * 10.0 ** -e).tolist()
+        values += centres + ([-c for c in centres] if signed else [])
+    code = torch.tensor(sorted(values), dtype=torch.float64).float()  # signed: 2 + 2 * 127; unsigned: 2 + 254
+    assert code.numel() == 256 and torch.unique(code).numel() == 256
+    return code
+
+
+def nearest_code_table(code: torch.Tensor) -> torch.Tensor:
+    """For each of the 65536 fp16 bit patterns (as int16 + 32768), the index of the nearest code
+    value: quantising is then one table lookup instead of a binary search per value."""
+    every_fp16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    midpoints = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(every_fp16.nan_to_num(0.0), midpoints.to(every_fp16.device)).to(torch.uint8)
+
+
+def quantize(x: torch.Tensor, table: torch.Tensor, block_size: int, unsigned: bool = False):
+    """fp32 x (any shape) -> (uint8 codes, fp32 absmax per block): each value divided by its block's
+    absmax, rounded to fp16 (2**-11 relative), then to the nearest code value (`table`)."""
+    flat = x.reshape(-1).float()
+    pad = -flat.numel() % block_size
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
+    idx = table.index_select(0, (normed.half().view(torch.int16).int() + 32768).view(-1)).view_as(normed)
+    if unsigned:  # a positive v rounded to 0 would turn m / (sqrt(v) + eps) into m / eps: round it up instead
+        idx = torch.where(normed > 0, idx.clamp(min=1), idx)
+    return idx.view(-1)[:flat.numel()], absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
+               shape: torch.Size) -> torch.Tensor:
+    n = codes.numel()
+    pad = -n % block_size
+    values = code.index_select(0, torch.nn.functional.pad(codes, (0, pad)).int()).view(-1, block_size) * absmax[:, None]
+    return values.view(-1)[:n].view(shape)
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """torch.optim.AdamW's update with m and v stored in 8 bits (see the module docstring).
+    `step()` steps every parameter with a gradient; `step_param(p)` steps one (the fused backward
+    step, minidb.fused_step, calls it from a gradient hook). Per-parameter state:
+    step (int), and either exp_avg/exp_avg_sq (fp32, small tensors) or exp_avg_codes/exp_avg_absmax/
+    exp_avg_sq_codes/exp_avg_sq_absmax (8-bit)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
+                 chunk_size: int = 2 ** 20):
+        if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
+            raise ValueError(f"AdamW8bit: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW8bit: betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if chunk_size % block_size:
+            raise ValueError(f"AdamW8bit: chunk_size {chunk_size} must be a multiple of block_size {block_size}")
+        self.block_size, self.min_8bit_size, self.chunk_size = block_size, min_8bit_size, chunk_size
+        self._codes = {}      # (signed, device) -> (code values, nearest-code table), built once per device
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+
+    def code(self, signed: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (signed, torch.device(device))
+        if key not in self._codes:
+            code = dynamic_code(signed)
+            self._codes[key] = code.to(device), nearest_code_table(code).to(device)
+        return self._codes[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
+        """One AdamW update of p from p.grad (fp32 arithmetic whatever the storage)."""
+        group = group or self._group_of[p]
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamW8bit does not support sparse gradients")
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        eight_bit = p.numel() >= self.min_8bit_size
+        if not state:
+            state["step"] = 0
+            if eight_bit:
+                for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                    codes, absmax = quantize(torch.zeros_like(p, dtype=torch.float32), self.code(signed, p.device)[1],
+                                             self.block_size, unsigned=not signed)
+                    state[name + "_codes"], state[name + "_absmax"] = codes, absmax
+            else:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        state["step"] += 1
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
+
+        def adamw(weight, grad, m, v):  # torch.optim.AdamW's single-tensor update, operation for operation
+            weight.mul_(1 - lr * wd)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            weight.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+        weight = p if p.dtype == torch.float32 else p.float()
+        if not eight_bit:
+            adamw(weight, p.grad.float(), state["exp_avg"], state["exp_avg_sq"])
+        else:  # chunk by chunk of whole blocks, so the fp32 temporaries stay small whatever p's size
+            codes = self.code(True, p.device), self.code(False, p.device)
+            flat_w, flat_g, bs = weight.view(-1), p.grad.view(-1), self.block_size
+            for start in range(0, p.numel(), self.chunk_size):
+                end = start + self.chunk_size
+                values, blocks = slice(start, end), slice(start // bs, end // bs)
+                m, v = (dequantize(state[name + "_codes"][values], state[name + "_absmax"][blocks], code[0], bs, (-1,))
+                        for name, code in (("exp_avg", codes[0]), ("exp_avg_sq", codes[1])))
+                adamw(flat_w[values], flat_g[values].float(), m, v)
+                for name, moment, code, signed in (("exp_avg", m, codes[0], True), ("exp_avg_sq", v, codes[1], False)):
+                    q, absmax = quantize(moment, code[1], bs, unsigned=not signed)
+                    state[name + "_codes"][values] = q        # into the state's own storage: no reallocation
+                    state[name + "_absmax"][blocks] = absmax
+        if weight is not p:
+            p.copy_(weight)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except for dtypes: torch casts every state tensor of a floating-point
+        parameter to that parameter's dtype, which would turn the uint8 codes into floats. Here each
+        state tensor keeps its saved dtype and only moves to its parameter's device."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved:
+                self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved[i].items()}
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held now (for the memory breakdowns)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values() if torch.is_tensor(v))
