@@ -222,8 +222,17 @@ def read_lora(path) -> dict:
         raise LoRAError(f"{path}: not a readable .safetensors file ({e})") from None
     if any(".lora_A." in k or ".lora_B." in k for k in state):
         state = _from_diffusers(state)
-    return {("lora_te_" + k.removeprefix("lora_te1_") if k.startswith("lora_te1_") else k): t
-            for k, t in state.items()}
+    return {_kohya_name(k): t for k, t in state.items()}
+
+
+def _kohya_name(key: str) -> str:
+    """SD v1's one text encoder as kohya names it: lora_te_text_model_encoder_..., also when written
+    as SDXL's first (lora_te1_) or from transformers >= 5.6, whose CLIPTextModel has no text_model."""
+    if key.startswith("lora_te1_"):
+        key = "lora_te_" + key.removeprefix("lora_te1_")
+    if key.startswith("lora_te_encoder_"):
+        key = "lora_te_text_model_" + key.removeprefix("lora_te_")
+    return key
 
 
 def _from_diffusers(state: dict) -> dict:
@@ -284,11 +293,12 @@ def load_lora(path, models: dict, multiplier: float = 1.0) -> LoRANetwork:
         down = state[f"{name}.lora_down.weight"]
         alpha = state.get(f"{name}.alpha")
         adapter = LoRAModule(base, down.shape[0], None if alpha is None else alpha.float().item())
-        adapter.lora_down.weight.data = down.to(base.weight.device, base.weight.dtype)
-        adapter.lora_up.weight.data = state[f"{name}.lora_up.weight"].to(base.weight.device, base.weight.dtype)
-        adapter.alpha = adapter.alpha.to(base.weight.device)
+        adapter = adapter.requires_grad_(False).to(base.weight.device, base.weight.dtype)
+        with torch.no_grad():
+            adapter.lora_down.weight.copy_(down)
+            adapter.lora_up.weight.copy_(state[f"{name}.lora_up.weight"])
         adapter.multiplier = multiplier
-        adapters[name] = base, adapter.requires_grad_(False)
+        adapters[name] = base, adapter
     return LoRANetwork(adapters)
 
 
