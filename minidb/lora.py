@@ -155,7 +155,8 @@ def lora_targets(models: dict, unet_targets=UNET_TRANSFORMER, text_encoder_targe
                 found[PREFIXES["unet"] + diffusers_unet_path(path, unet.cfg).replace(".", "_")] = module
     if text_encoder is not None and text_encoder_targets:
         for path, module in text_encoder.named_modules():
-            if _adaptable(module) and ".layers." in path and path.endswith(tuple("." + t for t in text_encoder_targets)):
+            wanted = path.endswith(tuple("." + t for t in text_encoder_targets))
+            if _adaptable(module) and ".layers." in path and wanted:
                 found[PREFIXES["text_encoder"] + path.replace(".", "_")] = module
     return found
 
@@ -311,8 +312,8 @@ def _shapes(base: nn.Module, rank: int) -> tuple[tuple, tuple]:
 
 def lora_numel(models: dict, rank: int, unet_targets=UNET_ATTENTION, text_encoder_targets=()) -> int:
     """Numbers in a LoRA file: rank·(in + out) + 1 (alpha) per adapted module."""
-    return sum(math.prod(d) + math.prod(u) + 1
-               for d, u in (_shapes(m, rank) for m in lora_targets(models, unet_targets, text_encoder_targets).values()))
+    modules = lora_targets(models, unet_targets, text_encoder_targets).values()
+    return sum(math.prod(down) + math.prod(up) + 1 for down, up in (_shapes(m, rank) for m in modules))
 
 
 def meta_models(config: SDConfig) -> dict:

@@ -36,8 +36,8 @@ def diffusers_unet(u) -> UNet2DConditionModel:
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         block_out_channels=tuple(u.model_channels * m for m in u.channel_mult), layers_per_block=u.num_res_blocks,
-        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads, transformer_layers_per_block=u.transformer_depth,
-        norm_num_groups=u.norm_groups)
+        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads,
+        transformer_layers_per_block=u.transformer_depth, norm_num_groups=u.norm_groups)
 
 
 def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) -> StableDiffusionPipeline:

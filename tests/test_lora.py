@@ -134,7 +134,8 @@ def test_minidb_loads_lora_written_by_diffusers(tmp_path, writer):
     unet_layers, te_layers = get_peft_model_state_dict(pipe.unet), get_peft_model_state_dict(pipe.text_encoder)
     path = tmp_path / "pytorch_lora_weights.safetensors"
     if writer == "kohya":
-        state = {"unet." + k: v for k, v in unet_layers.items()} | {"text_encoder." + k: v for k, v in te_layers.items()}
+        state = {"unet." + k: v for k, v in unet_layers.items()}
+        state |= {"text_encoder." + k: v for k, v in te_layers.items()}
         kohya = convert_state_dict_to_kohya(state)
         assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
         safetensors.torch.save_file(kohya, path)
