@@ -34,6 +34,7 @@ class StableDiffusion:
             self.unet = UNetModel(config.unet)
             self.vae = AutoencoderKL(config.vae)
         self.extras = {}  # the checkpoint's non-model buffers, written back by save()
+        self.loras = []  # LoRA networks applied by load_lora, not merged
         self.device, self.dtype = torch.device("cpu"), torch.float32
         for model in self.models.values():
             model.eval().requires_grad_(False)
@@ -75,11 +76,27 @@ class StableDiffusion:
                                 extras=self.extras, config=self.config, dtype=dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        for model in self.models.values():
+        for model in list(self.models.values()) + self.loras:
             model.to(device=device, dtype=dtype)
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
         return self
+
+    def load_lora(self, path, scale: float = 1.0):
+        """Apply a LoRA file (kohya / AUTOMATIC1111 format, or diffusers') to the UNet and text
+        encoder, unmerged, at strength `scale`: LoRAs stack, and unhook with .detach() on the returned
+        network. A file that does not fit raises minidb.lora.LoRAError before anything changes."""
+        from minidb.lora import load_lora
+        network = load_lora(path, self.models, scale)
+        self.loras.append(network)
+        return network
+
+    def merge_lora(self):
+        """Fold the applied LoRAs into the base weights: sampling costs what it did without them, and
+        save() writes the merged model."""
+        for network in self.loras:
+            network.merge_()
+        self.loras = []
 
     def generate(self, *args, **kwargs):
         """Text to images: see minidb.sampling.generate."""

@@ -32,6 +32,18 @@ def scheduler(sampler, config=None):
     return DPMSolverMultistepScheduler(**sd)
 
 
+def diffusers_unet(u) -> UNet2DConditionModel:
+    """diffusers' UNet for a minidb UNetConfig, with its default (random) weights."""
+    attn = [2 ** level in u.attention_resolutions for level in range(len(u.channel_mult))]
+    return UNet2DConditionModel(
+        in_channels=u.in_channels, out_channels=u.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult), layers_per_block=u.num_res_blocks,
+        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads,
+        transformer_layers_per_block=u.transformer_depth, norm_num_groups=u.norm_groups)
+
+
 def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) -> StableDiffusionPipeline:
     """diffusers' pipeline for sd's config, its weights from sd, or from ckpt: a dict in the
     original checkpoint layout (what minidb's export writes), through diffusers' own converters."""
@@ -43,14 +55,7 @@ def diffusers_pipeline(sd: StableDiffusion, folder, ckpt: dict | None = None) ->
         ckpt |= {"first_stage_model." + k: v for k, v in sd.vae.state_dict().items()}
         ckpt |= {"cond_stage_model.transformer." + k: v for k, v in sd.text_encoder.state_dict().items()}
 
-    u = cfg.unet
-    attn = [2 ** level in u.attention_resolutions for level in range(len(u.channel_mult))]
-    unet = UNet2DConditionModel(
-        in_channels=u.in_channels, out_channels=u.out_channels,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        block_out_channels=tuple(u.model_channels * m for m in u.channel_mult), layers_per_block=u.num_res_blocks,
-        cross_attention_dim=u.context_dim, attention_head_dim=u.num_heads, transformer_layers_per_block=u.transformer_depth)
+    unet = diffusers_unet(cfg.unet)
     unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, unet.config), strict=True)
 
     v = cfg.vae

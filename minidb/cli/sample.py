@@ -8,6 +8,8 @@ Writes OUTDIR/samples/NNNNN.png (one per image; the prompt, seed, sampler, steps
 checkpoint hash are in the PNG's text, with a "parameters" entry in the form A1111-style tools
 read) and OUTDIR/grid-NNNN.png per prompt (one row per --n-iter, --n-samples columns).
 Size: --H/--W, default the model's own image size (512 for SD v1; a model minidb saved stores its own).
+--lora FILE[:SCALE] (repeatable) applies LoRA files (kohya / AUTOMATIC1111 or diffusers format) at
+strength SCALE (default 1), stacked, unmerged.
 Image i of the run uses seed + i, so a seed gives the same image whatever the batch size, up to
 rounding: in fp32, pixels within 1/255 (another batch size sums matrix products in another order).
 """
@@ -38,6 +40,8 @@ def add_arguments(p):
     src.add_argument("--from-file", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--ckpt", help="SD v1 checkpoint (.safetensors or .ckpt); default $MINIDB_CKPT or ./checkpoints/")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA .safetensors file at strength SCALE (default 1); repeatable")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--scale", type=float, default=7.5,
                    help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default 7.5)")
@@ -103,9 +107,26 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """FILE[:SCALE] -> (file, scale); a colon that is part of the path (C:\\...) stays in it."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if path else None
+    except ValueError:
+        value = None
+    if value is None:
+        path, value = spec, 1.0
+    if not math.isfinite(value):
+        raise MinidbError(f"--lora {spec}: the scale must be a number")
+    if not Path(path).is_file():
+        raise MinidbError(f"--lora: LoRA file not found: {path}")
+    return Path(path), value
+
+
 def check_args(args):
     """Bad arguments fail here, before minutes of checkpoint loading (check_model_args: those that
     depend on the model, once its file's config is read)."""
+    args.lora = [parse_lora(spec) for spec in args.lora]
     if args.steps < 1:
         raise MinidbError(f"--steps must be at least 1, got {args.steps}")
     for name in ("H", "W"):
@@ -139,6 +160,11 @@ def check_model_args(args, config):
         check_size(config, args.H, args.W)
     except MinidbError as e:
         raise MinidbError(f"--H/--W: {e}") from None
+    if args.lora:  # every check of a LoRA file against the model, on shapes only (meta device)
+        from minidb.lora import load_lora, meta_models
+        models = meta_models(config)
+        for path, _ in args.lora:
+            load_lora(path, models).detach()
 
 
 def pick_device(name: str | None) -> str:
@@ -170,9 +196,12 @@ def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
     info = PngInfo()
     info.add_text("parameters", "\n".join([prompt] + ([f"Negative prompt: {negative}"] if negative else [])
                                          + [settings]))
-    for key, value in [("prompt", prompt), ("negative_prompt", negative), ("seed", seed), ("sampler", args.sampler),
-                       ("steps", args.steps), ("scale", f"{args.scale:g}"), ("eta", f"{args.eta:g}"),
-                       ("size", f"{args.W}x{args.H}"), ("checkpoint", ckpt_name), ("checkpoint_hash", model_hash)]:
+    fields = [("prompt", prompt), ("negative_prompt", negative), ("seed", seed), ("sampler", args.sampler),
+              ("steps", args.steps), ("scale", f"{args.scale:g}"), ("eta", f"{args.eta:g}"),
+              ("size", f"{args.W}x{args.H}"), ("checkpoint", ckpt_name), ("checkpoint_hash", model_hash)]
+    if args.lora:
+        fields.append(("loras", ", ".join(f"{path.name}:{scale:g}" for path, scale in args.lora)))
+    for key, value in fields:
         info.add_text(key, str(value))
     return info
 
@@ -213,6 +242,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {ckpt} ({device}, {dtype}); images {args.W}x{args.H}", file=sys.stderr)
     sd = StableDiffusion.from_checkpoint(ckpt, device=device, dtype=dtype)
+    for path, scale in args.lora:
+        sd.load_lora(path, scale)
     model_hash = file_hash(ckpt)
     print(f"loaded in {time.perf_counter() - t0:.1f}s; seed {seed}", file=sys.stderr)
 
