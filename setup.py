@@ -33,7 +33,7 @@ setup(
     extras_require={
         "triton": [TRITON],
         # Reference implementations for the equivalence tests (the runtime never imports them), and Triton.
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", TRITON],
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "peft", TRITON],
     },
     entry_points={"console_scripts": ["minidb=minidb.cli:main"]},
 )
