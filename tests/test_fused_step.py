@@ -8,6 +8,7 @@ from minidb.adamw8bit import AdamW8bit
 from minidb.errors import ConfigError
 from minidb.fused_step import FusedBackwardStep, check_supported
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
+from minidb.train import optimizer_step
 
 
 class Net(torch.nn.Sequential):
@@ -37,9 +38,12 @@ def loss_of(net, x, y):
 
 
 def plain_step(net, masters, opt, scaler, max_grad_norm, x, y, coef_norm=None):
-    """minidb.train.optimizer_step, single process; coef_norm: clip by this norm instead (lagged)."""
+    """minidb.train.optimizer_step, single process; coef_norm: clip by this norm instead (lagged,
+    which optimizer_step does not do: only that case is written out here)."""
     loss = loss_of(net, x, y)
     (scaler.scale_loss(loss) if scaler else loss).backward()
+    if coef_norm is None:
+        return optimizer_step(masters, opt, scaler, max_grad_norm)
     masters.grads_from_model(1.0 / scaler.scale if scaler else 1.0)
     grads = masters.grads()
     norm = total_norm(grads)
