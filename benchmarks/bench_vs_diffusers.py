@@ -62,7 +62,7 @@ def build(size: str, device: str, dtype: torch.dtype):
 
 def tasks(sd, pipe, res: int, steps: int, device: str, dtype: torch.dtype) -> dict:
     """{task: (minidb's callable, diffusers' callable)} on the same inputs."""
-    f = 2 ** (len(sd.config.vae.ch_mult) - 1)
+    f = sd.config.latent_factor
     g = torch.Generator().manual_seed(0)
     ids = sd.tokenizer([PROMPT, ""]).to(device)
     x = torch.randn(2, 4, res // f, res // f, generator=g).to(device, dtype)

@@ -34,7 +34,6 @@ class StableDiffusion:
             self.unet = UNetModel(config.unet)
             self.vae = AutoencoderKL(config.vae)
         self.extras = {}  # the checkpoint's non-model buffers, written back by save()
-        self.device, self.dtype = torch.device("cpu"), torch.float32
         for model in self.models.values():
             model.eval().requires_grad_(False)
 
@@ -50,7 +49,6 @@ class StableDiffusion:
             sd.extras = weights.load_models(ckpt, sd.models, dtype=dtype, device=device, ema=ema)
         for model in sd.models.values():
             model.eval().requires_grad_(False)  # assign=True brought back the meta params' flag
-        sd.device, sd.dtype = torch.device(device), dtype
         return sd
 
     @classmethod
@@ -77,9 +75,16 @@ class StableDiffusion:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
         for model in self.models.values():
             model.to(device=device, dtype=dtype)
-        self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
         return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are (the models move together, with to())."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     def generate(self, *args, **kwargs):
         """Text to images: see minidb.sampling.generate."""

@@ -31,10 +31,5 @@ class NoiseSchedule:
         out = sqrt_a * x0.to(dtype) + sqrt_1ma * noise.to(device=x0.device, dtype=dtype)
         return out.to(x0.dtype)
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio alphas_cumprod / (1 - alphas_cumprod) at t (float64, for loss weighting)."""
-        a = self.alphas_cumprod[torch.as_tensor(t).long().cpu()]
-        return a / (1.0 - a)
-
     def __repr__(self):
         return f"NoiseSchedule(timesteps={self.timesteps}, betas={self.betas[0]:.5f}..{self.betas[-1]:.5f})"

@@ -20,7 +20,7 @@ import tokenize
 from dataclasses import dataclass, field
 
 from minidb.errors import ConfigError
-from minidb.samplers import SAMPLERS
+from minidb.config import DTYPES, SAMPLER_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -111,11 +111,11 @@ class DreamBoothConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(DreamBoothConfig)}
 PATH_FIELDS = {("model", "base"), ("data", "instance_dir"), ("prior", "class_dir"), ("train", "output_dir")}
 CHOICES = {
-    ("model", "precision"): ("auto", "fp32", "fp16", "bf16"),
+    ("model", "precision"): ("auto", *DTYPES),
     ("model", "export_dtype"): ("fp16", "fp32"),
     ("optim", "lr_schedule"): ("constant", "cosine"),
-    ("prior", "sampler"): tuple(SAMPLERS),
-    ("validation", "sampler"): tuple(SAMPLERS),
+    ("prior", "sampler"): tuple(SAMPLER_NAMES),
+    ("validation", "sampler"): tuple(SAMPLER_NAMES),
 }
 
 

@@ -25,9 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
-from minidb.samplers import SAMPLER_NAMES, SAMPLERS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minidb.config import DTYPES, SAMPLER_NAMES
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -42,7 +40,7 @@ def add_arguments(p):
     p.add_argument("--scale", type=float, default=7.5,
                    help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="default ddim")
+    p.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim", help="default ddim")
     p.add_argument("--H", type=int, help="image height in pixels (default: the model's image size, 512 for SD v1)")
     p.add_argument("--W", type=int, help="image width in pixels (default: the model's image size, 512 for SD v1)")
     p.add_argument("--n-samples", type=int, default=1, help="images per batch (default 1)")
@@ -207,7 +205,7 @@ def run(args) -> int:
         short = p if len(p) <= 60 else p[:57] + "..."
         print(f"warning: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(p) + 2} with start and end), "
               f"the rest is ignored: {short!r}", file=sys.stderr)
-    dtype = DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype = getattr(torch, DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")])
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
 
     t0 = time.perf_counter()
