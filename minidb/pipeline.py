@@ -5,18 +5,21 @@ schedule, loaded from and saved to original (CompVis-layout) checkpoints.
                                          dtype=torch.float16)
     images = sd.generate(["a photo of an astronaut riding a horse"], seed=0)
     sd.save("copy.safetensors")
+    export_model("v1-5.safetensors", trained_weights, "tuned.safetensors")   # after fine-tuning
 
 Models come back in eval mode with requires_grad off: inference is the default, and the
 trainer turns on what it trains.
 """
 import contextlib
 import functools
+from pathlib import Path
 
 import torch
 
 from minidb import weights
 from minidb.clip import CLIPTextModel
 from minidb.config import SDConfig
+from minidb.errors import CheckpointError
 from minidb.unet import UNetModel
 from minidb.vae import AutoencoderKL
 
@@ -69,7 +72,7 @@ class StableDiffusion:
     def save(self, path, dtype: torch.dtype | None = None):
         """Write an original-layout SD v1 checkpoint (.safetensors or .ckpt, by the file name),
         atomically, with this model's config in its metadata. dtype=None keeps the current one."""
-        weights.save_checkpoint(path, **{name: m.state_dict() for name, m in self.models.items()},
+        weights.save_model(path, **{name: m.state_dict() for name, m in self.models.items()},
                                 extras=self.extras, config=self.config, dtype=dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
@@ -104,6 +107,31 @@ class StableDiffusion:
     def __repr__(self):
         params = sum(p.numel() for m in self.models.values() for p in m.parameters())
         return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"
+
+
+def export_model(base, trained: dict, path, dtype=torch.float16) -> Path:
+    """A fine-tuned model as an original-layout SD v1 checkpoint: the trained weights ("unet.*",
+    "text_encoder.*", fp32) over a fresh fp32 load of the base checkpoint, which supplies the frozen
+    parts exactly as they were (not rounded through the training dtype)."""
+    sd = StableDiffusion.from_checkpoint(base, device="cpu", dtype=torch.float32)
+    for name, module in sd.models.items():
+        part = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(name + ".")}
+        if part:
+            full = module.state_dict()
+            unknown = sorted(set(part) - set(full))
+            if unknown:
+                raise CheckpointError(f"trained weights not in the {name}: {unknown[:5]}")
+            full.update({k: v.to("cpu", torch.float32) for k, v in part.items()})
+            module.load_state_dict(full, strict=True)
+    sd.save(path, dtype=dtype)
+    return Path(path)
+
+
+def export_checkpoint(checkpoint, path, dtype=torch.float16) -> Path:
+    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model."""
+    from minidb.checkpoint import load_state
+    state = load_state(checkpoint)
+    return export_model(state["config"]["model"]["base"], state["weights"], path, dtype)
 
 
 @contextlib.contextmanager

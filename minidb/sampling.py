@@ -136,6 +136,15 @@ def decode(sd, latents: torch.Tensor) -> list[Image.Image]:
     return images
 
 
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images of one size in rows of `columns`, left to right, top to bottom, on white."""
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
 def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
              sampler: str = "ddim", height: int | None = None, width: int | None = None, seed=None, latents=None,
              progress: bool = True) -> list[Image.Image]:
