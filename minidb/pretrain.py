@@ -292,12 +292,9 @@ def load_trained(sd, weights: dict, vae=None) -> None:
 
 
 def save_grid(images, columns: int, path: Path) -> Path:
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    from minidb.sampling import image_grid
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    image_grid(images, columns).save(path)
     return path
 
 

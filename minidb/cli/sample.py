@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
@@ -175,15 +174,6 @@ def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
     return info
 
 
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * w, i * h))
-    return grid
-
-
 def _next_index(folder: Path, pattern: str) -> int:
     """Continue the numbering of earlier runs instead of overwriting them."""
     numbers = [int(p.stem.split("-")[-1]) for p in folder.glob(pattern) if p.stem.split("-")[-1].isdigit()]
@@ -197,7 +187,7 @@ def run(args) -> int:
     ckpt = find_checkpoint(args.ckpt)
 
     from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
-    from minidb.sampling import PromptTruncatedWarning, generate, truncated_prompts
+    from minidb.sampling import PromptTruncatedWarning, generate, image_grid, truncated_prompts
     from minidb.tokenizer import CLIPTokenizer
     check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt))  # reads no tensor: fails in a second
     tokenizer = CLIPTokenizer()
@@ -233,7 +223,7 @@ def run(args) -> int:
                 index, image_seed = index + 1, image_seed + 1
             rows.append(images)
         grid_path = outdir / f"grid-{grid_index:04}.png"
-        make_grid(rows).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
+        image_grid([image for row in rows for image in row], args.n_samples).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
                                                          model_hash, ckpt.name))
         grid_index += 1
         n = len(rows) * args.n_samples
