@@ -22,7 +22,6 @@ setup(
     install_requires=[
         "torch>=2.1",
         "numpy",
-        "einops",
         "safetensors",
         "tokenizers",
         "pillow",

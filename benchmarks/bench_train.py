@@ -80,7 +80,7 @@ def inputs(sd_config, ids, res: int, step: int, device):
     """The step's batch: [instance; class] images and token ids, and the step's noise draws."""
     g = torch.Generator().manual_seed(1000 + step)
     pixels = torch.rand(2, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    h = res // 2 ** (len(sd_config.vae.ch_mult) - 1)
+    h = res // sd_config.latent_factor
     latent_noise = torch.randn(2, sd_config.vae.embed_dim, h, h, generator=g)  # the posterior sample's
     noise = torch.randn(2, sd_config.unet.in_channels, h, h, generator=g)
     t = torch.randint(0, sd_config.timesteps, (2,), generator=g)

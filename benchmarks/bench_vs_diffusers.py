@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from minidb import config
 from minidb.config import SDConfig, tiny_config
 from minidb.pipeline import StableDiffusion
 
@@ -44,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 
 PROMPT = "a photo of sks dog in a bucket"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in config.DTYPES.items()}  # "fp16" -> torch.float16
 
 
 def build(size: str, device: str, dtype: torch.dtype):
@@ -62,7 +63,7 @@ def build(size: str, device: str, dtype: torch.dtype):
 
 def tasks(sd, pipe, res: int, steps: int, device: str, dtype: torch.dtype) -> dict:
     """{task: (minidb's callable, diffusers' callable)} on the same inputs."""
-    f = 2 ** (len(sd.config.vae.ch_mult) - 1)
+    f = sd.config.latent_factor
     g = torch.Generator().manual_seed(0)
     ids = sd.tokenizer([PROMPT, ""]).to(device)
     x = torch.randn(2, 4, res // f, res // f, generator=g).to(device, dtype)

@@ -88,13 +88,13 @@ def main():
     fp32 = "--fp32" in sys.argv[1:]  # also load the fp16 files into float32 models
 
     with tempfile.TemporaryDirectory(prefix="minidb-load-memory-") as folder:
-        from minidb.weights import write_checkpoint
+        from minidb.weights import write_tensors
         tensors = sd_v1_tensors()
         n_keys, size = len(tensors), sum(t.nbytes for t in tensors.values())
         paths = {}
         for suffix in (".safetensors", ".ckpt"):
             paths[suffix] = os.path.join(folder, "sd-v1-random-fp16" + suffix)
-            write_checkpoint(paths[suffix], tensors)
+            write_tensors(paths[suffix], tensors)
         del tensors
         runs = [(".safetensors", "float16", "minidb"), (".ckpt", "float16", "minidb")]
         if fp32:

@@ -6,8 +6,8 @@
 Only the trained weights are stored (the UNet, and the text encoder when it trains): the frozen
 parts come from the base checkpoint again on resume, so a checkpoint is the size of what changes.
 
-Writes are atomic: the bytes go to `step_000200.pt.tmp`, are fsync'ed, and only then renamed to
-their final name (os.replace), so a crash or kill mid-write leaves at most a stray .tmp file and
+Writes are atomic (`save_state`): the bytes go to `step_000200.pt.tmp`, are fsync'ed, and only then
+renamed to their final name (os.replace), so a crash or kill mid-write leaves at most a stray .tmp file and
 the newest `step_*.pt` is always a whole checkpoint. Reads use torch.load(weights_only=True): plain
 containers and tensors, nothing that runs code.
 """
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from minidb.errors import CheckpointError
+from minidb.weights import atomic_write
 
 FORMAT = "minidb-dreambooth-state"
 VERSION = 1
@@ -44,35 +45,15 @@ def latest_checkpoint(folder) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(path, state: dict) -> Path:
-    """torch.save(state) to path, atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())      # the bytes are on disk before the name points at them
-        os.replace(tmp, path)         # atomic on POSIX and Windows
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)        # ... and the rename itself survives a power cut
-    return path
+def save_state(path, state: dict) -> Path:
+    """torch.save(state) to path, atomically (minidb.weights.atomic_write): a crash mid-write leaves
+    at most a stray step_N.pt.tmp, never a half-written step_N.pt."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+    return Path(path)
 
 
-def _fsync_folder(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path) -> dict:
+def load_state(path) -> dict:
     """The state dict of a training checkpoint; tensors on the CPU. CheckpointError if unusable."""
     path = Path(path)
     if path.is_dir():

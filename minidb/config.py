@@ -1,7 +1,13 @@
 """Model configs: frozen dataclasses whose field names and defaults are those of CompVis'
 `configs/stable-diffusion/v1-inference.yaml`, so SD v1 is `SDConfig()` and anything smaller
-(tests, the miniature world) is the same code with other numbers."""
+(tests, the miniature world) is the same code with other numbers.
+
+Also the names every layer shares (no torch needed to read them): the samplers, and the
+precisions with the torch dtype each stands for (`getattr(torch, DTYPES["fp16"])`)."""
 from dataclasses import dataclass, field
+
+SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M"}  # name -> as A1111's "Sampler:" writes it
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision -> torch dtype name
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,10 @@ class UNetConfig:
     context_dim: int = 768
     norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups); tiny widths need fewer
 
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)  # every level but the last halves the size
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -28,6 +38,10 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
     norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)  # every level but the last halves the size
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,16 @@ class SDConfig:
     def __post_init__(self):
         if self.parameterization not in ("eps", "v"):
             raise ValueError(f'parameterization must be "eps" or "v", got {self.parameterization!r}')
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent, each way (8 for SD v1)."""
+        return self.vae.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this (64 for SD v1): the UNet downsamples the latents further."""
+        return self.latent_factor * self.unet.downsample_factor
 
 
 def tiny_config() -> SDConfig:

@@ -1,27 +1,25 @@
-"""DreamBooth's training data: the subject's photos, the class images of prior preservation, and
-the augmentation that turns them into [3, R, R] tensors in [-1, 1].
+"""DreamBooth's data stage: image files -> examples -> the batches a training step sees.
 
     instance = load_image_folder("data/dog", "instance", resolution=512)
-    check_prompts("a photo of sks dog", "a photo of a dog")
-    paths = ensure_class_images(sd, "a photo of a dog", "runs/dog/class_images", 200)
-    dataset = DreamBoothDataset(instance, load_image_folder("runs/dog/class_images", "class", 512), 512)
-    for index in shard(dataset.epoch_order(epoch), rank, world_size):
-        example = dataset.get(index, epoch)     # {"instance": [3,512,512], "class_": [3,512,512]}
+    classes = load_image_folder("runs/dog/class_images", "class", 512)   # minidb.prior makes them
+    dataset = DreamBoothDataset(instance, classes, 512, seed=0)
+    example = dataset.get(index, epoch)          # {"instance": [3,512,512], "class_": [3,512,512]}
+    batches = Batches(dataset, sd, batch_size=2, dist=dist)
+    batch, cursor = batches.next(cursor, step, micro)   # latents, noise, t of [instance; class]
 
-Reproducibility without saved RNG state: the order of an epoch comes from (seed, epoch), and the
-crop and flip of an example from (seed, epoch, index), each through its own torch.Generator. A
-resumed run, or any number of processes, sees exactly the pixels an uninterrupted run sees.
+Reproducibility without saved RNG state: the order of an epoch comes from (seed, epoch), the crop
+and flip of an example from (seed, epoch, index), and its timestep and noises from (seed, step,
+micro-batch, position in the global batch), each through its own torch.Generator. A resumed run,
+or any number of processes, sees exactly the numbers an uninterrupted run sees.
 """
 import hashlib
-import math
-import os
-import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from minidb.errors import DataError
@@ -132,47 +130,6 @@ def _warn_small(what, names, resolution):
                   f"upscaled, which blurs them: {', '.join(names)}", stacklevel=3)
 
 
-# ---- prompts -----------------------------------------------------------------------------------
-
-# Words that are neither the class noun nor an identifier: articles, prepositions, the medium.
-FILLER = frozenset("a an the of in on at with and or for to by from my our your his her their its this that "
-                   "some photo photograph picture image pic shot painting drawing rendering render portrait "
-                   "close up closeup".split())
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[\w']+", text.lower())
-
-
-def check_prompts(instance_prompt: str, class_prompt: str | None, identifier: str | None = None) -> None:
-    """DataError for an empty instance prompt; a warning when it lacks the class word(s) (the class
-    prompt's nouns, "dog" in "a photo of a dog") or any identifier: DreamBooth binds a rare token
-    to the subject *within its class* ("a photo of sks dog"), which prior preservation then keeps
-    apart from the class itself. identifier: the expected token; None: any word beyond the class
-    prompt's words (and filler) counts."""
-    if not instance_prompt or not instance_prompt.strip():
-        raise DataError('the instance prompt is empty: give one like "a photo of sks dog"')
-    words = set(_words(instance_prompt))
-    class_prompt = class_prompt if class_prompt and class_prompt.strip() else None
-    if class_prompt:
-        class_words = [w for w in _words(class_prompt) if w not in FILLER]
-        missing = [w for w in class_words if w not in words]
-        if missing:
-            warnings.warn(f"the instance prompt {instance_prompt!r} lacks the class word(s) {' '.join(missing)!r} "
-                          f"of the class prompt {class_prompt!r}: DreamBooth expects the subject within its class, "
-                          f'e.g. "a photo of sks dog" with "a photo of a dog"', stacklevel=2)
-    if identifier:
-        if not set(_words(identifier)) <= words:
-            warnings.warn(f"the instance prompt {instance_prompt!r} does not contain the identifier {identifier!r}",
-                          stacklevel=2)
-    elif class_prompt:
-        beyond = words - set(_words(class_prompt)) - FILLER
-        if not beyond:
-            warnings.warn(f"the instance prompt {instance_prompt!r} has no identifier beyond the words of the class "
-                          f"prompt {class_prompt!r}: add a rare token, e.g. \"a photo of sks dog\", or training "
-                          f"shifts the whole class towards your subject", stacklevel=2)
-
-
 # ---- the dataset -------------------------------------------------------------------------------
 
 def _seed_of(*parts) -> int:
@@ -244,19 +201,6 @@ class DreamBoothDataset:
         return torch.randperm(len(self), generator=g).tolist()
 
 
-def shard(order: list[int], rank: int, world_size: int) -> list[int]:
-    """Rank `rank`'s share of an order: every world_size-th item from position rank (as torch's
-    DistributedSampler), the order first padded by wrapping around to a multiple of world_size,
-    so every rank gets ceil(len / world_size) items and steps in lockstep with the others."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} of world size {world_size}")
-    order = list(order)
-    if not order:
-        return []
-    padded = [order[i % len(order)] for i in range(math.ceil(len(order) / world_size) * world_size)]
-    return padded[rank::world_size]
-
-
 def can_cache_latents(center_crop: bool, hflip: bool, exact_size: bool = False) -> bool:
     """Whether an example's VAE latent is the same in every epoch, so it can be encoded once.
     Only without flips, and with a centre crop or images that are all exactly R x R already
@@ -267,104 +211,91 @@ def can_cache_latents(center_crop: bool, hflip: bool, exact_size: bool = False) 
     return (bool(center_crop) or exact_size) and not hflip
 
 
-# ---- class images for prior preservation --------------------------------------------------------
+# ---- batches: what one micro-batch of one process trains on --------------------------------------
 
-CLASS_IMAGE = re.compile(r"class-(\d{5,})\.png")
-
-
-def class_image_name(index: int) -> str:
-    return f"class-{index:05d}.png"
-
-
-def _class_index(name: str) -> int | None:
-    m = CLASS_IMAGE.fullmatch(name)
-    return int(m.group(1)) if m and class_image_name(int(m.group(1))) == name else None
+class Batch(NamedTuple):
+    """x0 latents (the VAE posterior sampled, times scale_factor), the noise to predict, and the
+    timesteps, all [batch_size instance examples; batch_size class examples, or none without prior
+    preservation]. fp32, on the model's device."""
+    latents: torch.Tensor  # [n, 4, h, w]
+    noise: torch.Tensor    # [n, 4, h, w]
+    t: torch.Tensor        # [n]
 
 
-def _readable(path: Path) -> dict | None:
-    """The image's metadata (PNG text included) after a structural check, or None for junk."""
-    try:
-        with Image.open(path) as image:
-            info = dict(image.info)
-            image.verify()  # checks the structure (PNG: chunk CRCs) without decoding
-            return info
-    except MemoryError:
-        raise
-    except Exception:
-        return None
+class Batches:
+    """The global batch of a micro-step is the next batch_size x world_size examples of the data
+    order (crossing epochs); this process takes its batch_size of them. A cursor (epoch, position
+    in that epoch's order) says where the next batch starts; it is all a checkpoint has to keep."""
+
+    def __init__(self, dataset: DreamBoothDataset, sd, batch_size: int, dist, latent_cache=None):
+        self.dataset, self.sd, self.batch_size, self.latent_cache = dataset, sd, batch_size, latent_cache
+        self.rank, self.world_size = dist.rank, dist.world_size
+        self.prior = dataset.class_ is not None
+        self.hw = dataset.resolution // sd.config.latent_factor
+
+    def next(self, cursor: tuple[int, int], step: int, micro: int) -> tuple[Batch, tuple[int, int]]:
+        B = self.batch_size
+        items, cursor = next_items(self.dataset, cursor, B * self.world_size)
+        mine = range(self.rank * B, (self.rank + 1) * B)
+        mean, std = encode_batch(self.sd, self.dataset, [items[j] for j in mine], self.prior, self.latent_cache)
+        t, noise, eps = draw_noise(self.dataset.seed, step, micro, mine, self.prior, self.sd.config, self.hw)
+        latents = (mean + std * eps.to(mean.device)) * self.sd.config.scale_factor  # posterior sample, fp32
+        return Batch(latents, noise.to(mean.device), t.to(mean.device)), cursor
 
 
-def ensure_class_images(sd, class_prompt: str, class_dir, num_images: int, seed: int = 0, batch_size: int = 4,
-                        steps: int = 50, guidance: float = 7.5, sampler: str = "ddim", resolution: int = 512,
-                        rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
-    """The paths of num_images class images in class_dir, generating the missing ones with sd.
-
-    The user's own images in class_dir (any name) count first; the rest are class-00000.png,
-    class-00001.png, ..., image i drawn with seed + i, so the set does not depend on the batch size,
-    the number of processes, or how often a run was interrupted. Existing ones are kept; each new
-    PNG is written atomically. Process `rank` of `world_size` draws the indices i % world_size ==
-    rank; every process returns the same full list (put a barrier after this call)."""
-    if not class_prompt or not class_prompt.strip():
-        raise DataError("class images: the class prompt is empty")
-    if num_images < 0 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"num_images={num_images}, batch_size={batch_size}, rank={rank}, world_size={world_size}")
-    class_dir = Path(class_dir).expanduser()
-    if class_dir.exists() and not class_dir.is_dir():
-        raise DataError(f"class images: {class_dir} is a file, not a folder")
-    class_dir.mkdir(parents=True, exist_ok=True)
-
-    own, generated = [], {}
-    for path in sorted(class_dir.iterdir(), key=lambda p: p.name):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        index = _class_index(path.name)
-        if index is not None:
-            generated[index] = path
-        elif _readable(path) is not None:
-            own.append(path)
-    if len(own) >= num_images:
-        return own[:num_images]
-    wanted = range(num_images - len(own))
-    todo, other_prompt = [], []
-    for i in wanted:
-        info = _readable(generated[i]) if i in generated else None
-        if info is None:
-            todo.append(i)  # missing, or unreadable: drawn (again)
-        elif info.get("minidb.prompt", class_prompt) != class_prompt:
-            other_prompt.append(generated[i].name)
-    if other_prompt and rank == 0:
-        warnings.warn(f"class images: {len(other_prompt)} image(s) in {class_dir} were generated for another prompt "
-                      f"than {class_prompt!r} (e.g. {other_prompt[0]}); they are used as they are: delete them to "
-                      f"draw new ones", stacklevel=2)
-
-    mine = [i for i in todo if i % world_size == rank]
-    with tqdm(total=len(mine), desc="class images", unit="img", disable=not progress or rank != 0) as bar:
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start:start + batch_size]
-            images = sd.generate([class_prompt] * len(batch), seed=[seed + i for i in batch], steps=steps,
-                                 guidance=guidance, sampler=sampler, height=resolution, width=resolution,
-                                 progress=False)
-            for i, image in zip(batch, images):
-                meta = {"prompt": class_prompt, "seed": seed + i, "steps": steps, "guidance": guidance,
-                        "sampler": sampler}
-                _save_png_atomic(image, class_dir / class_image_name(i), meta)
-            bar.update(len(batch))
-    return sorted(own + [class_dir / class_image_name(i) for i in wanted], key=lambda p: p.name)
+def next_items(dataset, cursor: tuple[int, int], n: int):
+    """The next n (epoch, index) examples of the data order, crossing epochs, and the new cursor."""
+    epoch, pos = cursor
+    order = dataset.epoch_order(epoch)
+    items = []
+    while len(items) < n:
+        if pos == len(order):
+            epoch, pos = epoch + 1, 0
+            order = dataset.epoch_order(epoch)
+        items.append((epoch, order[pos]))
+        pos += 1
+    return items, (epoch, pos)
 
 
-def _save_png_atomic(image: Image.Image, path: Path, meta: dict):
-    """Temp file (hidden, so no loader sees it), fsync, rename: a crash leaves the old state or
-    the whole new image, never half of one."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in meta.items():
-        info.add_text(f"minidb.{key}", str(value))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def example_seed(seed: int, step: int, micro: int, position: int) -> int:
+    digest = hashlib.sha256(f"minidb-dreambooth/{seed}/{step}/{micro}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int):
+    """Per example (global batch position j): timestep, target noise and the VAE posterior's noise,
+    from its own CPU generator. Returns t [n], noise [n, 4, hw, hw], eps [n, 4, hw, hw] ordered
+    [instance examples; class examples], n = len(positions) * (2 if prior else 1)."""
+    draws = []
+    for j in positions:
+        g = torch.Generator().manual_seed(example_seed(seed, step, micro, j))
+        t = torch.randint(0, config.timesteps, (2,), generator=g)  # uniform in [0, T)
+        noise = torch.randn((2, config.unet.in_channels, hw, hw), generator=g)
+        eps = torch.randn((2, config.vae.embed_dim, hw, hw), generator=g)
+        draws.append((t, noise, eps))
+    halves = [0, 1] if prior else [0]
+    return tuple(torch.stack([d[k][h] for h in halves for d in draws]) for k in range(3))
+
+
+@torch.no_grad()
+def encode_batch(sd, dataset, items, prior: bool, latent_cache=None):
+    """The VAE posterior's mean and std [n, 4, h, w] (fp32) of [instance images; class images]."""
+    if latent_cache is not None:
+        rows = [latent_cache[index][0] for _, index in items] + ([latent_cache[index][1] for _, index in items]
+                                                                  if prior else [])
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    examples = [dataset.get(index, epoch) for epoch, index in items]
+    pixels = torch.stack([e["instance"] for e in examples] + ([e["class_"] for e in examples] if prior else []))
+    posterior = sd.vae.encode(pixels.to(device=sd.device, dtype=sd.dtype))
+    return posterior.mean.float(), posterior.std.float()
+
+
+@torch.no_grad()
+def cache_latents(sd, dataset, prior: bool, dist) -> list:
+    """latent_cache[index] = ((mean, std) of the instance image, (mean, std) of the class image or None):
+    without random augmentation an example's image never changes, so the VAE encodes it once."""
+    cache = []
+    for index in tqdm(range(len(dataset)), desc="caching latents", disable=not dist.is_main, leave=False):
+        mean, std = encode_batch(sd, dataset, [(0, index)], prior)
+        cache.append(((mean[0], std[0]), (mean[1], std[1]) if prior else None))
+    return cache

@@ -1,11 +1,15 @@
 """The few collective operations training needs, for one process or many (torchrun).
 
-    dist = Dist.from_env(timeout_s=600)   # RANK/WORLD_SIZE/LOCAL_RANK set by torchrun, else 1 process
-    unet = dist.wrap(sd.unet)             # DistributedDataParallel when world_size > 1
-    dist.all_reduce_max_(found_inf)       # every rank skips the same fp16 steps
-    if dist.is_main: write files
-    dist.barrier(); dist.close()
-    dist.lost(error)                      # a collective failed (a peer died or hung): a one-line PeerLost
+    with Dist.from_env(timeout_s=600) as dist:  # RANK/WORLD_SIZE/LOCAL_RANK set by torchrun, else 1 process
+        device = dist.device("auto")            # this process's GPU, or the CPU
+        unet = dist.wrap(sd.unet)               # DistributedDataParallel when world_size > 1
+        dist.all_reduce_max_(found_inf)         # every rank skips the same fp16 steps
+        if dist.is_main: write files
+        dist.barrier()
+    # leaving the block closes the process group; a collective that failed because a peer died or
+    # hung leaves it as a one-line PeerLost, not a traceback from inside torch.distributed
+
+    with StopOnSignal(log) as stop:             # Ctrl-C / SIGTERM: stop.requested, checked once a step
 
 With one process every method is a no-op (no torch.distributed, no process group), so the
 training loop reads the same either way. The engine is PyTorch's own: NCCL on GPUs, gloo on CPUs.
@@ -14,11 +18,13 @@ import contextlib
 import datetime
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from minidb.errors import MinidbError
+from minidb.errors import ConfigError, MinidbError
 
 
 class PeerLost(MinidbError):
@@ -31,13 +37,14 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     timeout_s: float = 600
+    hint: object = None  # () -> str: what to do after a lost peer, added to the PeerLost message
 
     @classmethod
     def from_env(cls, timeout_s: float = 600, backend: str | None = None) -> "Dist":
         """Join the process group torchrun describes in the environment, or run alone."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
-            return cls()
+            return cls(timeout_s=timeout_s)
         import torch.distributed as td
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -51,6 +58,33 @@ class Dist:
                 raise PeerLost(f"process {rank} of {world_size} could not join the others at {where} within "
                                f"{timeout_s:g} s ({_reason(e)})") from e
         return cls(rank, world_size, local_rank, timeout_s)
+
+    def __enter__(self) -> "Dist":
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        lost = self.lost(error) if error is not None else None
+        hint = self.hint() if lost is not None and self.hint is not None else None
+        self.close()
+        if lost is not None:
+            raise PeerLost(f"{lost}; {hint}" if hint else str(lost)) from error
+        return False
+
+    def device(self, name: str = "auto") -> torch.device:
+        """The device this process trains on: name ("auto", "cpu", "cuda", "cuda:1", ...), where a
+        bare "cuda" means this process's own GPU (LOCAL_RANK)."""
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"model.device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"model.device is {name!r} but torch sees no CUDA device")
+            if device.index is None:
+                device = torch.device("cuda", self.local_rank)
+        return device
 
     @property
     def is_main(self) -> bool:
@@ -126,3 +160,27 @@ def _reason(e: BaseException) -> str:
     """The gist of a torch.distributed error: its first sentence, without the C++ source location."""
     text = re.sub(r"^\[[^\]]*:\d+\]\s*", "", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
     return re.split(r"\.\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step and write a checkpoint
+    (`requested` names the signal); a second Ctrl-C stops at once (no checkpoint)."""
+
+    def __init__(self, log):
+        self.log, self.requested, self.previous = log, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: stopping after this step to write a checkpoint (Ctrl-C again: stop now, no checkpoint)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -33,13 +33,13 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import torch
 from torch import nn
 
 from minidb.config import SDConfig, UNetConfig
 from minidb.errors import CheckpointError
+from minidb.weights import atomic_write
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora.py
 UNET_TRANSFORMER = UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")  # kohya's LoRA
@@ -195,14 +195,8 @@ def save_lora(path, network: LoRANetwork, dtype: torch.dtype | None = None, meta
             "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
             "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_output_name": "minidb"}
     info |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_lora(path) -> dict:

@@ -5,18 +5,21 @@ schedule, loaded from and saved to original (CompVis-layout) checkpoints.
                                          dtype=torch.float16)
     images = sd.generate(["a photo of an astronaut riding a horse"], seed=0)
     sd.save("copy.safetensors")
+    export_model("v1-5.safetensors", trained_weights, "tuned.safetensors")   # after fine-tuning
 
 Models come back in eval mode with requires_grad off: inference is the default, and the
 trainer turns on what it trains.
 """
 import contextlib
 import functools
+from pathlib import Path
 
 import torch
 
 from minidb import weights
 from minidb.clip import CLIPTextModel
 from minidb.config import SDConfig
+from minidb.errors import CheckpointError
 from minidb.unet import UNetModel
 from minidb.vae import AutoencoderKL
 
@@ -35,7 +38,6 @@ class StableDiffusion:
             self.vae = AutoencoderKL(config.vae)
         self.extras = {}  # the checkpoint's non-model buffers, written back by save()
         self.loras = []  # LoRA networks applied by load_lora, not merged
-        self.device, self.dtype = torch.device("cpu"), torch.float32
         for model in self.models.values():
             model.eval().requires_grad_(False)
 
@@ -51,7 +53,6 @@ class StableDiffusion:
             sd.extras = weights.load_models(ckpt, sd.models, dtype=dtype, device=device, ema=ema)
         for model in sd.models.values():
             model.eval().requires_grad_(False)  # assign=True brought back the meta params' flag
-        sd.device, sd.dtype = torch.device(device), dtype
         return sd
 
     @classmethod
@@ -72,14 +73,12 @@ class StableDiffusion:
     def save(self, path, dtype: torch.dtype | None = None):
         """Write an original-layout SD v1 checkpoint (.safetensors or .ckpt, by the file name),
         atomically, with this model's config in its metadata. dtype=None keeps the current one."""
-        weights.save_checkpoint(path, **{name: m.state_dict() for name, m in self.models.items()},
+        weights.save_model(path, **{name: m.state_dict() for name, m in self.models.items()},
                                 extras=self.extras, config=self.config, dtype=dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusion":
         for model in list(self.models.values()) + self.loras:
             model.to(device=device, dtype=dtype)
-        self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
         return self
 
     def load_lora(self, path, scale: float = 1.0):
@@ -97,6 +96,15 @@ class StableDiffusion:
         for network in self.loras:
             network.merge_()
         self.loras = []
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are (the models move together, with to())."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     def generate(self, *args, **kwargs):
         """Text to images: see minidb.sampling.generate."""
@@ -116,6 +124,31 @@ class StableDiffusion:
     def __repr__(self):
         params = sum(p.numel() for m in self.models.values() for p in m.parameters())
         return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"
+
+
+def export_model(base, trained: dict, path, dtype=torch.float16) -> Path:
+    """A fine-tuned model as an original-layout SD v1 checkpoint: the trained weights ("unet.*",
+    "text_encoder.*", fp32) over a fresh fp32 load of the base checkpoint, which supplies the frozen
+    parts exactly as they were (not rounded through the training dtype)."""
+    sd = StableDiffusion.from_checkpoint(base, device="cpu", dtype=torch.float32)
+    for name, module in sd.models.items():
+        part = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(name + ".")}
+        if part:
+            full = module.state_dict()
+            unknown = sorted(set(part) - set(full))
+            if unknown:
+                raise CheckpointError(f"trained weights not in the {name}: {unknown[:5]}")
+            full.update({k: v.to("cpu", torch.float32) for k, v in part.items()})
+            module.load_state_dict(full, strict=True)
+    sd.save(path, dtype=dtype)
+    return Path(path)
+
+
+def export_checkpoint(checkpoint, path, dtype=torch.float16) -> Path:
+    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model."""
+    from minidb.checkpoint import load_state
+    state = load_state(checkpoint)
+    return export_model(state["config"]["model"]["base"], state["weights"], path, dtype)
 
 
 @contextlib.contextmanager

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state,
-                               save_checkpoint, set_rng_state)
+from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state,
+                               save_state, set_rng_state)
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.world import World, _seed
 
@@ -107,10 +107,10 @@ class Stage:
 
     def resume(self) -> dict | None:
         path = latest_checkpoint(self.ckpt_dir)
-        return load_checkpoint(path) if path else None
+        return load_state(path) if path else None
 
     def save(self, step: int, state: dict) -> None:
-        save_checkpoint(checkpoint_path(self.ckpt_dir, step), {"step": step, "rng": [rng_state()], **state})
+        save_state(checkpoint_path(self.ckpt_dir, step), {"step": step, "rng": [rng_state()], **state})
         prune_checkpoints(self.ckpt_dir, 2)
 
     def log(self, step: int, **values) -> None:
@@ -298,12 +298,9 @@ def load_trained(sd, weights: dict, vae=None) -> None:
 
 
 def save_grid(images, columns: int, path: Path) -> Path:
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    from minidb.sampling import image_grid
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    image_grid(images, columns).save(path)
     return path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minidb.config import SAMPLER_NAMES
 from minidb.errors import MinidbError
 
 
@@ -140,9 +141,4 @@ def dpmpp_2m(eps_fn, x, schedule, steps: int, eta: float = 0.0, generators=None,
 
 
 SAMPLERS = {"ddim": ddim, "plms": plms, "dpm++2m": dpmpp_2m}
-SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M"}  # as A1111's "Sampler:" writes them
-
-
-def timesteps_for(sampler: str, steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """The timesteps a sampler visits (PLMS evaluates eps once more, on the first step)."""
-    return (dpm_timesteps if sampler == "dpm++2m" else ddim_timesteps)(steps, num_train_timesteps)
+assert SAMPLERS.keys() == SAMPLER_NAMES.keys()

@@ -31,8 +31,7 @@ class PromptTruncatedWarning(UserWarning):
 def check_size(config, height: int, width: int) -> tuple[int, int]:
     """The latent size for an image size, or a MinidbError saying which multiple is needed: the
     VAE downsamples by f = 2**(levels-1), and the UNet by 2**(levels-1) more, without padding."""
-    f = 2 ** (len(config.vae.ch_mult) - 1)
-    multiple = f * 2 ** (len(config.unet.channel_mult) - 1)
+    f, multiple = config.latent_factor, config.size_multiple
     for name, size in (("height", height), ("width", width)):
         if not isinstance(size, int) or size <= 0 or size % 8:
             raise MinidbError(f"{name} must be a positive multiple of 8, got {size!r}")
@@ -59,8 +58,7 @@ def encode_prompts(sd, prompts: list[str]) -> torch.Tensor:
     for p in truncated_prompts(sd.tokenizer, prompts):
         warnings.warn(f"prompt is longer than 77 tokens and will be truncated: {p[:60]!r}...",
                       PromptTruncatedWarning, stacklevel=3)
-    device = next(sd.text_encoder.parameters()).device
-    return sd.text_encoder(sd.tokenizer(prompts).to(device))
+    return sd.text_encoder(sd.tokenizer(prompts).to(sd.device))
 
 
 def make_generators(seed, n: int) -> list[torch.Generator]:
@@ -99,8 +97,7 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
         if len(negative_prompts) != b:
             raise MinidbError(f"{len(negative_prompts)} negative prompts for {b} prompts")
 
-    unet = sd.unet
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    unet, device, dtype = sd.unet, sd.device, sd.dtype
     generators = make_generators(seed, b)
     if latents is None:  # drawn on the CPU so that every device starts from the same noise
         latents = torch.stack([torch.randn((sd.config.unet.in_channels, h, w), generator=g) for g in generators])
@@ -134,14 +131,21 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
 def decode(sd, latents: torch.Tensor) -> list[Image.Image]:
     """Latents -> PIL images, one image at a time: the VAE decoder's activations at full
     resolution dominate memory (GBs at 512x512), so a batch would need one decoder's worth each."""
-    vae = sd.vae
-    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     images = []
     for z in latents:
-        x = vae.decode((z[None] / sd.config.scale_factor).to(device=device, dtype=dtype))  # [1, 3, H, W]
+        x = sd.vae.decode((z[None] / sd.config.scale_factor).to(device=sd.device, dtype=sd.dtype))  # [1, 3, H, W]
         x = (x.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray((x * 255).round().astype(np.uint8)))
     return images
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images of one size in rows of `columns`, left to right, top to bottom, on white."""
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
 def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,

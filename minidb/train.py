@@ -7,51 +7,34 @@ preservation, so that "a photo of sks dog" draws *that* dog and "a photo of a do
     from minidb.train_config import load_config
     result = train(load_config("run.toml"))            # -> TrainResult(model_path=..., ...)
 
-`train` reads top to bottom: set-up, data, model and optimizer, the loop (micro-batches ->
-loss -> backward -> the precision step), checkpoints, export. Everything it writes goes into the
-run folder (train.output_dir):
-
-    config.toml            the resolved config (a second run into this folder must match it)
-    metrics.jsonl          one JSON line per step: loss, lr, loss scale, grad norm, images/s
-    checkpoints/step_N.pt  full training state (minidb.checkpoint), the newest keep_checkpoints
-    samples/step_N.png     validation grids, one image per validation prompt, fixed seeds
-    class_images/          generated class images (unless prior.class_dir points elsewhere)
-    model.safetensors      the fine-tuned model, original SD v1 layout, for `minidb sample`
-    tensorboard/           when the tensorboard package is installed
+`train` reads top to bottom: set-up, data, model and optimizer, the loop (micro-batches -> loss ->
+backward -> the precision step), checkpoints, export. What it writes into the run folder
+(train.output_dir) is minidb.run's; the data stage, its batches and their noise are minidb.data's.
 
 Randomness: noise, timesteps and the VAE posterior sample of each training example come from a
 generator seeded by (seed, step, micro-batch, position in the global batch), and augmentation
-from (seed, epoch, index) in minidb.data: no global RNG state enters a step, so a resumed run
-repeats an uninterrupted one bit for bit, and N processes draw what one process would.
+from (seed, epoch, index): no global RNG state enters a step, so a resumed run repeats an
+uninterrupted one bit for bit, and N processes draw what one process would.
 """
 import dataclasses
-import hashlib
 import json
 import math
 import random
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                               prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
-from minidb.config import SDConfig
-from minidb.distributed import Dist, PeerLost
+from minidb.checkpoint import set_rng_state
+from minidb.config import DTYPES, SDConfig
+from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_rgb
+from minidb.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, ConfigError, MinidbError
+from minidb.run import Run
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
-from minidb.train_config import (DreamBoothConfig, differences, dump_toml, from_dict, load_config, resolved,
-                                 to_dict, validate)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Changing these between a checkpoint and its resume would not continue the same training.
-MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder")
+from minidb.train_config import DreamBoothConfig, check_prompts, resolved, validate
 
 
 class TrainingDiverged(MinidbError):
@@ -73,118 +56,87 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
     """Fine-tune per cfg. resume: None (a new run), "latest" (the newest checkpoint of the run
     folder) or a checkpoint path. callback(step, metrics) is called after every step.
     Bad input raises a MinidbError before any training starts."""
-    # ---- set-up --------------------------------------------------------------------------------
+    from minidb.pipeline import StableDiffusion, export_model
+    from minidb.prior import ensure_class_images
+
+    # ---- set-up (the cheap checks first: bad input fails before anything is loaded or written) --
     validate(cfg)
     cfg = resolved(cfg)
-    run = Path(cfg.train.output_dir)
-    ckpt_dir = run / "checkpoints"
-    if run.exists() and not run.is_dir():
-        raise ConfigError(f"train.output_dir: {run} is a file, not a folder: choose another train.output_dir")
-    state = find_resume_state(resume, ckpt_dir)
-    finished = finished_model(state, run, cfg)
+    run = Run(cfg)
+    state = run.find_state(resume)
+    finished = run.finished_model(state)
     if finished is None:
         cfg, base_config = check_base(cfg)
-    dist = Dist.from_env(cfg.train.dist_timeout_s)
-    try:
+        run.cfg = cfg
+    with Dist.from_env(cfg.train.dist_timeout_s) as dist:  # a lost peer leaves as a one-line PeerLost
+        run.dist = dist
+        dist.hint = lambda: f"continue the run with --resume latest (newest checkpoint: {run.latest_state() or 'none'})"
         if finished is not None:  # nothing to train, nothing to write
-            Log(dist).result(f"{run} is already finished: step {state['step']} of train.steps = {cfg.train.steps}; "
-                             f"model: {finished}. To train on, resume with a larger train.steps "
-                             "(--set train.steps=N)")
-            return TrainResult(run, state["step"], state["path"], finished, loss=state.get("loss", float("nan")))
-        return _train(cfg, state, callback, dist, run, ckpt_dir, base_config)
-    except RuntimeError as e:  # a collective failed because a peer died or hung: one line, not a traceback
-        lost = dist.lost(e)
-        if lost is None:
-            raise
-        newest = latest_checkpoint(ckpt_dir)
-        raise PeerLost(f"{lost}; continue the run with --resume latest (newest checkpoint: "
-                       f"{newest or 'none'})") from e
-    finally:
-        dist.close()
+            run.result(f"{run.folder} is already finished: step {state['step']} of train.steps = {cfg.train.steps}; "
+                       f"model: {finished}. To train on, resume with a larger train.steps (--set train.steps=N)")
+            return TrainResult(run.folder, state["step"], state["path"], finished, loss=state.get("loss", float("nan")))
+        device = dist.device(cfg.model.device)
+        precision = cfg.model.precision if cfg.model.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+        dtype = getattr(torch, DTYPES[precision])
+        seed, B, accum, W = cfg.train.seed, cfg.train.batch_size, cfg.train.grad_accum, dist.world_size
+        torch.manual_seed(seed + dist.rank)  # the global RNGs are not used by a step; seeded for anything else
+        random.seed(seed + dist.rank)
+        np.random.seed(seed + dist.rank)
 
+        # ---- data -------------------------------------------------------------------------------
+        instance_images = load_image_folder(cfg.data.instance_dir, "instance", cfg.data.resolution)
+        prior = bool(cfg.prior.class_prompt)
+        check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
+        run.prepare(state)
+        run.log(f"loading {cfg.model.base} ({device}, {precision})")
+        sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
+        class_images = None
+        if prior:  # missing class images are generated from the base model, each rank its share
+            p = cfg.prior
+            paths = ensure_class_images(sd, p.class_prompt, p.class_dir, p.num_class_images, seed=seed,
+                                        batch_size=p.batch_size, steps=p.sample_steps, guidance=p.guidance,
+                                        sampler=p.sampler, resolution=cfg.data.resolution, rank=dist.rank,
+                                        world_size=W, progress=dist.is_main)
+            dist.barrier()
+            class_images = [(path, open_rgb(path, cfg.data.resolution)) for path in paths]
+        dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
+                                    cfg.data.hflip, seed)
 
-def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResult:
-    from minidb.data import (DreamBoothDataset, can_cache_latents, check_prompts, ensure_class_images,
-                             load_image_folder, open_rgb)
-    from minidb.pipeline import StableDiffusion
+        # ---- model and optimizer ----------------------------------------------------------------
+        trainable = set_trainable(sd, cfg.model.train_text_encoder)
+        sd.unet.gradient_checkpointing = cfg.model.gradient_checkpointing
+        # fp32: the masters are the model's own parameters. fp16 and bf16: fp32 copies, because an
+        # update of lr * ~1 is far below the 2**-10 (fp16) or 2**-7 (bf16) resolution of a weight and
+        # would round away; bf16 needs no loss scaler, its exponent range is fp32's (minidb.scaler).
+        masters = MasterWeights(trainable)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(masters.params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                      weight_decay=o.weight_decay)
+        scaler = DynamicLossScaler(o.loss_scale_init, o.loss_scale_growth_interval,
+                                   min_scale=o.loss_scale_min) if precision == "fp16" else None
+        step, cursor = 0, (0, 0)  # cursor: (epoch, position in that epoch's order) of the next example
+        if state is not None:
+            step, cursor = restore(state, masters, optimizer, scaler, dist, run)
+        unet = dist.wrap(sd.unet)
+        text_encoder = dist.wrap(sd.text_encoder) if cfg.model.train_text_encoder else sd.text_encoder
 
-    log = Log(dist)
-    device = pick_device(cfg.model.device, dist)
-    precision = cfg.model.precision if cfg.model.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-    dtype = DTYPES[precision]
-    seed, B, accum, W = cfg.train.seed, cfg.train.batch_size, cfg.train.grad_accum, dist.world_size
-    torch.manual_seed(seed + dist.rank)  # the global RNGs are not used by a step; seeded for anything else
-    random.seed(seed + dist.rank)
-    np.random.seed(seed + dist.rank)
+        prompt_ids = sd.tokenizer([cfg.data.instance_prompt] + ([cfg.prior.class_prompt] if prior else [])).to(device)
+        if not cfg.model.train_text_encoder:
+            with torch.no_grad():
+                fixed_context = sd.text_encoder(prompt_ids)  # [1 or 2, 77, width], the same every step
+        latent_cache = None
+        if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip, dataset.exact_size):
+            latent_cache = cache_latents(sd, dataset, prior, dist)
+        elif cfg.data.cache_latents:
+            run.log("not caching latents: random " + ("flips" if cfg.data.hflip else "crops of images larger than "
+                                                      "the resolution") + " change the image every epoch")
+        batches = Batches(dataset, sd, B, dist, latent_cache)
+        run.log(describe(cfg, base_config, len(instance_images), class_images, masters, precision, W))
 
-    # ---- data (the cheap checks first: bad input fails before anything is loaded or written) ---
-    instance_images = load_image_folder(cfg.data.instance_dir, "instance", cfg.data.resolution)
-    prior = bool(cfg.prior.class_prompt)
-    check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
-    prepare_run_folder(cfg, run, ckpt_dir, state, dist, log)
-    log(f"loading {cfg.model.base} ({device}, {precision})")
-    sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
-    class_images = None
-    if prior:  # missing class images are generated from the base model, each rank its share
-        paths = ensure_class_images(
-            sd, cfg.prior.class_prompt, cfg.prior.class_dir, cfg.prior.num_class_images, seed=seed,
-            batch_size=cfg.prior.batch_size, steps=cfg.prior.sample_steps, guidance=cfg.prior.guidance,
-            sampler=cfg.prior.sampler, resolution=cfg.data.resolution, rank=dist.rank,
-            world_size=W, progress=dist.is_main)
-        dist.barrier()
-        class_images = [(p, open_rgb(p, cfg.data.resolution)) for p in paths]
-    dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
-                                cfg.data.hflip, seed)
-
-    # ---- model and optimizer -------------------------------------------------------------------
-    trainable = set_trainable(sd, cfg.model.train_text_encoder)
-    sd.unet.gradient_checkpointing = cfg.model.gradient_checkpointing
-    # fp32: the masters are the model's own parameters. fp16 and bf16: fp32 copies, because an
-    # update of lr * ~1 is far below the 2**-10 (fp16) or 2**-7 (bf16) resolution of a weight and
-    # would round away; bf16 needs no loss scaler, its exponent range is fp32's (minidb.scaler).
-    masters = MasterWeights(trainable)
-    optimizer = torch.optim.AdamW(masters.params, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                  eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
-    scaler = DynamicLossScaler(cfg.optim.loss_scale_init, cfg.optim.loss_scale_growth_interval,
-                               min_scale=cfg.optim.loss_scale_min) if precision == "fp16" else None
-    step, cursor = 0, (0, 0)  # cursor: (epoch, position in that epoch's order) of the next example
-    if state is not None:
-        step, cursor = restore(state, masters, optimizer, scaler, dist, log)
-    unet = dist.wrap(sd.unet)
-    text_encoder = dist.wrap(sd.text_encoder) if cfg.model.train_text_encoder else sd.text_encoder
-
-    prompt_ids = sd.tokenizer([cfg.data.instance_prompt] + ([cfg.prior.class_prompt] if prior else [])).to(device)
-    if not cfg.model.train_text_encoder:
-        with torch.no_grad():
-            fixed_context = sd.text_encoder(prompt_ids)  # [1 or 2, 77, width], the same every step
-    latent_cache = None
-    if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip, dataset.exact_size):
-        latent_cache = cache_latents(sd, dataset, prior, dist)
-    elif cfg.data.cache_latents:
-        log("not caching latents: random " + ("flips" if cfg.data.hflip else "crops of images larger than the "
-                                              "resolution") + " change the image every epoch")
-
-    n_trained = sum(p.numel() for p in masters.params)
-    parts = "UNet + text encoder" if cfg.model.train_text_encoder else "UNet (text encoder frozen)"
-    r = cfg.data.resolution
-    log(_count(len(instance_images), "instance image")
-        + (f", {_count(len(class_images), 'class image')}" if prior else "")
-        + f" at {r}x{r}" + (" (the base model's image size)" if r == base_config.image_size else "")
-        + f"; {_count(cfg.train.steps, 'step')} of {B} x {W} process(es) x {accum} accumulation = "
-        f"{_count(B * W * accum, 'instance image')} per step; training {parts}, {n_trained / 1e6:.1f}M parameters, "
-        f"{precision}"
-        + (" with fp32 master weights" if masters.separate else "") + f"; run folder {run}")
-
-    # ---- the loop ------------------------------------------------------------------------------
-    metrics_file = open_metrics(run, step, dist)
-    tb = open_tensorboard(run, dist)
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not dist.is_main, dynamic_ncols=True)
-    log.bar = bar
-    latents_hw = cfg.data.resolution // 2 ** (len(sd.config.vae.ch_mult) - 1)
-    last_checkpoint = latest_checkpoint(ckpt_dir)
-    loss_value = state.get("loss", float("nan")) if state is not None else float("nan")
-    try:
-        with StopOnSignal(log) as stop:
+        # ---- the loop ---------------------------------------------------------------------------
+        last_checkpoint = run.latest_state()
+        loss_value = state.get("loss", float("nan")) if state is not None else float("nan")
+        with run.open(step), StopOnSignal(run.log) as stop:
             while step < cfg.train.steps:
                 t_start = time.perf_counter()
                 lr = lr_at(step, cfg.optim, cfg.train.steps)
@@ -192,24 +144,17 @@ def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResul
                     group["lr"] = lr
                 losses = torch.zeros(3, device=device)  # total, instance, class: summed over micro-batches
                 for micro in range(accum):
-                    # data: the next B x W examples of the global order; this rank takes its B
-                    items, cursor = next_items(dataset, cursor, B * W)
-                    mine = range(dist.rank * B, (dist.rank + 1) * B)
-                    mean, std = encode_batch(sd, dataset, [items[j] for j in mine], prior, latent_cache)
-                    t, noise, eps = draw_noise(seed, step, micro, mine, prior, sd.config, latents_hw)
-                    # one forward pass over [instance; class], the loss split in two
+                    batch, cursor = batches.next(cursor, step, micro)  # [instance x B; class x B or none]
                     with dist.no_sync([unet, text_encoder], skip_all_reduce=micro < accum - 1):
                         context = text_encoder(prompt_ids) if cfg.model.train_text_encoder else fixed_context
                         context = context.repeat_interleave(B, dim=0)  # [instance x B; class x B, 77, width]
-                        latents = (mean + std * eps.to(device)) * sd.config.scale_factor  # posterior sample, fp32
-                        loss, loss_instance, loss_class = micro_batch_loss(
-                            unet, sd.schedule, latents, noise.to(device), t.to(device), context, B,
-                            cfg.prior.loss_weight, dtype, sd.config.parameterization)
+                        loss, loss_instance, loss_class = micro_batch_loss(unet, sd.schedule, *batch, context, B,
+                                                                           cfg.prior.loss_weight, dtype,
+                                                                           sd.config.parameterization)
                         # fp16: scale the loss up so small gradients survive; / accum: the mean over micro-batches
-                        backward_loss = scaler.scale_loss(loss) if scaler else loss
-                        (backward_loss / accum).backward()
-                    losses += torch.stack([loss.detach(), loss_instance.detach(),
-                                           loss_class.detach() if prior else loss.new_zeros(())]) / accum
+                        ((scaler.scale_loss(loss) if scaler else loss) / accum).backward()
+                    losses += torch.stack([loss, loss_instance, loss_class if prior else torch.zeros_like(loss)
+                                           ]).detach() / accum
 
                 # the optimizer step, precision tricks in plain sight (see optimizer_step)
                 stepped, grad_norm = optimizer_step(masters, optimizer, scaler, cfg.optim.max_grad_norm, dist)
@@ -221,51 +166,47 @@ def _train(cfg, state, callback, dist, run, ckpt_dir, base_config) -> TrainResul
                         f"stopped, nothing after step {step - 1} was saved; the last good checkpoint is "
                         + (f"{last_checkpoint}" if last_checkpoint else "none (no checkpoint was written yet)")
                         + ". Lower optim.lr, or check the data")
-                elapsed = time.perf_counter() - t_start
-                images = B * W * accum * (2 if prior else 1)
-                images_per_s = images / elapsed
                 metrics = {"step": step, "loss": loss_value, "loss_instance": loss_instance_value,
                            "loss_class": loss_class_value if prior else None, "lr": lr,
                            "loss_scale": scaler.scale if scaler else None,
                            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # None: inf/NaN, skipped
-                           "skipped": not stepped, "images_per_s": images_per_s, "epoch": cursor[0],
-                           "time": time.time()}
-                log_metrics(metrics, metrics_file, tb, bar, dist)
+                           "skipped": not stepped, "images_per_s": len(batch.t) * W * accum / (
+                               time.perf_counter() - t_start), "epoch": cursor[0], "time": time.time()}
+                run.log_metrics(metrics)
                 if callback is not None:
                     callback(step, metrics)
 
                 if cfg.validation.prompts and (step % cfg.validation.every == 0 or step == cfg.train.steps):
-                    validation_grid(sd, cfg, step, run, tb, dist)
+                    run.validation_grid(sd, step)
                 stop_now = dist.any(stop.requested is not None, device=device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop_now:
-                    last_checkpoint = write_checkpoint(ckpt_dir, step, cursor, masters, optimizer, scaler, cfg,
-                                                       precision, dist, loss_value)
+                    last_checkpoint = run.save_state(step, {
+                        "data": {"epoch": cursor[0], "index": cursor[1]},  # the next example of the order
+                        "weights": masters.state_dict(),                    # trainable weights, fp32
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "lr_schedule": {"schedule": o.lr_schedule, "warmup_steps": o.warmup_steps, "lr": o.lr,
+                                        "min_lr": o.min_lr},                # lr = lr_at(step): no other state
+                        "precision": precision, "loss": loss_value})
                 if stop_now:
                     who = stop.requested or "another process"
-                    log(f"stopped by {who} at step {step}; checkpoint {last_checkpoint}; continue with: "
-                        f"minidb train --resume {run}  (Python: train(cfg, resume=\"latest\"))")
-                    return TrainResult(run, step, last_checkpoint, None, interrupted=True, loss=loss_value,
+                    run.log(f"stopped by {who} at step {step}; checkpoint {last_checkpoint}; continue with: "
+                            f"minidb train --resume {run.folder}  (Python: train(cfg, resume=\"latest\"))")
+                    return TrainResult(run.folder, step, last_checkpoint, None, interrupted=True, loss=loss_value,
                                        stopped_by=who)
-    finally:
-        bar.close()
-        log.bar = None
-        if metrics_file:
-            metrics_file.close()
-        if tb:
-            tb.close()
 
-    # ---- the end: the fine-tuned model as an SD v1 checkpoint ----------------------------------
-    model_path = run / "model.safetensors"
-    del optimizer  # its moments are 2x the trained weights: free them before the export loads the base
-    if dist.is_main:
-        export_model(cfg.model.base, masters.state_dict(), model_path, DTYPES[cfg.model.export_dtype])
-        size = model_path.stat().st_size
-        size = f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
-        log.result(f"done: {_count(step, 'step')}, loss {loss_value:.4f}; model: {model_path} "
-                   f"({cfg.model.export_dtype}, {size}); try: minidb sample --ckpt {model_path} "
-                   f"--prompt {json.dumps(cfg.data.instance_prompt)}")
-    dist.barrier()
-    return TrainResult(run, step, last_checkpoint, model_path, loss=loss_value)
+        # ---- the end: the fine-tuned model as an SD v1 checkpoint -------------------------------
+        del optimizer  # its moments are 2x the trained weights: free them before the export loads the base
+        if dist.is_main:
+            export_model(cfg.model.base, masters.state_dict(), run.model_path,
+                         getattr(torch, DTYPES[cfg.model.export_dtype]))
+            size = run.model_path.stat().st_size
+            size = f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
+            run.result(f"done: {_count(step, 'step')}, loss {loss_value:.4f}; model: {run.model_path} "
+                       f"({cfg.model.export_dtype}, {size}); try: minidb sample --ckpt {run.model_path} "
+                       f"--prompt {json.dumps(cfg.data.instance_prompt)}")
+        dist.barrier()
+        return TrainResult(run.folder, step, last_checkpoint, run.model_path, loss=loss_value)
 
 
 def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
@@ -289,13 +230,36 @@ def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
     return cfg, base_config
 
 
-def finished_model(state, run: Path, cfg) -> Path | None:
-    """The run's model when a resume finds nothing left to do: the checkpoint is at (or past)
-    train.steps and model.safetensors was written after it (else the export still has to happen)."""
-    model = run / "model.safetensors"
-    if state is None or state["step"] < cfg.train.steps or not model.is_file():
-        return None
-    return model if model.stat().st_mtime >= Path(state["path"]).stat().st_mtime else None
+def restore(state, masters, optimizer, scaler, dist, run) -> tuple[int, tuple[int, int]]:
+    """Weights, optimizer, loss scaler, RNG states; returns (step, data cursor)."""
+    try:
+        masters.load_state_dict(state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{state['path']}: does not fit this model: {e}") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if state["world_size"] != dist.world_size:
+        run.log(f"resuming a {state['world_size']}-process run with {dist.world_size}: the data order continues, "
+                "the batch per step changes")
+    set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+    run.log(f"resumed from {state['path']} at step {state['step']}")
+    return state["step"], (state["data"]["epoch"], state["data"]["index"])
+
+
+def describe(cfg, base_config, n_instance, class_images, masters, precision, world_size) -> str:
+    """The one line that says what this run trains, on what, at what size."""
+    B, accum, r = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.resolution
+    parts = "UNet + text encoder" if cfg.model.train_text_encoder else "UNet (text encoder frozen)"
+    n_trained = sum(p.numel() for p in masters.params)
+    return (_count(n_instance, "instance image")
+            + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
+            + f" at {r}x{r}" + (" (the base model's image size)" if r == base_config.image_size else "")
+            + f"; {_count(cfg.train.steps, 'step')} of {B} x {world_size} process(es) x {accum} accumulation = "
+            f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
+            f"{n_trained / 1e6:.1f}M parameters, {precision}"
+            + (" with fp32 master weights" if masters.separate else "") + f"; run folder {cfg.train.output_dir}")
 
 
 def _count(n: int, noun: str) -> str:
@@ -375,310 +339,3 @@ def lr_at(step: int, o, total_steps: int) -> float:
         return o.lr
     progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
     return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
-
-
-def next_items(dataset, cursor: tuple[int, int], n: int):
-    """The next n (epoch, index) examples of the data order, crossing epochs, and the new cursor."""
-    epoch, pos = cursor
-    order = dataset.epoch_order(epoch)
-    items = []
-    while len(items) < n:
-        if pos == len(order):
-            epoch, pos = epoch + 1, 0
-            order = dataset.epoch_order(epoch)
-        items.append((epoch, order[pos]))
-        pos += 1
-    return items, (epoch, pos)
-
-
-def example_seed(seed: int, step: int, micro: int, position: int) -> int:
-    digest = hashlib.sha256(f"minidb-dreambooth/{seed}/{step}/{micro}/{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int):
-    """Per example (global batch position j): timestep, target noise and the VAE posterior's noise,
-    from its own CPU generator. Returns t [n], noise [n, 4, hw, hw], eps [n, 4, hw, hw] ordered
-    [instance examples; class examples], n = len(positions) * (2 if prior else 1)."""
-    draws = []
-    for j in positions:
-        g = torch.Generator().manual_seed(example_seed(seed, step, micro, j))
-        t = torch.randint(0, config.timesteps, (2,), generator=g)  # uniform in [0, T)
-        noise = torch.randn((2, config.unet.in_channels, hw, hw), generator=g)
-        eps = torch.randn((2, config.vae.embed_dim, hw, hw), generator=g)
-        draws.append((t, noise, eps))
-    halves = [0, 1] if prior else [0]
-    return tuple(torch.stack([d[k][h] for h in halves for d in draws]) for k in range(3))
-
-
-@torch.no_grad()
-def encode_batch(sd, dataset, items, prior: bool, latent_cache=None):
-    """The VAE posterior's mean and std [n, 4, h, w] (fp32) of [instance images; class images]."""
-    if latent_cache is not None:
-        rows = [latent_cache[index][0] for _, index in items] + ([latent_cache[index][1] for _, index in items]
-                                                                  if prior else [])
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    examples = [dataset.get(index, epoch) for epoch, index in items]
-    pixels = torch.stack([e["instance"] for e in examples] + ([e["class_"] for e in examples] if prior else []))
-    vae = sd.vae
-    posterior = vae.encode(pixels.to(device=next(vae.parameters()).device, dtype=next(vae.parameters()).dtype))
-    return posterior.mean.float(), posterior.std.float()
-
-
-@torch.no_grad()
-def cache_latents(sd, dataset, prior: bool, dist: Dist) -> list:
-    """latent_cache[index] = ((mean, std) of the instance image, (mean, std) of the class image or None):
-    without random augmentation an example's image never changes, so the VAE encodes it once."""
-    cache = []
-    for index in tqdm(range(len(dataset)), desc="caching latents", disable=not dist.is_main, leave=False):
-        mean, std = encode_batch(sd, dataset, [(0, index)], prior)
-        cache.append(((mean[0], std[0]), (mean[1], std[1]) if prior else None))
-    return cache
-
-
-# ---- checkpoints, resume, export -----------------------------------------------------------------
-
-def write_checkpoint(ckpt_dir, step, cursor, masters, optimizer, scaler, cfg, precision, dist, loss) -> Path | None:
-    """Every rank hands in its RNG states; rank 0 writes the file atomically and prunes old ones."""
-    rngs = dist.gather_object(rng_state())
-    path = checkpoint_path(ckpt_dir, step)
-    if dist.is_main:
-        save_checkpoint(path, {
-            "step": step,
-            "data": {"epoch": cursor[0], "index": cursor[1]},       # the next example of the order
-            "weights": masters.state_dict(),                         # trainable weights, fp32
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "lr_schedule": {"schedule": cfg.optim.lr_schedule, "warmup_steps": cfg.optim.warmup_steps,
-                            "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr},  # lr = lr_at(step): no other state
-            "rng": rngs,                                             # one dict per rank
-            "world_size": dist.world_size,
-            "precision": precision,
-            "config": to_dict(cfg),
-            "loss": loss,
-        })
-        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-    dist.barrier()
-    return path
-
-
-def find_resume_state(resume, ckpt_dir: Path) -> dict | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise CheckpointError(f"--resume latest: no checkpoint in {ckpt_dir}")
-    else:
-        path = Path(resume)
-        if path.is_dir():  # a run folder, or its checkpoints folder
-            path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-            if path is None:
-                raise CheckpointError(f"--resume {resume}: no checkpoint in that folder")
-    state = load_checkpoint(path)
-    state["path"] = path
-    return state
-
-
-def restore(state, masters, optimizer, scaler, dist, log) -> tuple[int, tuple[int, int]]:
-    """Weights, optimizer, loss scaler, RNG states; returns (step, data cursor)."""
-    try:
-        masters.load_state_dict(state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{state['path']}: does not fit this model: {e}") from None
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rngs = state["rng"]
-    if state["world_size"] != dist.world_size:
-        log(f"resuming a {state['world_size']}-process run with {dist.world_size}: the data order continues, "
-            "the batch per step changes")
-    set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-    log(f"resumed from {state['path']} at step {state['step']}")
-    return state["step"], (state["data"]["epoch"], state["data"]["index"])
-
-
-def prepare_run_folder(cfg, run: Path, ckpt_dir: Path, state, dist: Dist, log) -> None:
-    """Refuse a folder that holds another run (unless resuming), then write config.toml."""
-    config_file = run / "config.toml"
-    if state is not None:
-        old = resolved(from_dict(state["config"]))
-        changed = differences(old, cfg)
-        fatal = [c for c in changed if c.split(":")[0] in MUST_MATCH_ON_RESUME]
-        if fatal:
-            raise ConfigError(f"cannot resume {state['path']} with a different " + "; ".join(fatal))
-        if changed:
-            log("resuming with changed settings: " + "; ".join(changed))
-    elif config_file.is_file():
-        old = load_config(config_file)
-        changed = differences(old, cfg)
-        found = list_checkpoints(ckpt_dir)
-        if changed:
-            raise ConfigError(f"{run} holds a different run ({'; '.join(changed[:4])}"
-                              f"{'; ...' if len(changed) > 4 else ''}): choose another train.output_dir, or "
-                              + ("continue that run with --resume latest" if found else
-                                 "delete the folder (that run wrote no checkpoint)"))
-        if found:
-            raise ConfigError(f"{run} already holds this run, with checkpoints up to step {found[-1][0]}: "
-                              "continue it with --resume latest, or delete the folder to start over")
-    elif any((run / name).exists() for name in ("checkpoints", "metrics.jsonl", "model.safetensors")):
-        raise ConfigError(f"{run} holds files of a run without its config.toml: choose another train.output_dir")
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        tmp = config_file.with_suffix(".toml.tmp")
-        tmp.write_text(dump_toml(cfg), encoding="utf-8")
-        tmp.replace(config_file)
-    dist.barrier()
-
-
-def export_model(base, trained: dict, path, dtype=torch.float16) -> Path:
-    """The fine-tuned model as an original-layout SD v1 checkpoint: the trained weights ("unet.*",
-    "text_encoder.*", fp32) over a fresh fp32 load of the base checkpoint, which supplies the frozen
-    parts exactly as they were (not rounded through the training dtype)."""
-    from minidb.pipeline import StableDiffusion
-    sd = StableDiffusion.from_checkpoint(base, device="cpu", dtype=torch.float32)
-    for name, module in sd.models.items():
-        part = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(name + ".")}
-        if part:
-            full = module.state_dict()
-            unknown = sorted(set(part) - set(full))
-            if unknown:
-                raise CheckpointError(f"trained weights not in the {name}: {unknown[:5]}")
-            full.update({k: v.to("cpu", torch.float32) for k, v in part.items()})
-            module.load_state_dict(full, strict=True)
-    sd.save(path, dtype=dtype)
-    return Path(path)
-
-
-def export_checkpoint(checkpoint, path, dtype=torch.float16) -> Path:
-    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model."""
-    state = load_checkpoint(checkpoint)
-    return export_model(state["config"]["model"]["base"], state["weights"], path, dtype)
-
-
-# ---- what the user sees --------------------------------------------------------------------------
-
-class Log:
-    """Messages on rank 0 only, above the progress bar when there is one."""
-
-    def __init__(self, dist: Dist):
-        self.dist, self.bar = dist, None
-
-    def __call__(self, message: str) -> None:
-        if self.dist.is_main:
-            (self.bar.write if self.bar is not None else print)(message, file=sys.stderr)
-
-    def result(self, message: str) -> None:
-        if self.dist.is_main:
-            print(message, flush=True)
-
-
-def pick_device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"model.device is {name!r} but torch sees no CUDA device")
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank)
-    return device
-
-
-def open_metrics(run: Path, step: int, dist: Dist):
-    """metrics.jsonl for appending, after dropping lines of steps past the one resumed from."""
-    if not dist.is_main:
-        return None
-    path = run / "metrics.jsonl"
-    if step == 0:
-        path.unlink(missing_ok=True)
-    elif path.is_file():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    return open(path, "a", encoding="utf-8")
-
-
-def open_tensorboard(run: Path, dist: Dist):
-    if not dist.is_main:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: metrics.jsonl only
-        return None
-    return SummaryWriter(str(run / "tensorboard"))
-
-
-def log_metrics(metrics: dict, metrics_file, tb, bar, dist: Dist) -> None:
-    if not dist.is_main:
-        return
-    metrics_file.write(json.dumps(metrics) + "\n")
-    metrics_file.flush()
-    if tb is not None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
-                tb.add_scalar(f"train/{key}", value, metrics["step"])
-    postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
-    if metrics["loss_scale"] is not None:
-        postfix["scale"] = f"{metrics['loss_scale']:g}" + (" skip" if metrics["skipped"] else "")
-    postfix["img/s"] = f"{metrics['images_per_s']:.2f}"
-    bar.set_postfix(postfix, refresh=False)
-    bar.update(1)
-
-
-@torch.no_grad()
-def validation_grid(sd, cfg, step: int, run: Path, tb, dist: Dist) -> Path | None:
-    """samples/step_N.png: one image per validation prompt, the same seeds every time (rank 0)."""
-    if not dist.is_main:
-        dist.barrier()
-        return None
-    from PIL import Image
-    v = cfg.validation
-    training = {name: m.training for name, m in sd.models.items()}
-    for m in sd.models.values():
-        m.eval()
-    try:
-        images = sd.generate(list(v.prompts), steps=v.sample_steps, guidance=v.guidance, sampler=v.sampler,
-                             height=cfg.data.resolution, width=cfg.data.resolution, seed=v.seed, progress=False)
-    finally:
-        for name, m in sd.models.items():
-            m.train(training[name])
-    columns = min(4, len(images))
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    path = run / "samples" / f"step_{step:06d}.png"
-    path.parent.mkdir(exist_ok=True)
-    grid.save(path)
-    if tb is not None:
-        tb.add_image("validation", torch.from_numpy(np.array(grid)).permute(2, 0, 1), step)
-    dist.barrier()
-    return path
-
-
-class StopOnSignal:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step and write a checkpoint;
-    a second Ctrl-C stops at once (no checkpoint)."""
-
-    def __init__(self, log):
-        self.log, self.requested, self.previous = log, None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        self.log(f"{self.requested}: stopping after this step to write a checkpoint (Ctrl-C again: stop now, no checkpoint)")
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

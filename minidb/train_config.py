@@ -15,12 +15,14 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tokenize
+import warnings
 from dataclasses import dataclass, field
 
-from minidb.errors import ConfigError
-from minidb.samplers import SAMPLERS
+from minidb.config import DTYPES, SAMPLER_NAMES
+from minidb.errors import ConfigError, DataError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -111,11 +113,11 @@ class DreamBoothConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(DreamBoothConfig)}
 PATH_FIELDS = {("model", "base"), ("data", "instance_dir"), ("prior", "class_dir"), ("train", "output_dir")}
 CHOICES = {
-    ("model", "precision"): ("auto", "fp32", "fp16", "bf16"),
+    ("model", "precision"): ("auto", *DTYPES),
     ("model", "export_dtype"): ("fp16", "fp32"),
     ("optim", "lr_schedule"): ("constant", "cosine"),
-    ("prior", "sampler"): tuple(SAMPLERS),
-    ("validation", "sampler"): tuple(SAMPLERS),
+    ("prior", "sampler"): tuple(SAMPLER_NAMES),
+    ("validation", "sampler"): tuple(SAMPLER_NAMES),
 }
 
 
@@ -272,6 +274,45 @@ def validate(cfg: DreamBoothConfig) -> None:
                         '= "" to train without prior preservation)')
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+# check_prompts: words that are neither the class noun nor an identifier: articles, prepositions, the medium.
+FILLER = frozenset("a an the of in on at with and or for to by from my our your his her their its this that "
+                   "some photo photograph picture image pic shot painting drawing rendering render portrait "
+                   "close up closeup".split())
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
+def check_prompts(instance_prompt: str, class_prompt: str | None, identifier: str | None = None) -> None:
+    """DataError for an empty instance prompt; a warning when it lacks the class word(s) (the class
+    prompt's nouns, "dog" in "a photo of a dog") or any identifier: DreamBooth binds a rare token
+    to the subject *within its class* ("a photo of sks dog"), which prior preservation then keeps
+    apart from the class itself. identifier: the expected token; None: any word beyond the class
+    prompt's words (and filler) counts."""
+    if not instance_prompt or not instance_prompt.strip():
+        raise DataError('the instance prompt is empty: give one like "a photo of sks dog"')
+    words = set(_words(instance_prompt))
+    class_prompt = class_prompt if class_prompt and class_prompt.strip() else None
+    if class_prompt:
+        class_words = [w for w in _words(class_prompt) if w not in FILLER]
+        missing = [w for w in class_words if w not in words]
+        if missing:
+            warnings.warn(f"the instance prompt {instance_prompt!r} lacks the class word(s) {' '.join(missing)!r} "
+                          f"of the class prompt {class_prompt!r}: DreamBooth expects the subject within its class, "
+                          f'e.g. "a photo of sks dog" with "a photo of a dog"', stacklevel=2)
+    if identifier:
+        if not set(_words(identifier)) <= words:
+            warnings.warn(f"the instance prompt {instance_prompt!r} does not contain the identifier {identifier!r}",
+                          stacklevel=2)
+    elif class_prompt:
+        beyond = words - set(_words(class_prompt)) - FILLER
+        if not beyond:
+            warnings.warn(f"the instance prompt {instance_prompt!r} has no identifier beyond the words of the class "
+                          f"prompt {class_prompt!r}: add a rare token, e.g. \"a photo of sks dog\", or training "
+                          f"shifts the whole class towards your subject", stacklevel=2)
 
 
 def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:

@@ -3,9 +3,9 @@
 ldm/modules/attention.py), reduced to what SD v1 uses.
 
 Module paths are the checkpoint keys minus `model.diffusion_model.` (686 tensors at SD v1
-size), so an original checkpoint loads strictly with no key table. Where CompVis keeps a
-`Dropout(0)` inside an `nn.Sequential` (ResBlock `out_layers.2`, `ff.net.1`, `to_out.1`), we
-hold the real layers in a ModuleDict keyed by their checkpoint index instead of a placeholder.
+size), so an original checkpoint loads strictly with no key table. CompVis' `nn.Sequential`s
+keep their `Dropout(0)` (ResBlock `out_layers.2`, `ff.net.1`, `to_out.1`): it holds no weights, but keeps the
+indices of the layers after it equal to the checkpoint's.
 
     unet = UNetModel(UNetConfig())
     eps = unet(x, t, context)   # x [B,4,h,w], t [B] (or a scalar), context [B,77,768]
@@ -59,15 +59,15 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), conv3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.ModuleDict({"0": GroupNorm32(out_channels),
-                                         "3": zero_(conv3x3(out_channels, out_channels))})
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(0.0),
+                                        zero_(conv3x3(out_channels, out_channels)))
         # Identity (no weights, no key) when the channel count is kept.
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)  # (B, out, h, w)
         h = h + self.emb_layers(emb)[:, :, None, None]
-        h = self.out_layers["3"](F.silu(self.out_layers["0"](h)))
+        h = self.out_layers(h)
         return self.skip_connection(x) + h
 
 
@@ -99,14 +99,14 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, N|M, D)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N, H*D)
-        return self.to_out[0](out)
+        return self.to_out(out)
 
 
 class GEGLU(nn.Module):
@@ -122,10 +122,10 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleDict({"0": GEGLU(dim, mult * dim), "2": nn.Linear(mult * dim, dim)})
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
     def forward(self, x):
-        return self.net["2"](self.net["0"](x))
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -244,7 +244,7 @@ class UNetModel(nn.Module):
         return block(h, emb, context)
 
     def _check_inputs(self, x, t, context):
-        cfg, factor = self.cfg, 2 ** (len(self.cfg.channel_mult) - 1)
+        cfg, factor = self.cfg, self.cfg.downsample_factor
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNet input must be [B, {cfg.in_channels}, h, w], got {list(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:

@@ -215,7 +215,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.cfg.ch_mult) - 1)
+        return self.cfg.downsample_factor
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images x [B, in_channels, H, W] in [-1, 1], H and W multiples of downsample_factor."""

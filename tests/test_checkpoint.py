@@ -23,17 +23,17 @@ def _state(step, n=1000):
 
 def test_round_trip_and_latest(tmp_path):
     for step in (5, 10, 7):
-        ck.save_checkpoint(ck.checkpoint_path(tmp_path, step), _state(step))
+        ck.save_state(ck.checkpoint_path(tmp_path, step), _state(step))
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [5, 7, 10]
     assert ck.latest_checkpoint(tmp_path).name == "step_000010.pt"
-    state = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))
+    state = ck.load_state(ck.latest_checkpoint(tmp_path))
     assert state["step"] == 10 and torch.equal(state["weights"]["unet.w"], _state(10)["weights"]["unet.w"])
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_prune_keeps_newest(tmp_path):
     for step in range(1, 6):
-        ck.save_checkpoint(ck.checkpoint_path(tmp_path, step), _state(step, 10))
+        ck.save_state(ck.checkpoint_path(tmp_path, step), _state(step, 10))
     (tmp_path / "step_000009.pt.tmp").write_bytes(b"half")
     removed = ck.prune_checkpoints(tmp_path, keep=2)
     assert len(removed) == 4
@@ -42,16 +42,16 @@ def test_prune_keeps_newest(tmp_path):
 
 def test_rng_states_round_trip(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    ck.save_checkpoint(tmp_path / "s.pt", {"rng": ck.rng_state()})
+    ck.save_state(tmp_path / "s.pt", {"rng": ck.rng_state()})
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     torch.manual_seed(9), np.random.seed(9), random.seed(9)
-    ck.set_rng_state(ck.load_checkpoint(tmp_path / "s.pt")["rng"])
+    ck.set_rng_state(ck.load_state(tmp_path / "s.pt")["rng"])
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
 def test_error_inside_write_keeps_previous(tmp_path, monkeypatch):
-    good = ck.save_checkpoint(ck.checkpoint_path(tmp_path, 1), _state(1))
+    good = ck.save_state(ck.checkpoint_path(tmp_path, 1), _state(1))
     real_save = torch.save
 
     def half_then_fail(obj, f, *a, **k):
@@ -61,10 +61,10 @@ def test_error_inside_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", half_then_fail)
     with pytest.raises(OSError, match="No space"):
-        ck.save_checkpoint(ck.checkpoint_path(tmp_path, 2), _state(2))
+        ck.save_state(ck.checkpoint_path(tmp_path, 2), _state(2))
     monkeypatch.undo()
     assert ck.latest_checkpoint(tmp_path) == good
-    assert ck.load_checkpoint(good)["step"] == 1
+    assert ck.load_state(good)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001.pt"]
 
 
@@ -74,12 +74,12 @@ def test_process_killed_mid_write_keeps_previous(tmp_path):
         import os, time, torch
         from minidb import checkpoint as ck
         folder = {str(tmp_path)!r}
-        ck.save_checkpoint(ck.checkpoint_path(folder, 1), {{"step": 1, "w": torch.ones(10)}})
+        ck.save_state(ck.checkpoint_path(folder, 1), {{"step": 1, "w": torch.ones(10)}})
         def stuck(fd):
             open(os.path.join(folder, "writing"), "w").close()
             time.sleep(60)
         os.fsync = stuck
-        ck.save_checkpoint(ck.checkpoint_path(folder, 2), {{"step": 2, "w": torch.zeros(200000)}})
+        ck.save_state(ck.checkpoint_path(folder, 2), {{"step": 2, "w": torch.zeros(200000)}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -93,20 +93,20 @@ def test_process_killed_mid_write_keeps_previous(tmp_path):
         proc.wait()
     assert (tmp_path / "step_000002.pt.tmp").stat().st_size > 800000  # the half-made file exists ...
     assert ck.latest_checkpoint(tmp_path).name == "step_000001.pt"     # ... but is not the latest
-    assert ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["step"] == 1
+    assert ck.load_state(ck.latest_checkpoint(tmp_path))["step"] == 1
     ck.prune_checkpoints(tmp_path, keep=1)
     assert not (tmp_path / "step_000002.pt.tmp").exists()
 
 
 def test_foreign_and_broken_files(tmp_path):
     with pytest.raises(CheckpointError, match="no such"):
-        ck.load_checkpoint(tmp_path / "nope.pt")
+        ck.load_state(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="is a folder: pass one of the step_N.pt files"):
-        ck.load_checkpoint(tmp_path)
+        ck.load_state(tmp_path)
     torch.save({"state_dict": {}}, tmp_path / "model.ckpt")
     with pytest.raises(CheckpointError, match="not a minidb training checkpoint"):
-        ck.load_checkpoint(tmp_path / "model.ckpt")
-    good = ck.save_checkpoint(tmp_path / "step_000001.pt", _state(1))
+        ck.load_state(tmp_path / "model.ckpt")
+    good = ck.save_state(tmp_path / "step_000001.pt", _state(1))
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:3000])
     with pytest.raises(CheckpointError, match="not a readable"):
-        ck.load_checkpoint(tmp_path / "cut.pt")
+        ck.load_state(tmp_path / "cut.pt")

@@ -1,5 +1,5 @@
 """minidb.data: image loading (modes, EXIF, junk), prompt checks, the deterministic dataset,
-sharding, and class-image generation (seed per index, resumable, atomic)."""
+and class-image generation (minidb.prior) (seed per index, resumable, atomic)."""
 import os
 import warnings
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidb import data
-from minidb.data import (DreamBoothDataset, can_cache_latents, check_prompts, ensure_class_images,
-                         load_image_folder, shard)
+from minidb.data import DreamBoothDataset, can_cache_latents, load_image_folder
+from minidb.prior import ensure_class_images
+from minidb.train_config import check_prompts
 from minidb.errors import DataError
 
 WHITE = (255, 255, 255)
@@ -266,28 +266,12 @@ def test_augmentation_is_a_function_of_seed_epoch_index():
     assert not DreamBoothDataset([columns_image(r, r)], [columns_image(r, r + 8)], r).exact_size
 
 
-def test_epoch_order_and_shard():
+def test_epoch_order():
     ds = DreamBoothDataset([Image.new("RGB", (8, 8))] * 10, None, 8, seed=1)
     orders = [ds.epoch_order(e) for e in range(3)]
     assert all(sorted(o) == list(range(10)) for o in orders)
     assert orders[0] == ds.epoch_order(0) and orders[0] != orders[1]
     assert DreamBoothDataset([Image.new("RGB", (8, 8))] * 10, None, 8, seed=2).epoch_order(0) != orders[0]
-
-    for n in range(0, 12):
-        order = list(range(100, 100 + n))
-        for world in range(1, 5):
-            shards = [shard(order, rank, world) for rank in range(world)]
-            per = -(-n // world)
-            assert all(len(s) == per for s in shards)
-            together = [x for s in shards for x in s]
-            assert set(together) == set(order)
-            if n % world == 0:
-                assert len(together) == len(set(together))  # disjoint
-            else:  # the padding wraps around to the start of the order
-                assert sorted(together) == sorted((order * world)[:per * world])
-    assert shard([5, 6, 7], 0, 1) == [5, 6, 7]
-    with pytest.raises(ValueError):
-        shard([1], 2, 2)
 
 
 # ---- class images ------------------------------------------------------------------------------
@@ -357,7 +341,7 @@ def test_class_images_keep_existing_and_count_own(tmp_path):
 def test_class_image_write_is_atomic(tmp_path, monkeypatch):
     def crash(fd):
         raise OSError("disk full")
-    monkeypatch.setattr(data.os, "fsync", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         ensure_class_images(FakeSD(), "a dog", tmp_path / "c", 2, resolution=8, progress=False)
     assert list((tmp_path / "c").iterdir()) == []  # no half image, no temp file

@@ -167,7 +167,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def weights(run: Path, step: int) -> dict:
-    return ck.load_checkpoint(ck.checkpoint_path(run / "checkpoints", step))["weights"]
+    return ck.load_state(ck.checkpoint_path(run / "checkpoints", step))["weights"]
 
 
 # ---- the shared runs ---------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_procs, o
     last = weights(one_proc, STEPS)
     moved = max((last[k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-3  # steps 2-3 moved the weights far beyond the tolerance
-    a, b = (ck.load_checkpoint(ck.checkpoint_path(r / "checkpoints", STEPS)) for r in (two_procs, one_proc))
+    a, b = (ck.load_state(ck.checkpoint_path(r / "checkpoints", STEPS)) for r in (two_procs, one_proc))
     assert a["data"] == b["data"]  # both consumed the same examples of the same order
     assert a["world_size"] == 2 and b["world_size"] == 1 and len(a["rng"]) == 2
 
@@ -261,7 +261,7 @@ def test_fp16_inf_on_one_rank_skips_the_step_on_both(fp16):
     for a, b in zip(r0["records"], r1["records"]):
         assert a["masters"] == b["masters"] and a["model"] == b["model"]
     assert [m["skipped"] for m in metrics(run)] == [False, True, False]
-    assert ck.load_checkpoint(ck.checkpoint_path(run / "checkpoints", 2))["scaler"]["scale"] == 512.0
+    assert ck.load_state(ck.checkpoint_path(run / "checkpoints", 2))["scaler"]["scale"] == 512.0
 
 
 # ---- 4. resume under 2 processes ----------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_two_process_resume_matches_an_uninterrupted_run(stop_resume, two_procs)
     assert r0["interrupted"] and r1["interrupted"] and r0["step"] == r1["step"] == 2  # rank 1's SIGTERM stopped both
     assert "stopped by another process at step 2" in stopped.stderr                   # said by rank 0
     assert "resumed from" in resumed.stderr and q0["step"] == q1["step"] == STEPS
-    a, b = (ck.load_checkpoint(ck.checkpoint_path(r / "checkpoints", STEPS)) for r in (two_procs, run))
+    a, b = (ck.load_state(ck.checkpoint_path(r / "checkpoints", STEPS)) for r in (two_procs, run))
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
     for i, s in a["optimizer"]["state"].items():
@@ -355,7 +355,7 @@ def test_class_images_split_across_ranks_match_one_process(world, stop_resume, t
     bit-exact: the sampler's convolutions and attention see batches of other sizes on 1 vs 2
     threads, so the float images differ by rounding and a value that sits next to a uint8 rounding
     boundary can land on the other side (measured: 1-2 of 3072 values per image, by 1/255)."""
-    from minidb.data import ensure_class_images
+    from minidb.prior import ensure_class_images
     from minidb.pipeline import StableDiffusion
     _, (r0, r1, _), (q0, q1, _) = stop_resume
     assert sorted(r0["seeds"]) == [0, 2] and r1["seeds"] == [1]  # the split (seed = train.seed + index)

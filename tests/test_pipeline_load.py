@@ -11,7 +11,7 @@ import minidb.sampling
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError
 from minidb.pipeline import StableDiffusion
-from minidb.weights import write_checkpoint
+from minidb.weights import write_tensors
 
 
 def outputs(sd: StableDiffusion) -> dict:
@@ -88,7 +88,7 @@ def test_file_without_our_config_means_sd_v1(tmp_path):
 
 def test_extras_are_written_back(tmp_path):
     sd = tiny_models()
-    write_checkpoint(tmp_path / "orig.safetensors", sd_v1_layout(sd))
+    write_tensors(tmp_path / "orig.safetensors", sd_v1_layout(sd))
     StableDiffusion.from_checkpoint(tmp_path / "orig.safetensors", config=tiny_config()).save(tmp_path / "copy.ckpt")
     saved = torch.load(tmp_path / "copy.ckpt", weights_only=True)["state_dict"]
     original = safetensors.torch.load_file(tmp_path / "orig.safetensors")
@@ -99,7 +99,7 @@ def test_extras_are_written_back(tmp_path):
 
 def test_ema_weights_give_the_ema_model(tmp_path):
     sd = tiny_models()
-    write_checkpoint(tmp_path / "ema.ckpt", sd_v1_layout(sd, ema_seed=5), config=None)
+    write_tensors(tmp_path / "ema.ckpt", sd_v1_layout(sd, ema_seed=5), config=None)
     ema_model = tiny_models()
     perturb_(ema_model.unet, 5)  # the UNet that sd_v1_layout stored as model_ema.*
     loaded = StableDiffusion.from_checkpoint(tmp_path / "ema.ckpt", config=tiny_config(), ema=True)
@@ -150,7 +150,7 @@ def test_image_size_is_stored_and_older_files_without_it_load_as_512(tmp_path):
     assert StableDiffusion.from_checkpoint(tmp_path / "tiny.safetensors").config.image_size == 32
     older = dataclasses.asdict(tiny_config())
     del older["image_size"]
-    write_checkpoint(tmp_path / "older.safetensors", sd_v1_layout(sd), config=older)
+    write_tensors(tmp_path / "older.safetensors", sd_v1_layout(sd), config=older)
     loaded = StableDiffusion.from_checkpoint(tmp_path / "older.safetensors")
     assert loaded.config == dataclasses.replace(tiny_config(), image_size=512)
 

@@ -19,7 +19,8 @@ from minidb import checkpoint as ck
 from minidb import train as train_module
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
-from minidb.train import TrainingDiverged, export_checkpoint, micro_batch_loss, set_trainable, train
+from minidb.pipeline import export_checkpoint
+from minidb.train import TrainingDiverged, micro_batch_loss, set_trainable, train
 from minidb.train_config import load_config
 from minidb.weights import open_checkpoint
 
@@ -50,7 +51,7 @@ def tiny_sd(seed=0):
 
 
 def saved_weights(path):
-    return ck.load_checkpoint(path)["weights"]
+    return ck.load_state(path)["weights"]
 
 
 # ---- the loss and what trains --------------------------------------------------------------------
@@ -112,7 +113,7 @@ def test_frozen_parts_unchanged_trained_parts_changed(world, tmp_path):
     from minidb.pipeline import StableDiffusion
     result = train(config(world, tmp_path / "run", "model.train_text_encoder=false", "train.steps=2",
                           "model.export_dtype=fp32"))
-    state = ck.load_checkpoint(result.checkpoint)
+    state = ck.load_state(result.checkpoint)
     assert {k.split(".")[0] for k in state["weights"]} == {"unet"}
     assert len(state["optimizer"]["state"]) == len(state["weights"])  # only trainable params in the optimizer
     base = StableDiffusion.from_checkpoint(world / "base.safetensors")
@@ -157,7 +158,7 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     assert resumed.step == 4
 
     # bit-exact: the very same computation repeated (this process, its thread count, the same batch shapes)
-    a, b = ck.load_checkpoint(full.checkpoint), ck.load_checkpoint(resumed.checkpoint)
+    a, b = ck.load_state(full.checkpoint), ck.load_state(resumed.checkpoint)
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
@@ -172,7 +173,7 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
 def test_cached_latents_match_encoding_every_step(world, tmp_path):
     from minidb.data import DreamBoothDataset, load_image_folder
     from minidb.distributed import Dist
-    from minidb.train import cache_latents, encode_batch
+    from minidb.data import cache_latents, encode_batch
     sd = tiny_sd()
     images = load_image_folder(world / "instance", "instance", 32)
     classes = load_image_folder(world / "class", "class", 32)
@@ -219,14 +220,14 @@ def test_fp16_injected_inf_skips_step_and_halves_scale(world, tmp_path, monkeypa
     assert all(v.dtype == torch.float32 for v in w1.values())  # fp32 masters
     assert all(torch.equal(w1[k], w2[k]) for k in w1)           # the skipped step changed nothing
     assert sum(not torch.equal(w2[k], w3[k]) for k in w2) > 0.9 * len(w2)
-    assert ck.load_checkpoint(ck.checkpoint_path(result.run_dir / "checkpoints", 2))["scaler"]["scale"] == 512.0
+    assert ck.load_state(ck.checkpoint_path(result.run_dir / "checkpoints", 2))["scaler"]["scale"] == 512.0
 
 
 def test_bf16_trains_with_fp32_masters(world, tmp_path):
     result = train(config(world, tmp_path / "run", "model.precision=bf16", "train.steps=2"))
     weights = saved_weights(result.checkpoint)
     assert all(v.dtype == torch.float32 for v in weights.values())
-    assert ck.load_checkpoint(result.checkpoint)["scaler"] is None and np.isfinite(result.loss)
+    assert ck.load_state(result.checkpoint)["scaler"] is None and np.isfinite(result.loss)
 
 
 def test_tensorboard_gets_the_metrics_when_installed(world, tmp_path, monkeypatch):
@@ -421,4 +422,4 @@ def test_cli_ctrl_c_or_sigterm_writes_checkpoint_and_says_how_to_resume(world, t
     assert err.count(f"continue with: minidb train --resume {run}") == 1 and "interrupted" not in err  # said once
     assert f"stopped by {sig.name} at step" in err
     step, path = ck.list_checkpoints(run / "checkpoints")[-1]
-    assert step >= 2 and ck.load_checkpoint(path)["step"] == step
+    assert step >= 2 and ck.load_state(path)["step"] == step

@@ -20,8 +20,8 @@ from helpers import perturb_
 from minidb.config import SDConfig, tiny_config
 from minidb.errors import CheckpointError
 from minidb.pipeline import StableDiffusion
-from minidb.weights import (EXTRA_KEYS, PREFIXES, ema_key, load_models, open_checkpoint, save_checkpoint,
-                            write_checkpoint)
+from minidb.weights import (EXTRA_KEYS, PREFIXES, ema_key, load_models, open_checkpoint, save_model,
+                            write_tensors)
 from minidb.weights.sd1 import SCHEDULE_BUFFERS
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -88,7 +88,7 @@ def test_safetensors_written_by_the_reference_package_read_back_exactly(tmp_path
 
 def test_safetensors_we_write_are_read_exactly_by_the_reference_package(tmp_path):
     path = tmp_path / "ours.safetensors"
-    write_checkpoint(path, ODD_TENSORS, config={"unet": {"channel_mult": (1, 2)}})
+    write_tensors(path, ODD_TENSORS, config={"unet": {"channel_mult": (1, 2)}})
     loaded = safetensors.torch.load_file(path)
     assert set(loaded) == set(ODD_TENSORS)
     for k, t in ODD_TENSORS.items():
@@ -156,10 +156,10 @@ def test_ckpt_that_would_run_code_is_refused(tmp_path, func, protocol):
 
 def test_write_is_atomic(tmp_path):
     path = tmp_path / "model.safetensors"
-    write_checkpoint(path, {"w": torch.ones(2)})
+    write_tensors(path, {"w": torch.ones(2)})
     before = path.read_bytes()
     with pytest.raises(KeyError):  # complex numbers have no safetensors dtype: fails mid-write
-        write_checkpoint(path, {"w": torch.zeros(2), "z": torch.zeros(2, dtype=torch.complex64)})
+        write_tensors(path, {"w": torch.zeros(2), "z": torch.zeros(2, dtype=torch.complex64)})
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left behind
 
@@ -170,7 +170,7 @@ def _tiny_file(tmp_path, name="tiny.safetensors", edit=None, **kw):
     tensors = sd_v1_layout(tiny_models(), **kw)
     if edit:
         tensors = edit(tensors)
-    write_checkpoint(tmp_path / name, tensors)
+    write_tensors(tmp_path / name, tensors)
     return tmp_path / name
 
 
@@ -191,7 +191,7 @@ def _raw(name, data: bytes):
 
 def _written(name, tensors):
     def make(tmp_path):
-        write_checkpoint(tmp_path / name, tensors)
+        write_tensors(tmp_path / name, tensors)
         return tmp_path / name
     return make
 
@@ -340,7 +340,7 @@ def test_ema_key_is_the_unet_key_without_dots():
 def test_ema_loads_the_ema_copy_into_the_unet(tmp_path):
     sd = tiny_models()
     path = tmp_path / "ema.safetensors"
-    write_checkpoint(path, sd_v1_layout(sd, ema_seed=7))
+    write_tensors(path, sd_v1_layout(sd, ema_seed=7))
     ema_unet = perturb_(tiny_models().unet, 7).state_dict()
     with_ema, _, _ = load_all(path, ema=True)
     without, _, _ = load_all(path, ema=False)
@@ -360,7 +360,7 @@ def test_ema_picks_the_tensors_diffusers_picks(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     sd = tiny_models()
     tensors = sd_v1_layout(sd, ema_seed=7)
-    write_checkpoint(tmp_path / "ema.safetensors", tensors)
+    write_tensors(tmp_path / "ema.safetensors", tensors)
     loaded, _, _ = load_all(tmp_path / "ema.safetensors", ema=True)
     config = {"layers_per_block": sd.config.unet.num_res_blocks}
     theirs = convert_ldm_unet_checkpoint(tensors, config, extract_ema=True)
@@ -388,11 +388,11 @@ def test_incomplete_ema_is_listed(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_load_save_load_round_trip(tmp_path, suffix, dtype):
     first = tmp_path / ("first" + suffix)
-    write_checkpoint(first, sd_v1_layout(tiny_models()), dtype=dtype)
+    write_tensors(first, sd_v1_layout(tiny_models()), dtype=dtype)
     sd, extras, keys = load_all(first)
     assert all(p.dtype == dtype for m in sd.models.values() for p in m.parameters())
     second = tmp_path / ("second" + suffix)
-    save_checkpoint(second, **{n: m.state_dict() for n, m in sd.models.items()}, extras=extras)
+    save_model(second, **{n: m.state_dict() for n, m in sd.models.items()}, extras=extras)
     sd2, extras2, keys2 = load_all(second)
     assert keys2 == keys and len(keys) == sum(len(m.state_dict()) for m in sd.models.values()) + 15
     a, b = all_tensors(sd, extras), all_tensors(sd2, extras2)
@@ -421,7 +421,7 @@ def test_full_size_fp16_load_peak_memory(tmp_path):
     # 686 UNet + 248 VAE + 196 CLIP keys, 12 schedule buffers, position_ids, model_ema.decay/num_updates
     assert len(tensors) == 686 + 248 + 196 + 12 + 1 + 2
     for suffix in (".safetensors", ".ckpt"):
-        write_checkpoint(tmp_path / ("sd" + suffix), tensors)
+        write_tensors(tmp_path / ("sd" + suffix), tensors)
     size = sum(t.nbytes for t in tensors.values())
     del tensors
     for suffix in (".safetensors", ".ckpt"):

@@ -1,18 +1,19 @@
 """Checkpoint files on disk <-> named tensors, for the two formats SD v1 ships in.
 
-- `.safetensors`: an 8-byte little-endian header length, a JSON header (dtype, shape and byte
-  range of every tensor, plus a `__metadata__` dict of strings), then the raw bytes. We read it
-  ourselves: each tensor's bytes go with `readinto` straight into its own torch buffer, so
-  nothing is held twice and no mapped page is counted against us.
+- `.safetensors`: a JSON header (dtype, shape and byte range of every tensor, plus a
+  `__metadata__` dict of strings), then the raw bytes; read and written by the safetensors
+  library (`safe_open`: the header first, then one tensor at a time; `save_file`).
 - `.ckpt`: a `torch.save` zip. It is unpickled only by `torch.load(weights_only=True, mmap=True)`,
   which builds tensors and plain containers and refuses anything that would run code. Tensors
   stay in the mapped file until asked for; each is then copied out and its pages handed back.
 
 Both give a `CheckpointFile`: `.shapes` (key -> (shape, dtype), read without touching the
 data), `.config` (the dict minidb stored, or None) and `.get(key, dtype)`, one tensor at a time.
-Writing (`write_checkpoint`) is atomic: a temporary file in the same folder, fsync, os.replace.
+Writing (`write_tensors`) is atomic, through `atomic_write`: a temporary file in the same folder,
+fsync, os.replace.
 """
 import codecs
+import contextlib
 import ctypes
 import json
 import mmap
@@ -21,22 +22,23 @@ import pickle
 import re
 import struct
 import sys
-import tempfile
 import zipfile
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from minidb.errors import CheckpointError
 
 CONFIG_KEY = "minidb_config"
 
-_SAFETENSORS_DTYPES = {
+DTYPES = {  # safetensors' dtype names
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
 def open_checkpoint(path) -> "CheckpointFile":
@@ -92,7 +94,7 @@ class CheckpointFile:
     """Named tensors in a file, read one at a time. Use as a context manager or call close()."""
     path: str
     shapes: dict  # key -> (torch.Size, torch.dtype)
-    config: dict | None  # what save_checkpoint stored under "minidb_config"
+    config: dict | None  # what save_model stored under "minidb_config"
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -109,52 +111,26 @@ class CheckpointFile:
 
 class SafetensorsFile(CheckpointFile):
     def __init__(self, path: str):
-        self.path, size = path, os.path.getsize(path)
-        self._file = open(path, "rb")
-        (n,) = struct.unpack("<Q", self._file.read(8))
-        if 8 + n > size:
-            self._fail(f"is truncated: its header alone should be {n} bytes, the file has {size}")
+        self.path = path
         try:
-            header = json.loads(self._file.read(n))
-            metadata = header.pop("__metadata__", None) or {}
-            self._entries, self.shapes = {}, {}
-            for key, e in header.items():
-                if e["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"{key}: unknown dtype {e['dtype']}")
-                dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
-                if end - begin != dtype.itemsize * _numel(shape) or begin < 0:
-                    raise ValueError(f"{key}: byte range {begin}..{end} does not fit {e['dtype']}{shape}")
-                self._entries[key] = (dtype, torch.Size(shape), 8 + n + begin, end - begin)
-                self.shapes[key] = (torch.Size(shape), dtype)
+            self._file = safe_open(path, framework="pt")
+            metadata = self._file.metadata() or {}
+            self.shapes = {}
+            for key in self._file.keys():
+                info = self._file.get_slice(key)
+                self.shapes[key] = (torch.Size(info.get_shape()), DTYPES[info.get_dtype()])
             self.config = json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            self._fail(f"has a corrupt safetensors header ({type(e).__name__}: {e})")
-        data_end = max((start + nbytes for _, _, start, nbytes in self._entries.values()), default=0)
-        if data_end > size:
-            self._fail(f"is truncated: its tensors end at byte {data_end}, the file has {size}")
+        except (SafetensorError, ValueError, KeyError) as e:
+            truncated = re.search(r"invalid header length|incomplete metadata|not fully covered", str(e))
+            raise CheckpointError(f"{path}: " + ("is truncated" if truncated else
+                                                 f"has a corrupt safetensors header ({type(e).__name__}: {e})")) from None
 
     def get(self, key, dtype=None):
-        stored_dtype, shape, start, nbytes = self._entries[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        self._file.seek(start)
-        if self._file.readinto(buf.numpy()) != nbytes:
-            raise CheckpointError(f"{self.path}: is truncated (reading {key})")
-        tensor = buf.view(stored_dtype).reshape(shape)
+        tensor = self._file.get_tensor(key)
         return tensor if dtype is None else tensor.to(dtype)
 
     def close(self):
-        self._file.close()
-
-    def _fail(self, message):
-        self._file.close()
-        raise CheckpointError(f"{self.path}: {message}")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+        self._file = None
 
 
 class _Opaque:
@@ -236,69 +212,54 @@ def _give_back_pages(tensor: torch.Tensor):
         _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
-def write_checkpoint(path, tensors: dict, config: dict | None = None, dtype: torch.dtype | None = None):
+def write_tensors(path, tensors: dict, config: dict | None = None, dtype: torch.dtype | None = None):
     """Write tensors (converting floating-point ones to dtype, if given) to a .safetensors or
     .ckpt file, chosen by the file name, atomically. `config` goes in the file's metadata."""
     path = os.fspath(path)
     if not path.endswith((".safetensors", ".ckpt")):
         raise CheckpointError(f"{path}: the file name must end in .safetensors or .ckpt")
+    tensors = {k: t.detach().to("cpu", _out_dtype(t, dtype)).contiguous() for k, t in tensors.items()}
+    unknown = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in DTYPES.values()]
+    if unknown:
+        raise KeyError(f"no dtype SD checkpoints use: {', '.join(unknown)}")
+    if path.endswith(".safetensors"):
+        metadata = {"format": "pt", **({CONFIG_KEY: json.dumps(config)} if config is not None else {})}
+        with atomic_write(path, hidden=True) as tmp:
+            save_file(tensors, tmp, metadata)
+    else:
+        with atomic_write(path, hidden=True) as tmp:
+            torch.save({"state_dict": {k: _own_storage(t) for k, t in tensors.items()}, CONFIG_KEY: config}, tmp)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+
+@contextlib.contextmanager
+def atomic_write(path, hidden: bool = False):
+    """`with atomic_write(path) as tmp: write(tmp)`: the writer fills a temporary file in the same
+    folder (`NAME.tmp`; hidden: `.NAME.tmp`, which folder scans skip); only a complete, fsync'ed file is renamed to `path` (os.replace, atomic), and the
+    rename itself is made durable. A crash or kill mid-write leaves the old file, or none, never half
+    of one; an exception removes the temporary file. Every file minidb writes goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(("." if hidden else "") + path.name + ".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            if path.endswith(".safetensors"):
-                _write_safetensors(f, tensors, config, dtype)
-            else:
-                state_dict = {k: _own_storage(t.detach().to("cpu", _out_dtype(t, dtype)))
-                              for k, t in tensors.items()}
-                torch.save({"state_dict": state_dict, CONFIG_KEY: config}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())          # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _file_mode(path: str) -> int:
-    """The mode a plain open() would give (mkstemp makes files private to their owner)."""
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    if os.name == "posix":                # ... and the rename itself survives a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
     # torch.save writes a view's whole storage: copy views so the file holds only the tensor.
-    t = t.contiguous()
     return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
 
 
 def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-
-def _write_safetensors(f, tensors: dict, config, dtype):
-    header, offset = {}, 0
-    for key, t in tensors.items():
-        out = _out_dtype(t, dtype)
-        header[key] = {"dtype": _SAFETENSORS_NAMES[out], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + out.itemsize * t.numel()]}
-        offset += out.itemsize * t.numel()
-    metadata = {"format": "pt"}
-    if config is not None:
-        metadata[CONFIG_KEY] = json.dumps(config)
-    blob = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data is 8-byte aligned
-    f.write(struct.pack("<Q", len(blob)) + blob)
-    for t in tensors.values():  # one tensor converted at a time: no second copy of the model
-        t = t.detach().to("cpu", _out_dtype(t, dtype)).contiguous()
-        f.write(t.reshape(-1).view(torch.uint8).numpy())

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from minidb.config import SDConfig
 from minidb.errors import CheckpointError
-from minidb.weights.files import CheckpointFile, write_checkpoint
+from minidb.weights.files import CheckpointFile, write_tensors
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -142,7 +142,7 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
                 device="cpu", ema: bool = False) -> dict:
     """Load the checkpoint into `models` (built on the meta device, so that nothing is allocated
     twice), one tensor at a time, converting floating-point tensors to `dtype`. Returns the
-    extras (EXTRA_KEYS found in the file), to hand back to save_checkpoint."""
+    extras (EXTRA_KEYS found in the file), to hand back to save_model."""
     plan = plan_load(ckpt, models, ema)
     nbytes = sum(ckpt.shapes[k][0].numel() * ckpt.shapes[k][1].itemsize
                  for keys in plan.values() for k in keys.values())
@@ -163,7 +163,7 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
     return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS and k not in loaded}
 
 
-def save_checkpoint(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict | None = None,
+def save_model(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict | None = None,
                     config: SDConfig | None = None, dtype: torch.dtype | None = None):
     """Write the three models' state dicts (plus extras) in the original SD v1 layout, to a
     .safetensors or .ckpt file, atomically. `config` is stored in the file's metadata so that
@@ -172,11 +172,11 @@ def save_checkpoint(path, *, unet: dict, vae: dict, text_encoder: dict, extras: 
     tensors = dict(extras or {})
     for name, state in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         tensors.update({PREFIXES[name] + k: t for k, t in state.items()})
-    write_checkpoint(path, tensors, dataclasses.asdict(config) if config else None, dtype)
+    write_tensors(path, tensors, dataclasses.asdict(config) if config else None, dtype)
 
 
 def config_from_dict(values: dict) -> SDConfig:
-    """Rebuild the (nested, frozen) config that save_checkpoint stored."""
+    """Rebuild the (nested, frozen) config that save_model stored."""
     try:
         return _dataclass_from_dict(SDConfig, values)
     except (TypeError, ValueError, AttributeError) as e:

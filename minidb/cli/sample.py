@@ -23,13 +23,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
-from minidb.samplers import SAMPLER_NAMES, SAMPLERS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from minidb.config import DTYPES, SAMPLER_NAMES
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -46,7 +43,7 @@ def add_arguments(p):
     p.add_argument("--scale", type=float, default=7.5,
                    help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default 7.5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="default ddim")
+    p.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim", help="default ddim")
     p.add_argument("--H", type=int, help="image height in pixels (default: the model's image size, 512 for SD v1)")
     p.add_argument("--W", type=int, help="image width in pixels (default: the model's image size, 512 for SD v1)")
     p.add_argument("--n-samples", type=int, default=1, help="images per batch (default 1)")
@@ -206,15 +203,6 @@ def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
     return info
 
 
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            grid.paste(image, (j * w, i * h))
-    return grid
-
-
 def _next_index(folder: Path, pattern: str) -> int:
     """Continue the numbering of earlier runs instead of overwriting them."""
     numbers = [int(p.stem.split("-")[-1]) for p in folder.glob(pattern) if p.stem.split("-")[-1].isdigit()]
@@ -228,7 +216,7 @@ def run(args) -> int:
     ckpt = find_checkpoint(args.ckpt)
 
     from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
-    from minidb.sampling import PromptTruncatedWarning, generate, truncated_prompts
+    from minidb.sampling import PromptTruncatedWarning, generate, image_grid, truncated_prompts
     from minidb.tokenizer import CLIPTokenizer
     check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt))  # reads no tensor: fails in a second
     tokenizer = CLIPTokenizer()
@@ -236,7 +224,7 @@ def run(args) -> int:
         short = p if len(p) <= 60 else p[:57] + "..."
         print(f"warning: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(p) + 2} with start and end), "
               f"the rest is ignored: {short!r}", file=sys.stderr)
-    dtype = DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")]
+    dtype = getattr(torch, DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")])
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
 
     t0 = time.perf_counter()
@@ -266,7 +254,7 @@ def run(args) -> int:
                 index, image_seed = index + 1, image_seed + 1
             rows.append(images)
         grid_path = outdir / f"grid-{grid_index:04}.png"
-        make_grid(rows).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
+        image_grid([image for row in rows for image in row], args.n_samples).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
                                                          model_hash, ckpt.name))
         grid_index += 1
         n = len(rows) * args.n_samples

@@ -39,7 +39,7 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 
 def load(args):
-    from minidb.checkpoint import latest_checkpoint, load_checkpoint
+    from minidb.checkpoint import latest_checkpoint, load_state
     from minidb.train_config import DreamBoothConfig, from_dict, load_config, to_dict
 
     if args.config:
@@ -52,7 +52,7 @@ def load(args):
             return load_config(path / "config.toml", args.set)
         newest = path if path.is_file() else latest_checkpoint(path)  # a checkpoint, or a checkpoints/ folder
         if newest is not None:
-            return from_dict(load_checkpoint(newest)["config"], args.set)
+            return from_dict(load_state(newest)["config"], args.set)
         raise ConfigError(f"--resume {args.resume}: not a run folder (it has no config.toml); pass the folder "
                           "minidb train wrote (train.output_dir), or add --config run.toml")
     if args.print_config:
@@ -70,14 +70,15 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
 
-    from minidb.train import export_checkpoint, train
+    from minidb.config import DTYPES
+    from minidb.pipeline import export_checkpoint
+    from minidb.train import train
     from minidb.train_config import dump_toml
 
     if args.export:
         ckpt = Path(args.export)
         out = Path(args.out) if args.out else ckpt.parent.parent / f"model-{ckpt.stem}.safetensors"
-        dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        export_checkpoint(ckpt, out, dtype)
+        export_checkpoint(ckpt, out, getattr(torch, DTYPES[args.dtype]))
         print(f"exported {ckpt} -> {out} ({args.dtype})")
         return 0
     cfg = load(args)
