@@ -13,7 +13,8 @@ of the border pixels (nearest named background), the shape is every pixel far fr
 median color, nearest named color), the position is the nearest named centre to the blob's
 centroid, and the size compares the blob's circumradius, sqrt(area / (pi * the shape's share
 of its circumcircle)), with the midpoint of the two named sizes. The shape and the pattern
-are read by a small CNN trained on rendered images (`python -m minidb.eval --train-reader`),
+are read by a small CNN trained on rendered images, half of them as the shipped world model's VAE
+reconstructs them (`python -m minidb.eval --train-reader`),
 whose input is the blob cut out, centred and scaled to a fixed size: so it never sees the
 position, size or background, and its penultimate layer describes the object alone.
 """
@@ -198,21 +199,47 @@ def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
 
 
-def rendered_set(n: int, seed: int, degrade: bool = True):
-    """n random renders (half of them patterned) with their attributes."""
+def decoded(images, vae, batch: int = 100) -> list:
+    """Images after a round trip through a VAE (encode to the posterior mean, decode): the edges,
+    halos and colour shifts every generated image of that model carries."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch):
+            x = torch.stack([torch.from_numpy(np.array(im.convert("RGB"), np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                             for im in images[s:s + batch]])
+            y = vae.decode(vae.encode(x).mode())  # [B, 3, H, W] in [-1, 1]
+            y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            out += [Image.fromarray(a) for a in y]
+    return out
+
+
+def world_vae():
+    """The shipped world model's VAE (the decoder whose output the reader must read)."""
+    from minidb.pipeline import StableDiffusion
+    from minidb.pretrain import SHIPPED
+    return StableDiffusion.from_checkpoint(SHIPPED).vae
+
+
+def rendered_set(n: int, seed: int, degrade: bool = True, vae=None):
+    """n random renders (half of them patterned) with their attributes. With a vae, every other
+    image is that VAE's reconstruction of its render instead of a blurred one."""
     rng = np.random.default_rng(_seed("reader-set", seed))
     attrs = [random_attributes(rng) for _ in range(n)]
     images = [render(a, seed=_seed("reader-image", seed, i)) for i, a in enumerate(attrs)]
+    if vae is not None:
+        images[1::2] = decoded(images[1::2], vae)
     if degrade:
-        images = [_degrade(im, rng) for im in images]
+        images = [_degrade(im, rng) if vae is None or i % 2 == 0 else im for i, im in enumerate(images)]
     return images, attrs
 
 
-def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64, seed: int = 0) -> Path:
+def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64, seed: int = 0, vae=None) -> Path:
+    """Train the reader on n renders, half of them blurred and noised, half (with a vae: the
+    shipped world model's) passed through the VAE, as every generated image is."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
-    images, attrs = rendered_set(n, seed)
+    images, attrs = rendered_set(n, seed, vae=vae)
     x = torch.stack([crop(im) for im in tqdm(images, desc="cropping", leave=False)])
     targets = {"shape": [SHAPES.index(a.shape) for a in attrs], "pattern": [PATTERNS.index(a.pattern) for a in attrs],
                "color": [list(COLORS).index(a.color) for a in attrs],
@@ -239,16 +266,20 @@ def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64,
     return Path(out)
 
 
-def reader_accuracy(reader: Reader, n: int = 600, seed: int = 12345) -> dict:
-    """Accuracy per attribute on fresh renders (a seed never used in training), solid ones."""
+def reader_accuracy(reader: Reader, n: int = 600, seed: int = 12345, vae=None) -> dict:
+    """Accuracy per attribute on fresh renders (a seed never used in training), solid ones; the
+    pattern on patterned renders; with a vae, also every attribute on that VAE's reconstructions
+    of the solid renders ("decoded": the images a model of that VAE can at best draw)."""
     rng = np.random.default_rng(_seed("reader-accuracy", seed))
     attrs = [random_attributes(rng, patterned=0.0) for _ in range(n)]
-    images = [_degrade(render(a, seed=_seed("reader-accuracy-image", seed, i)), rng) for i, a in enumerate(attrs)]
-    reads = reader.read_all(images)
-    acc = prompt_fidelity(reads, attrs)
+    clean = [render(a, seed=_seed("reader-accuracy-image", seed, i)) for i, a in enumerate(attrs)]
+    images = [_degrade(im, rng) for im in clean]
+    acc = prompt_fidelity(reader.read_all(images), attrs)
     patterned = [random_attributes(rng, patterned=1.0) for _ in range(n // 3)]
     images = [render(a, seed=_seed("reader-accuracy-pattern", seed, i)) for i, a in enumerate(patterned)]
     acc["pattern"] = float(np.mean([r["pattern"] == a.pattern for r, a in zip(reader.read_all(images), patterned)]))
+    if vae is not None:
+        acc["decoded"] = prompt_fidelity(reader.read_all(decoded(clean, vae)), attrs)
     return acc
 
 
@@ -291,10 +322,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.train_reader:
         t0 = time.time()
-        path = train_reader()
+        path = train_reader(vae=world_vae())
         print(f"reader trained in {time.time() - t0:.0f} s: {path}", file=sys.stderr)
     if args.reader_accuracy or args.train_reader:
-        print(json.dumps(reader_accuracy(Reader.load()), indent=1))
+        print(json.dumps(reader_accuracy(Reader.load(), vae=world_vae()), indent=1))
     return 0
 
 

@@ -69,11 +69,17 @@ def test_measured_attributes_follow_the_pixels():
 @pytest.mark.skipif(not (SHIPPED.parent / "world_reader.safetensors").is_file(), reason="no reader shipped")
 def test_reader_is_accurate_on_fresh_renders():
     """>= 98% per attribute on renders it never saw (with blur and noise of the kind generated
-    images have). 240 images: one error in 240 is 0.4%, so the bound is not on a knife edge."""
-    acc = reader_accuracy(Reader.load(), n=240, seed=777)
+    images have). 240 images: one error in 240 is 0.4%, so the bound is not on a knife edge.
+    On the world VAE's reconstructions of the same renders, which is what a generated image
+    is at best, the old reader (trained on blurred renders only) read 28% of shapes right and the
+    shipped one 65% (600 images, `python -m minidb.eval --reader-accuracy`); 240 images here
+    measure 0.74 (pattern 0.90), so >= 0.5 keeps a margin while failing a reader that never saw a decoded image."""
+    from minidb.eval import world_vae
+    acc = reader_accuracy(Reader.load(), n=240, seed=777, vae=world_vae())
     for name in ATTRIBUTES:
         assert acc[name] >= 0.98, (name, acc)
-    assert acc["pattern"] >= 0.9, acc
+    assert acc["pattern"] >= 0.85, acc
+    assert acc["decoded"]["shape"] >= 0.5 and acc["decoded"]["color"] >= 0.95, acc
 
 
 @shipped
