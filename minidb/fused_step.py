@@ -48,7 +48,7 @@ def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLos
         raise ConfigError(f"the fused backward step (train.fused_backward = {clip!r}) frees each gradient once it "
                           f"is used, so train.grad_accum = {grad_accum} has nothing to accumulate into: set "
                           "train.grad_accum = 1 (a larger train.batch_size instead), or train.fused_backward = 'off'")
-    if scaler is not None and scaler is not False and clip == "lagged":
+    if scaler and clip == "lagged":
         raise ConfigError("the fused backward step with lagged clipping (train.fused_backward = 'lagged') cannot "
                           "honour fp16's loss scaler: an inf found late in backward would come after earlier "
                           "weights were stepped. Use train.fused_backward = 'exact' (two backward passes), or "
