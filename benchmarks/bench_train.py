@@ -15,7 +15,8 @@ diffusers runs its UNet2DConditionModel and transformers' CLIPTextModel holding 
 one backward over the concatenated batch, clip_grad_norm_, optimizer.step(),
 optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off).
 
-Configurations (minidb's step is built from its models, minidb.adamw8bit and minidb.fused_step):
+Configurations (minidb's step is minidb.train's own: set_trainable, make_optimizer, micro_batch_loss
+and optimizer_step, or the FusedBackwardStep that train() builds, so this measures what it runs):
   diffusers          its train_dreambooth.py step, defaults
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
@@ -33,6 +34,7 @@ rest (allocator slack, temporaries) are what remains of the peak.
 """
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import gc
 import json
@@ -48,6 +50,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_vs_diffusers import machine, rss
+from minidb.train_config import OptimConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -60,8 +63,9 @@ CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
     "low_memory": ("minidb", True, "lagged", True),
     "low_memory_exact": ("minidb", True, "exact", True),
 }
-ADAMW = dict(lr=5e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-MAX_GRAD_NORM = 1.0
+OPTIM = OptimConfig(lr=5e-6, max_grad_norm=1.0)  # betas (0.9, 0.999), eps 1e-8, weight decay 1e-2: the defaults
+ADAMW = dict(lr=OPTIM.lr, betas=(OPTIM.adam_beta1, OPTIM.adam_beta2), eps=OPTIM.adam_eps,
+             weight_decay=OPTIM.weight_decay)  # diffusers' torch AdamW, with the same numbers
 PROMPTS = ["a photo of sks dog", "a photo of dog"]  # instance, class
 
 
@@ -96,27 +100,17 @@ def prior_loss(pred, noise):
 
 
 def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device):
-    from minidb.adamw8bit import AdamW8bit
+    """train()'s step, piece by piece, on a batch that is VAE-encoded every step (as diffusers' is)."""
     from minidb.fused_step import FusedBackwardStep
-    from minidb.scaler import MasterWeights, total_norm
+    from minidb.scaler import MasterWeights
+    from minidb.train import make_optimizer, micro_batch_loss, optimizer_step, set_trainable, step_one
 
-    sd.vae.eval().requires_grad_(False)
-    sd.unet.train().requires_grad_(True)
-    sd.text_encoder.train().requires_grad_(True)
-    sd.unet.gradient_checkpointing = checkpointing
-    sd.text_encoder.gradient_checkpointing = checkpointing
-    masters = MasterWeights([(f"unet.{n}", p) for n, p in sd.unet.named_parameters()]
-                            + [(f"text_encoder.{n}", p) for n, p in sd.text_encoder.named_parameters()])
-    if adamw8bit:
-        optimizer = AdamW8bit(masters.params, **ADAMW)
-        step_param, state = optimizer.step_param, optimizer.state_bytes
-    else:
-        optimizer = torch.optim.AdamW(masters.params, **ADAMW)
-        per_param = {m: torch.optim.AdamW([m], **ADAMW) for m in masters.params} if fused_clip else None
-        step_param = (lambda m: per_param[m].step()) if fused_clip else None
-        state = lambda: sum(nbytes(v for s in o.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
-                            for o in (per_param.values() if per_param else [optimizer]))
-    fused = FusedBackwardStep(masters, step_param, MAX_GRAD_NORM, clip=fused_clip) if fused_clip else None
+    masters = MasterWeights(set_trainable(sd, train_text_encoder=True))
+    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
+    optimizer = make_optimizer(masters.params,
+                               dataclasses.replace(OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw"))
+    fused = FusedBackwardStep(masters, step_one(optimizer), OPTIM.max_grad_norm,
+                              clip=fused_clip) if fused_clip else None
     scale = sd.config.scale_factor
     token_ids = sd.tokenizer(PROMPTS)
 
@@ -125,24 +119,17 @@ def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device)
         with torch.no_grad():
             posterior = sd.vae.encode(pixels)
             latents = (posterior.mean + posterior.std * latent_noise) * scale
-        noisy = sd.schedule.add_noise(latents, noise, t)
 
-        def loss_fn():
-            return prior_loss(sd.unet(noisy, t, sd.text_encoder(ids)), noise)
+        def loss_fn():  # one UNet pass over [instance; class]: instance MSE + 1.0 * class MSE
+            return micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, sd.text_encoder(ids), 1, 1.0)[0]
 
         if fused is not None:
             return fused.step(loss_fn)
         loss_fn().backward()
-        grads = masters.grads()
-        norm = total_norm(grads)
-        coef = (MAX_GRAD_NORM / (norm + 1e-6)).clamp(max=1.0)  # minidb.train.optimizer_step's clipping
-        for g in grads:
-            g.mul_(coef)
-        optimizer.step()
-        masters.zero_grad()
+        return optimizer_step(masters, optimizer, None, OPTIM.max_grad_norm)
 
-    trained = masters.params
-    grads = max(nbytes([p]) for p in trained) if fused else nbytes(trained)
+    state = lambda: nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
+    grads = max(nbytes([p]) for p in masters.params) if fused else nbytes(masters.params)
     return step, state, grads
 
 
@@ -172,7 +159,7 @@ def diffusers_step_fn(vae, text_encoder, unet, schedule, sd_config, token_ids, d
         model_pred = unet(noisy, t, encoder_hidden_states, return_dict=False)[0]
         loss = prior_loss(model_pred, noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        torch.nn.utils.clip_grad_norm_(params, OPTIM.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 

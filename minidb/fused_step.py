@@ -33,22 +33,26 @@ from minidb.errors import ConfigError
 from minidb.scaler import DynamicLossScaler, MasterWeights
 
 
-def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLossScaler | None = None,
+def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLossScaler | bool | None = None,
                     clip: str = "exact") -> None:
-    if world_size > 1:
-        raise ConfigError(f"the fused backward step does not work with {world_size} processes: DDP all-reduces "
-                          "gradients after the per-parameter hooks have already stepped. Train on one process, "
-                          "or turn the fused step off")
-    if grad_accum > 1:
-        raise ConfigError(f"the fused backward step frees each gradient once it is used, so train.grad_accum = "
-                          f"{grad_accum} has nothing to accumulate into: set train.grad_accum = 1 (a larger "
-                          "train.batch_size instead), or turn the fused step off")
-    if scaler is not None and clip == "lagged":
-        raise ConfigError("the fused backward step with lagged clipping cannot honour the fp16 loss scaler: an "
-                          "inf found late in backward would come after earlier weights were stepped. Use "
-                          "clip='exact' (two backward passes), or bf16/fp32")
+    """ConfigError for what the fused step cannot do. scaler: the fp16 loss scaler, or whether
+    there will be one (minidb.train checks before building it)."""
     if clip not in ("exact", "lagged"):
-        raise ConfigError(f"clip must be 'exact' or 'lagged', got {clip!r}")
+        raise ConfigError(f"the fused step's clip must be 'exact' or 'lagged' (train.fused_backward: 'off', "
+                          f"'exact' or 'lagged'), got {clip!r}")
+    if world_size > 1:
+        raise ConfigError(f"the fused backward step (train.fused_backward = {clip!r}) does not work with "
+                          f"{world_size} processes: DDP all-reduces gradients after the per-parameter hooks have "
+                          "already stepped. Train on one process, or set train.fused_backward = 'off'")
+    if grad_accum > 1:
+        raise ConfigError(f"the fused backward step (train.fused_backward = {clip!r}) frees each gradient once it "
+                          f"is used, so train.grad_accum = {grad_accum} has nothing to accumulate into: set "
+                          "train.grad_accum = 1 (a larger train.batch_size instead), or train.fused_backward = 'off'")
+    if scaler and clip == "lagged":
+        raise ConfigError("the fused backward step with lagged clipping (train.fused_backward = 'lagged') cannot "
+                          "honour fp16's loss scaler: an inf found late in backward would come after earlier "
+                          "weights were stepped. Use train.fused_backward = 'exact' (two backward passes), or "
+                          "model.precision = 'bf16' or 'fp32'")
 
 
 class FusedBackwardStep:
@@ -126,6 +130,14 @@ class FusedBackwardStep:
         finite = bool(torch.isfinite(norm))
         self.last_norm = norm if finite else None
         return finite, float(norm)
+
+    def state_dict(self) -> dict:
+        """What a resume needs: lagged clipping's previous norm (None before the first step)."""
+        return {"last_norm": self.last_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        norm = state["last_norm"]
+        self.last_norm = norm.to(self.masters.params[0].device) if norm is not None else None
 
     def remove(self) -> None:
         """Take the hooks off the parameters: backward fills .grad as usual again."""

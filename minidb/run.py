@@ -26,7 +26,7 @@ from minidb.train_config import differences, dump_toml, from_dict, load_config, 
 from minidb.weights import atomic_write
 
 # Changing these between a checkpoint and its resume would not continue the same training.
-MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder")
+MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer")
 
 
 class Run:

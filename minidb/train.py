@@ -27,14 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minidb.adamw8bit import AdamW8bit
 from minidb.checkpoint import set_rng_state
 from minidb.config import DTYPES, SDConfig
 from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_rgb
 from minidb.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, ConfigError, MinidbError
+from minidb.fused_step import FusedBackwardStep, check_supported
 from minidb.run import Run
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
-from minidb.train_config import DreamBoothConfig, check_prompts, resolved, validate
+from minidb.train_config import DreamBoothConfig, OptimConfig, check_prompts, resolved, resolved_memory, validate
 
 
 class TrainingDiverged(MinidbError):
@@ -79,6 +81,9 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         precision = cfg.model.precision if cfg.model.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
         dtype = getattr(torch, DTYPES[precision])
         seed, B, accum, W = cfg.train.seed, cfg.train.batch_size, cfg.train.grad_accum, dist.world_size
+        cfg = run.cfg = resolved_memory(cfg, precision, W)  # train.low_memory's switches, into config.toml
+        if cfg.train.fused_backward != "off":  # what it cannot do fails here, before anything is loaded
+            check_supported(W, accum, precision == "fp16", cfg.train.fused_backward)
         torch.manual_seed(seed + dist.rank)  # the global RNGs are not used by a step; seeded for anything else
         random.seed(seed + dist.rank)
         np.random.seed(seed + dist.rank)
@@ -105,18 +110,22 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         # ---- model and optimizer ----------------------------------------------------------------
         trainable = set_trainable(sd, cfg.model.train_text_encoder)
         sd.unet.gradient_checkpointing = cfg.model.gradient_checkpointing
+        sd.text_encoder.gradient_checkpointing = cfg.model.gradient_checkpointing  # frozen: no_grad, nothing to redo
         # fp32: the masters are the model's own parameters. fp16 and bf16: fp32 copies, because an
         # update of lr * ~1 is far below the 2**-10 (fp16) or 2**-7 (bf16) resolution of a weight and
         # would round away; bf16 needs no loss scaler, its exponent range is fp32's (minidb.scaler).
         masters = MasterWeights(trainable)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(masters.params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                      weight_decay=o.weight_decay)
+        optimizer = make_optimizer(masters.params, o)
         scaler = DynamicLossScaler(o.loss_scale_init, o.loss_scale_growth_interval,
                                    min_scale=o.loss_scale_min) if precision == "fp16" else None
+        # the fused step: each weight stepped inside backward (minidb.fused_step), replacing
+        # backward + optimizer_step below; None: the plain step
+        fused = FusedBackwardStep(masters, step_one(optimizer), o.max_grad_norm, scaler,
+                                  cfg.train.fused_backward) if cfg.train.fused_backward != "off" else None
         step, cursor = 0, (0, 0)  # cursor: (epoch, position in that epoch's order) of the next example
         if state is not None:
-            step, cursor = restore(state, masters, optimizer, scaler, dist, run)
+            step, cursor = restore(state, masters, optimizer, scaler, dist, run, fused)
         unet = dist.wrap(sd.unet)
         text_encoder = dist.wrap(sd.text_encoder) if cfg.model.train_text_encoder else sd.text_encoder
 
@@ -145,19 +154,28 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                 losses = torch.zeros(3, device=device)  # total, instance, class: summed over micro-batches
                 for micro in range(accum):
                     batch, cursor = batches.next(cursor, step, micro)  # [instance x B; class x B or none]
-                    with dist.no_sync([unet, text_encoder], skip_all_reduce=micro < accum - 1):
+                    parts = []  # (loss, instance, class) of the last forward pass
+
+                    def loss_fn():  # batch holds its noise and timesteps: a second call (exact clipping) repeats the first
                         context = text_encoder(prompt_ids) if cfg.model.train_text_encoder else fixed_context
                         context = context.repeat_interleave(B, dim=0)  # [instance x B; class x B, 77, width]
-                        loss, loss_instance, loss_class = micro_batch_loss(unet, sd.schedule, *batch, context, B,
-                                                                           cfg.prior.loss_weight, dtype,
-                                                                           sd.config.parameterization)
-                        # fp16: scale the loss up so small gradients survive; / accum: the mean over micro-batches
-                        ((scaler.scale_loss(loss) if scaler else loss) / accum).backward()
+                        parts[:] = micro_batch_loss(unet, sd.schedule, *batch, context, B, cfg.prior.loss_weight,
+                                                    dtype, sd.config.parameterization)
+                        return parts[0]
+
+                    if fused is not None:  # backward and the optimizer step in one (grad_accum is 1)
+                        stepped, grad_norm = fused.step(loss_fn)
+                    else:
+                        with dist.no_sync([unet, text_encoder], skip_all_reduce=micro < accum - 1):
+                            loss = loss_fn()
+                            # fp16: scale the loss up so small gradients survive; / accum: the mean over micro-batches
+                            ((scaler.scale_loss(loss) if scaler else loss) / accum).backward()
+                    loss, loss_instance, loss_class = parts
                     losses += torch.stack([loss, loss_instance, loss_class if prior else torch.zeros_like(loss)
                                            ]).detach() / accum
 
-                # the optimizer step, precision tricks in plain sight (see optimizer_step)
-                stepped, grad_norm = optimizer_step(masters, optimizer, scaler, cfg.optim.max_grad_norm, dist)
+                if fused is None:  # the optimizer step, precision tricks in plain sight (see optimizer_step)
+                    stepped, grad_norm = optimizer_step(masters, optimizer, scaler, cfg.optim.max_grad_norm, dist)
                 step += 1
                 loss_value, loss_instance_value, loss_class_value = dist.all_reduce_mean_(losses).tolist()
                 if scaler is None and (not stepped or not math.isfinite(loss_value)):
@@ -185,6 +203,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                         "weights": masters.state_dict(),                    # trainable weights, fp32
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict() if scaler else None,
+                        "fused_step": fused.state_dict() if fused else None,  # lagged clipping's last norm
                         "lr_schedule": {"schedule": o.lr_schedule, "warmup_steps": o.warmup_steps, "lr": o.lr,
                                         "min_lr": o.min_lr},                # lr = lr_at(step): no other state
                         "precision": precision, "loss": loss_value})
@@ -196,7 +215,9 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                                        stopped_by=who)
 
         # ---- the end: the fine-tuned model as an SD v1 checkpoint -------------------------------
-        del optimizer  # its moments are 2x the trained weights: free them before the export loads the base
+        if fused is not None:
+            fused.remove()  # its hooks hold the optimizer
+        del optimizer, fused  # the moments (2x the trained weights): freed before the export loads the base
         if dist.is_main:
             export_model(cfg.model.base, masters.state_dict(), run.model_path,
                          getattr(torch, DTYPES[cfg.model.export_dtype]))
@@ -230,8 +251,8 @@ def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
     return cfg, base_config
 
 
-def restore(state, masters, optimizer, scaler, dist, run) -> tuple[int, tuple[int, int]]:
-    """Weights, optimizer, loss scaler, RNG states; returns (step, data cursor)."""
+def restore(state, masters, optimizer, scaler, dist, run, fused=None) -> tuple[int, tuple[int, int]]:
+    """Weights, optimizer, loss scaler, the fused step's clipping norm, RNG states; returns (step, data cursor)."""
     try:
         masters.load_state_dict(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
@@ -239,6 +260,8 @@ def restore(state, masters, optimizer, scaler, dist, run) -> tuple[int, tuple[in
         raise CheckpointError(f"{state['path']}: does not fit this model: {e}") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if fused is not None and state.get("fused_step"):
+        fused.load_state_dict(state["fused_step"])
     rngs = state["rng"]
     if state["world_size"] != dist.world_size:
         run.log(f"resuming a {state['world_size']}-process run with {dist.world_size}: the data order continues, "
@@ -259,7 +282,16 @@ def describe(cfg, base_config, n_instance, class_images, masters, precision, wor
             + f"; {_count(cfg.train.steps, 'step')} of {B} x {world_size} process(es) x {accum} accumulation = "
             f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
             f"{n_trained / 1e6:.1f}M parameters, {precision}"
-            + (" with fp32 master weights" if masters.separate else "") + f"; run folder {cfg.train.output_dir}")
+            + (" with fp32 master weights" if masters.separate else "") + memory_options(cfg)
+            + f"; run folder {cfg.train.output_dir}")
+
+
+def memory_options(cfg) -> str:
+    """"; adamw8bit, fused backward step (lagged clipping), gradient checkpointing", or what of it is on."""
+    on = ([cfg.optim.optimizer] if cfg.optim.optimizer != "adamw" else []) + (
+        [f"fused backward step ({cfg.train.fused_backward} clipping)"] if cfg.train.fused_backward != "off" else []) + (
+        ["gradient checkpointing"] if cfg.model.gradient_checkpointing else [])
+    return "; " + ", ".join(on) + (" (train.low_memory)" if cfg.train.low_memory else "") if on else ""
 
 
 def _count(n: int, noun: str) -> str:
@@ -329,6 +361,28 @@ def optimizer_step(masters: MasterWeights, optimizer, scaler: DynamicLossScaler 
     masters.copy_to_model()
     masters.zero_grad()
     return True, float(norm)
+
+
+def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
+    """optim.optimizer: torch's AdamW, or minidb's with 8-bit moments (the same update, a quarter of the state)."""
+    kind = AdamW8bit if o.optimizer == "adamw8bit" else torch.optim.AdamW
+    return kind(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+
+
+def step_one(optimizer: torch.optim.Optimizer):
+    """step_fn(master) for the fused step: one parameter's update. AdamW8bit has it; torch's AdamW
+    steps every parameter of its groups, so for the call its group holds only that one."""
+    if isinstance(optimizer, AdamW8bit):
+        return optimizer.step_param
+
+    def step(master):
+        group, = optimizer.param_groups  # train() gives every master one group
+        params, group["params"] = group["params"], [master]
+        try:
+            optimizer.step()
+        finally:
+            group["params"] = params
+    return step
 
 
 def lr_at(step: int, o, total_steps: int) -> float:

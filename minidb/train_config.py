@@ -36,7 +36,8 @@ class ModelConfig:
     device: str = "auto"              # auto = cuda if there is one, else cpu; or "cpu", "cuda:1", ...
     precision: str = "auto"           # fp32 | fp16 | bf16; auto = fp16 on CUDA, fp32 on CPU
     train_text_encoder: bool = True   # the DreamBooth paper fine-tunes it too; false = UNet only
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # recompute the UNet's and text encoder's activations in backward:
+                                          # less memory, one more forward's time
     export_dtype: str = "fp16"        # dtype of the exported model.safetensors: fp16 | fp32
 
 
@@ -64,6 +65,8 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: str = "adamw"          # adamw (torch's) | adamw8bit (minidb.adamw8bit: the same update, its two
+                                      # moments stored in 8 bits, 2 bytes of state per weight instead of 8)
     lr: float = 1e-6                  # the DreamBooth setting; the UNet forgets the class quickly above ~5e-6
     lr_schedule: str = "constant"     # constant | cosine (decays to min_lr at the last step)
     warmup_steps: int = 0             # linear warm-up from 0 before the schedule
@@ -88,6 +91,15 @@ class TrainConfig:
     checkpoint_every: int = 200       # steps between full-state checkpoints (one is always written at the end)
     keep_checkpoints: int = 2         # the newest this many are kept
     dist_timeout_s: int = 600         # multi-process runs: a peer silent this long ends the run
+    fused_backward: str = "off"       # off | exact | lagged: step each weight inside backward once its gradient
+                                      # is complete (minidb.fused_step), so no full set of gradients is held;
+                                      # clipping by this step's norm (exact: two backward passes) or the last
+                                      # step's (lagged: one; not with fp16). One process, grad_accum = 1 only
+    low_memory: bool = False          # under half of diffusers' memory: optimizer adamw8bit, fused_backward lagged
+                                      # (exact in fp16; off where unsupported), gradient_checkpointing on. SD v1
+                                      # at 256x256, fp32, CPU (python -m benchmarks.bench_train): 7.42 GiB and
+                                      # 46.9 s a step; minidb's default 16.12 GiB, 39.9 s; diffusers' 16.82 GiB,
+                                      # 31.5 s: 0.44x its memory
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,8 @@ CHOICES = {
     ("model", "precision"): ("auto", *DTYPES),
     ("model", "export_dtype"): ("fp16", "fp32"),
     ("optim", "lr_schedule"): ("constant", "cosine"),
+    ("optim", "optimizer"): ("adamw", "adamw8bit"),
+    ("train", "fused_backward"): ("off", "exact", "lagged"),
     ("prior", "sampler"): tuple(SAMPLER_NAMES),
     ("validation", "sampler"): tuple(SAMPLER_NAMES),
 }
@@ -336,6 +350,25 @@ def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:
     )
 
 
+def resolved_memory(cfg: DreamBoothConfig, precision: str, world_size: int) -> DreamBoothConfig:
+    """train.low_memory spelled out into the switches it turns on, once the precision ("fp32",
+    "fp16", "bf16") and the number of processes are known, so that the run's config.toml says what
+    ran. A switch already on stays as set. The fused step comes on only where it works (one
+    process, grad_accum = 1), clipping by the last step's norm, or in fp16 measuring first ("exact"):
+    an overflow found late in backward could not be undone once earlier weights were stepped."""
+    if not cfg.train.low_memory:
+        return cfg
+    fused = cfg.train.fused_backward
+    if fused == "off" and world_size == 1 and cfg.train.grad_accum == 1:
+        fused = "exact" if precision == "fp16" else "lagged"
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, gradient_checkpointing=True),
+        optim=dataclasses.replace(cfg.optim, optimizer="adamw8bit"),
+        train=dataclasses.replace(cfg.train, fused_backward=fused),
+    )
+
+
 def to_dict(cfg: DreamBoothConfig) -> dict:
     return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(sub).items()}
             for name, sub in ((n, getattr(cfg, n)) for n in SECTIONS)}
@@ -373,10 +406,17 @@ def explanations() -> dict[tuple[str, str], str]:
         for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
             if tok.type not in skip:
                 lines.setdefault(tok.start[0], []).append(tok)
-        for toks in lines.values():  # a field's line: `key: type = default  # what it means`
+        key = None  # the field whose comment a comment-only line right below it continues
+        for number, toks in sorted(lines.items()):  # a field's line: `key: type = default  # what it means`
             if (len(toks) > 2 and toks[0].string in _field_names(cls) and toks[1].string == ":"
                     and toks[-1].type == tokenize.COMMENT):
-                found[(name, toks[0].string)] = toks[-1].string.lstrip("#").strip()
+                key, last = toks[0].string, number
+                found[(name, key)] = toks[-1].string.lstrip("#").strip()
+            elif key is not None and number == last + 1 and len(toks) == 1 and toks[0].type == tokenize.COMMENT:
+                last = number
+                found[(name, key)] += " " + toks[0].string.lstrip("#").strip()
+            else:
+                key = None
     return found
 
 

@@ -143,6 +143,8 @@ def _sigterm_at(step):
 @pytest.mark.parametrize("sets", [
     ("data.hflip=true", "train.grad_accum=2"),                      # random crops and flips, accumulation
     ("data.center_crop=true", "train.batch_size=2", "optim.lr_schedule=cosine", "optim.warmup_steps=2"),  # cached latents
+    ("optim.optimizer=adamw8bit",),                                 # 8-bit moments: codes and absmax resume
+    ("train.low_memory=true", "data.hflip=true"),                   # + the fused step: step 4 clipped by step 3's norm
 ])
 def test_resume_is_bit_exact(world, tmp_path, sets):
     full = train(config(world, tmp_path / "full", *sets))
@@ -162,12 +164,92 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
-    for i, s in a["optimizer"]["state"].items():
-        assert all(torch.equal(s[key], b["optimizer"]["state"][i][key]) for key in s)
+    for i, s in a["optimizer"]["state"].items():  # AdamW8bit's step is an int, the rest tensors
+        assert all(torch.equal(torch.as_tensor(s[key]), torch.as_tensor(b["optimizer"]["state"][i][key])) for key in s)
     assert a["data"] == b["data"]
+    if "train.low_memory=true" in sets:  # lagged clipping's state: the norm of the step before
+        assert torch.equal(a["fused_step"]["last_norm"], b["fused_step"]["last_norm"])
+    else:
+        assert a["fused_step"] is None and b["fused_step"] is None
     lines = [[json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     assert [m["step"] for m in lines[1]] == [1, 2, 3, 4]
     assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
+
+
+# ---- memory options -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sets, forwards, eight_bit, checkpointing", [
+    (("optim.optimizer=adamw8bit",), 3, True, False),
+    (("train.fused_backward=exact",), 6, False, False),           # measure, then step: two passes a step
+    (("train.fused_backward=lagged",), 4, False, False),          # one pass a step, two for the first
+    (("model.gradient_checkpointing=true",), 3, False, True),
+    (("train.low_memory=true",), 4, True, True),                  # 8-bit + lagged + checkpointing
+])
+def test_memory_options_train(world, tmp_path, monkeypatch, sets, forwards, eight_bit, checkpointing):
+    """Each switch through train(): the optimizer, the step and the checkpointing it names are the
+    ones that run (counted), the loss is finite, the weights move, and the metrics are the usual."""
+    import minidb.clip
+    import minidb.unet
+    counts = {"forward": 0, "unet": 0, "clip": 0}
+
+    def counting(key, real):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(train_module, "micro_batch_loss", counting("forward", train_module.micro_batch_loss))
+    monkeypatch.setattr(minidb.unet, "checkpoint", counting("unet", minidb.unet.checkpoint))
+    monkeypatch.setattr(minidb.clip, "checkpoint", counting("clip", minidb.clip.checkpoint))
+    result = train(config(world, tmp_path / "run", "train.steps=3", "train.checkpoint_every=3", *sets))
+
+    assert counts["forward"] == forwards
+    assert (counts["unet"] > 0) == (counts["clip"] > 0) == checkpointing  # both models recompute, or neither
+    state = ck.load_state(result.checkpoint)
+    moments = list(state["optimizer"]["state"].values())
+    assert len(moments) == len(state["weights"])
+    if eight_bit:  # AdamW8bit: the large tensors' moments as uint8 codes + an fp32 absmax per block
+        quantized = [m for m in moments if "exp_avg_codes" in m]
+        assert quantized and all(m["exp_avg_codes"].dtype == m["exp_avg_sq_codes"].dtype == torch.uint8 and
+                                 m["exp_avg_absmax"].dtype == torch.float32 and m["step"] == 3 for m in quantized)
+    else:
+        assert all(m["exp_avg"].dtype == torch.float32 for m in moments)
+    assert (state["fused_step"] is not None) == (forwards != 3)  # the fused step: more forwards than steps
+    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["skipped"] is False for m in metrics)
+    with open_checkpoint(world / "base.safetensors") as f:
+        before = f.get("model.diffusion_model.out.2.weight")
+    assert not torch.equal(state["weights"]["unet.out.2.weight"], before)
+    written = load_config(result.run_dir / "config.toml")
+    if "train.low_memory=true" in sets:  # spelled out in the run's config
+        assert (written.optim.optimizer, written.train.fused_backward, written.model.gradient_checkpointing) == (
+            "adamw8bit", "lagged", True)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("train.fused_backward=exact", "train.grad_accum=2"), "train.grad_accum = 2 has nothing to accumulate into"),
+    (("train.fused_backward=lagged", "model.precision=fp16"), "cannot honour fp16's loss scaler"),
+    (("train.fused_backward=exact", "model.precision=fp16", "train.low_memory=true", "2 processes"),
+     "does not work with 2 processes: DDP"),
+])
+def test_fused_step_refusals_fail_before_training(world, tmp_path, monkeypatch, sets, message):
+    from minidb.distributed import Dist
+    if "2 processes" in sets:  # the check comes before any collective: a Dist that only says 2 will do
+        monkeypatch.setattr(train_module.Dist, "from_env", classmethod(lambda cls, *a, **k: Dist(world_size=2)))
+        sets = sets[:-1]
+    with pytest.raises(ConfigError, match=message):
+        train(config(world, tmp_path / "run", *sets))
+    assert not (tmp_path / "run").exists()
+
+
+def test_low_memory_leaves_out_what_the_run_cannot_do(world, tmp_path):
+    """low_memory with grad_accum = 2: 8-bit AdamW and checkpointing, no fused step (not an error)."""
+    result = train(config(world, tmp_path / "run", "train.low_memory=true", "train.grad_accum=2", "train.steps=1"))
+    written = load_config(result.run_dir / "config.toml")
+    assert (written.optim.optimizer, written.train.fused_backward, written.model.gradient_checkpointing) == (
+        "adamw8bit", "off", True)
+    with pytest.raises(ConfigError, match="cannot resume .* different optim.optimizer"):
+        train(config(world, tmp_path / "run", "train.grad_accum=2", "train.steps=2"), resume="latest")
 
 
 def test_cached_latents_match_encoding_every_step(world, tmp_path):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from minidb.errors import ConfigError
-from minidb.train_config import (DreamBoothConfig, differences, dump_toml, from_dict, load_config, resolved,
-                                 validate)
+from minidb.train_config import (DreamBoothConfig, differences, dump_toml, explanations, from_dict, load_config,
+                                 resolved, resolved_memory, validate)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "minidb" / "data" / "dreambooth_example.toml"
 
@@ -51,6 +51,8 @@ def test_overrides_typed(tmp_path):
     ("center_crop=maybe", "true or false"),
     ("precision=fp8", "one of auto, fp32, fp16, bf16"),
     ("prior.sampler=euler", "one of ddim"),
+    ("optimizer=adam", "one of adamw, adamw8bit"),
+    ("fused_backward=yes", "one of off, exact, lagged"),
     ("steps", "expected key=value"),
 ])
 def test_bad_overrides(override, message):
@@ -109,3 +111,29 @@ def test_print_config_explains_every_option(capsys):
     every = [key for cls in SECTIONS.values() for key in (f.name for f in dataclasses.fields(cls))]
     unexplained = [line for section in out.split("\n\n") for line in section.splitlines()[1:] if " # " not in line]
     assert len(every) == sum(1 for _ in out.splitlines() if " = " in _) and not unexplained
+
+
+@pytest.mark.parametrize("sets, precision, world_size, expected", [
+    ([], "fp32", 1, ("adamw", "off", False)),
+    (["train.low_memory=true"], "fp32", 1, ("adamw8bit", "lagged", True)),
+    (["train.low_memory=true"], "bf16", 1, ("adamw8bit", "lagged", True)),
+    (["train.low_memory=true"], "fp16", 1, ("adamw8bit", "exact", True)),  # lagged cannot undo an overflow
+    (["train.low_memory=true", "train.fused_backward=exact"], "fp32", 1, ("adamw8bit", "exact", True)),  # kept
+    (["train.low_memory=true"], "fp32", 2, ("adamw8bit", "off", True)),     # DDP: no fused step
+    (["train.low_memory=true", "train.grad_accum=4"], "fp32", 1, ("adamw8bit", "off", True)),
+])
+def test_low_memory_resolves_to_what_the_run_supports(sets, precision, world_size, expected):
+    cfg = resolved_memory(load_config(None, sets), precision, world_size)
+    assert (cfg.optim.optimizer, cfg.train.fused_backward, cfg.model.gradient_checkpointing) == expected
+    assert resolved_memory(cfg, precision, world_size) == cfg  # a resume reads config.toml back: the same
+
+
+def test_memory_options_documented():
+    """The doc comments of the memory switches, continued over several lines, read as one; low_memory's
+    states what it was measured to do."""
+    doc = explanations()
+    assert "7.42 GiB" in doc[("train", "low_memory")] and "0.44x" in doc[("train", "low_memory")]
+    assert "diffusers' 16.82 GiB, 31.5 s" in doc[("train", "low_memory")]
+    assert doc[("model", "gradient_checkpointing")].startswith("recompute the UNet's and text encoder's")
+    assert doc[("train", "fused_backward")].endswith("One process, grad_accum = 1 only")
+    assert doc[("optim", "optimizer")].endswith("2 bytes of state per weight instead of 8)")
