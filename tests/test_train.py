@@ -199,7 +199,8 @@ def _sigterm_at(step):
     ("data.hflip=true", "train.grad_accum=2"),                      # random crops and flips, accumulation
     ("data.center_crop=true", "train.batch_size=2", "optim.lr_schedule=cosine", "optim.warmup_steps=2"),  # cached latents
     ("model.lora_rank=2", "model.lora_text_encoder=true", "train.ema_decay=0.9", "train.noise_offset=0.1",
-     "train.min_snr_gamma=5", "optim.scale_lr=true", "train.grad_accum=2"),  # LoRA, EMA and the loss options
+     "train.min_snr_gamma=5", "optim.scale_lr=true", "train.grad_accum=2",
+     "model.precision=bf16"),  # LoRA (bf16 adapters, fp32 masters), EMA and the loss options
 ])
 def test_resume_is_bit_exact(world, tmp_path, sets):
     full = train(config(world, tmp_path / "full", *sets))
