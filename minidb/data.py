@@ -5,12 +5,13 @@
     dataset = DreamBoothDataset(instance, classes, 512, seed=0)
     example = dataset.get(index, epoch)          # {"instance": [3,512,512], "class_": [3,512,512]}
     batches = Batches(dataset, sd, batch_size=2, dist=dist)
-    batch, cursor = batches.next(cursor, step, micro)   # latents, noise, t of [instance; class]
+    batch, cursor = batches.next(cursor, step, micro)   # latents, noise, t, prompt of [instance; class]
 
 Reproducibility without saved RNG state: the order of an epoch comes from (seed, epoch), the crop
 and flip of an example from (seed, epoch, index), and its timestep and noises from (seed, step,
-micro-batch, position in the global batch), each through its own torch.Generator. A resumed run,
-or any number of processes, sees exactly the numbers an uninterrupted run sees.
+micro-batch, position in the global batch), each through its own torch.Generator (the offset
+noise, when on, is that generator's last draw). A resumed run, or any number of processes, sees
+exactly the numbers an uninterrupted run sees.
 """
 import hashlib
 import warnings
@@ -23,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from minidb.errors import DataError
+from minidb.train_options import offset_noise
 
 RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking
 SMALL_WARNED = "minidb.small_warned_at"  # image.info key: load_image_folder already warned at this resolution
@@ -38,7 +40,8 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
     shorter side as they load (JPEGs are even decoded at reduced scale), so that five 12 MP photos
     hold ~1 MB each instead of 36. Without it images keep their size (DreamBoothDataset fits them).
     Raises DataError when the folder is missing or holds no usable image; unusable files are
-    named, and skipped with a warning when at least one good image remains."""
+    named, and skipped with a warning when at least one good image remains. Caption files
+    (photo.txt beside photo.png, see minidb.train_options.caption_for) are not candidates."""
     if folder is None or str(folder).strip() == "":
         raise DataError(f"{what} images: no folder given")
     folder = Path(folder).expanduser()
@@ -54,6 +57,8 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
     if not files:
         raise DataError(f"{what} images: {folder} is empty: put the photos there")
 
+    stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
+    files = [p for p in files if not (p.suffix.lower() == ".txt" and p.stem in stems)]
     images, bad, small = [], [], []
     for path in files:
         try:
@@ -214,33 +219,45 @@ def can_cache_latents(center_crop: bool, hflip: bool, exact_size: bool = False) 
 # ---- batches: what one micro-batch of one process trains on --------------------------------------
 
 class Batch(NamedTuple):
-    """x0 latents (the VAE posterior sampled, times scale_factor), the noise to predict, and the
-    timesteps, all [batch_size instance examples; batch_size class examples, or none without prior
-    preservation]. fp32, on the model's device."""
+    """x0 latents (the VAE posterior sampled, times scale_factor), the noise to predict, the
+    timesteps and the prompts, all [batch_size instance examples; batch_size class examples, or none
+    without prior preservation]. fp32, on the model's device; prompt on the CPU."""
     latents: torch.Tensor  # [n, 4, h, w]
     noise: torch.Tensor    # [n, 4, h, w]
     t: torch.Tensor        # [n]
+    prompt: torch.Tensor   # [n] int64: rows of the run's prompt table (see Batches)
 
 
 class Batches:
     """The global batch of a micro-step is the next batch_size x world_size examples of the data
     order (crossing epochs); this process takes its batch_size of them. A cursor (epoch, position
-    in that epoch's order) says where the next batch starts; it is all a checkpoint has to keep."""
+    in that epoch's order) says where the next batch starts; it is all a checkpoint has to keep.
 
-    def __init__(self, dataset: DreamBoothDataset, sd, batch_size: int, dist, latent_cache=None):
+    The prompt table: prompt_rows[i] is the row of instance image i's prompt (its caption), and the
+    class prompt is the row after the last of them; by default rows 0 (the instance prompt) and 1."""
+
+    def __init__(self, dataset: DreamBoothDataset, sd, batch_size: int, dist, latent_cache=None,
+                 noise_offset: float = 0.0, prompt_rows: list[int] | None = None):
         self.dataset, self.sd, self.batch_size, self.latent_cache = dataset, sd, batch_size, latent_cache
         self.rank, self.world_size = dist.rank, dist.world_size
         self.prior = dataset.class_ is not None
         self.hw = dataset.resolution // sd.config.latent_factor
+        self.noise_offset = noise_offset
+        self.prompt_rows = prompt_rows or [0] * len(dataset.instance)
+        self.class_row = max(self.prompt_rows) + 1
 
     def next(self, cursor: tuple[int, int], step: int, micro: int) -> tuple[Batch, tuple[int, int]]:
         B = self.batch_size
         items, cursor = next_items(self.dataset, cursor, B * self.world_size)
         mine = range(self.rank * B, (self.rank + 1) * B)
         mean, std = encode_batch(self.sd, self.dataset, [items[j] for j in mine], self.prior, self.latent_cache)
-        t, noise, eps = draw_noise(self.dataset.seed, step, micro, mine, self.prior, self.sd.config, self.hw)
+        t, noise, eps = draw_noise(self.dataset.seed, step, micro, mine, self.prior, self.sd.config, self.hw,
+                                   self.noise_offset)
         latents = (mean + std * eps.to(mean.device)) * self.sd.config.scale_factor  # posterior sample, fp32
-        return Batch(latents, noise.to(mean.device), t.to(mean.device)), cursor
+        n_instance = len(self.dataset.instance)
+        prompt = torch.tensor([self.prompt_rows[items[j][1] % n_instance] for j in mine]
+                              + ([self.class_row] * B if self.prior else []))
+        return Batch(latents, noise.to(mean.device), t.to(mean.device), prompt), cursor
 
 
 def next_items(dataset, cursor: tuple[int, int], n: int):
@@ -262,17 +279,18 @@ def example_seed(seed: int, step: int, micro: int, position: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int):
+def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int, noise_offset: float = 0.0):
     """Per example (global batch position j): timestep, target noise and the VAE posterior's noise,
     from its own CPU generator. Returns t [n], noise [n, 4, hw, hw], eps [n, 4, hw, hw] ordered
-    [instance examples; class examples], n = len(positions) * (2 if prior else 1)."""
+    [instance examples; class examples], n = len(positions) * (2 if prior else 1). noise_offset > 0:
+    the target noise gets offset noise (minidb.train_options), drawn last, so the other draws stay."""
     draws = []
     for j in positions:
         g = torch.Generator().manual_seed(example_seed(seed, step, micro, j))
         t = torch.randint(0, config.timesteps, (2,), generator=g)  # uniform in [0, T)
         noise = torch.randn((2, config.unet.in_channels, hw, hw), generator=g)
         eps = torch.randn((2, config.vae.embed_dim, hw, hw), generator=g)
-        draws.append((t, noise, eps))
+        draws.append((t, offset_noise(noise, noise_offset, g), eps))
     halves = [0, 1] if prior else [0]
     return tuple(torch.stack([d[k][h] for h in halves for d in draws]) for k in range(3))
 

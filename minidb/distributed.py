@@ -3,6 +3,7 @@
     with Dist.from_env(timeout_s=600) as dist:  # RANK/WORLD_SIZE/LOCAL_RANK set by torchrun, else 1 process
         device = dist.device("auto")            # this process's GPU, or the CPU
         unet = dist.wrap(sd.unet)               # DistributedDataParallel when world_size > 1
+        unet = dist.wrap(sd.unet, lora)         # LoRA: the adapters are what DDP syncs
         dist.all_reduce_max_(found_inf)         # every rank skips the same fp16 steps
         if dist.is_main: write files
         dist.barrier()
@@ -123,10 +124,14 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel around a module that trains; the module itself when alone."""
+    def wrap(self, module: torch.nn.Module, adapters: torch.nn.Module | None = None) -> torch.nn.Module:
+        """DistributedDataParallel around a module that trains; the module itself when alone.
+        adapters: LoRA adapters hooked onto the (frozen) module from outside it (minidb.lora). Their
+        parameters are the trained ones and not among the module's, so DDP wraps the two together."""
         if not self.active:
             return module
+        if adapters is not None:
+            module = WithAdapters(module, adapters)
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [self.local_rank] if next(module.parameters()).is_cuda else None
         return DistributedDataParallel(module, device_ids=device_ids)
@@ -154,6 +159,18 @@ class Dist:
     def close(self) -> None:
         if self.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class WithAdapters(torch.nn.Module):
+    """A model and the adapters hooked onto it as one module, computing what the model computes:
+    DDP all-reduces the gradients of the parameters it finds, and here it finds the adapters'."""
+
+    def __init__(self, model: torch.nn.Module, adapters: torch.nn.Module):
+        super().__init__()
+        self.model, self.adapters = model, adapters
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)  # the adapters run as the model's forward hooks
 
 
 def _reason(e: BaseException) -> str:

@@ -181,22 +181,32 @@ def add_lora(models: dict, rank: int, alpha: float | None = None, unet_targets=U
     return LoRANetwork(adapters)
 
 
-def save_lora(path, network: LoRANetwork, dtype: torch.dtype | None = None, metadata: dict | None = None):
-    """Write the network as a kohya-format .safetensors file, atomically (floats in dtype, default as
-    they are), with kohya's ss_* metadata that AUTOMATIC1111 shows."""
+def save_lora(path, network: "LoRANetwork | dict", dtype: torch.dtype | None = None, metadata: dict | None = None):
+    """Write the network (or its state_dict: {kohya key: tensor}, alphas included) as a kohya-format
+    .safetensors file, atomically (floats in dtype, default as they are), with kohya's ss_* metadata
+    that AUTOMATIC1111 shows."""
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise LoRAError(f"{path}: a LoRA file name must end in .safetensors")
-    tensors = {k: t.detach().to("cpu", dtype or t.dtype).contiguous() for k, t in network.state_dict().items()}
+    state = network.state_dict() if isinstance(network, nn.Module) else network
+    tensors = {k: t.detach().to("cpu", dtype or t.dtype).contiguous() for k, t in state.items()}
     alphas = {t.item() for k, t in tensors.items() if k.endswith(".alpha")}
-    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
+    rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
             "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
             "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_output_name": "minidb"}
     info |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=info)
+
+
+def with_alphas(weights: dict, alpha: float) -> dict:
+    """A LoRA file's tensors from trained weights ({name.lora_down.weight, name.lora_up.weight}, as
+    the parameters of a LoRANetwork are named): each module's alpha added, as add_lora sets it."""
+    names = {key.partition(".")[0] for key in weights}
+    return dict(weights) | {f"{name}.alpha": torch.tensor(float(alpha)) for name in sorted(names)}
 
 
 def read_lora(path) -> dict:

@@ -126,10 +126,11 @@ class StableDiffusion:
         return f"StableDiffusion({params / 1e6:.1f}M parameters, {self.device}, {self.dtype})"
 
 
-def export_model(base, trained: dict, path, dtype=torch.float16) -> Path:
+def export_model(base, trained: dict, path, dtype=torch.float16, lora=None) -> Path:
     """A fine-tuned model as an original-layout SD v1 checkpoint: the trained weights ("unet.*",
     "text_encoder.*", fp32) over a fresh fp32 load of the base checkpoint, which supplies the frozen
-    parts exactly as they were (not rounded through the training dtype)."""
+    parts exactly as they were (not rounded through the training dtype). lora: a LoRA file merged in
+    after that, as `sd.load_lora(lora); sd.merge_lora()` would."""
     sd = StableDiffusion.from_checkpoint(base, device="cpu", dtype=torch.float32)
     for name, module in sd.models.items():
         part = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(name + ".")}
@@ -140,15 +141,30 @@ def export_model(base, trained: dict, path, dtype=torch.float16) -> Path:
                 raise CheckpointError(f"trained weights not in the {name}: {unknown[:5]}")
             full.update({k: v.to("cpu", torch.float32) for k, v in part.items()})
             module.load_state_dict(full, strict=True)
+    if lora is not None:
+        sd.load_lora(lora)
+        sd.merge_lora()
     sd.save(path, dtype=dtype)
     return Path(path)
 
 
-def export_checkpoint(checkpoint, path, dtype=torch.float16) -> Path:
-    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model."""
+def export_checkpoint(checkpoint, path=None, dtype=torch.float16) -> Path:
+    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model, or a LoRA
+    run's as its LoRA file; the EMA of the weights when the run exports it (train.export_ema).
+    path None: <run>/model-step_N.safetensors (lora-step_N.safetensors)."""
     from minidb.checkpoint import load_state
+    from minidb.lora import save_lora, with_alphas
     state = load_state(checkpoint)
-    return export_model(state["config"]["model"]["base"], state["weights"], path, dtype)
+    model, train = state["config"]["model"], state["config"]["train"]
+    ema = state.get("ema")
+    weights = ema["shadow"] if ema and train.get("export_ema", True) else state["weights"]
+    lora_rank = model.get("lora_rank", 0)
+    checkpoint = Path(checkpoint)
+    path = Path(path or checkpoint.parent.parent / f"{'lora' if lora_rank else 'model'}-{checkpoint.stem}.safetensors")
+    if lora_rank:
+        save_lora(path, with_alphas(weights, model["lora_alpha"] or lora_rank), dtype)
+        return path
+    return export_model(model["base"], weights, path, dtype)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@
     samples/step_N.png     validation grids, one image per validation prompt, fixed seeds
     class_images/          generated class images (unless prior.class_dir points elsewhere)
     model.safetensors      the fine-tuned model, original SD v1 layout, for `minidb sample`
+    lora.safetensors       LoRA runs (model.lora_rank > 0): the adapters in kohya's format, for --lora
     tensorboard/           when the tensorboard package is installed
 
 Every process holds a Run; only rank 0 writes files and prints, the others wait at the barriers.
@@ -26,7 +27,8 @@ from minidb.train_config import differences, dump_toml, from_dict, load_config, 
 from minidb.weights import atomic_write
 
 # Changing these between a checkpoint and its resume would not continue the same training.
-MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer")
+MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer", "model.lora_rank",
+                        "model.lora_alpha", "model.lora_text_encoder")
 
 
 class Run:
@@ -35,6 +37,7 @@ class Run:
         self.folder = Path(cfg.train.output_dir)
         self.checkpoints = self.folder / "checkpoints"
         self.model_path = self.folder / "model.safetensors"
+        self.lora_path = self.folder / "lora.safetensors"
         self.metrics_file = self.tb = self.bar = None
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"train.output_dir: {self.folder} is a file, not a folder: choose another "
@@ -72,9 +75,10 @@ class Run:
         return state
 
     def finished_model(self, state) -> Path | None:
-        """The run's model when a resume finds nothing left to do: the checkpoint is at (or past)
-        train.steps and model.safetensors was written after it (else the export still has to happen)."""
-        model = self.model_path
+        """The run's model (a LoRA run's: its lora.safetensors) when a resume finds nothing left to do:
+        the checkpoint is at (or past) train.steps and the model was written after it (else the export
+        still has to happen)."""
+        model = self.lora_path if self.cfg.model.lora_rank else self.model_path
         if state is None or state["step"] < self.cfg.train.steps or not model.is_file():
             return None
         return model if model.stat().st_mtime >= Path(state["path"]).stat().st_mtime else None
@@ -100,7 +104,8 @@ class Run:
             if found:
                 raise ConfigError(f"{run} already holds this run, with checkpoints up to step {found[-1][0]}: "
                                   "continue it with --resume latest, or delete the folder to start over")
-        elif any((run / name).exists() for name in ("checkpoints", "metrics.jsonl", "model.safetensors")):
+        elif any((run / name).exists() for name in ("checkpoints", "metrics.jsonl", "model.safetensors",
+                                                    "lora.safetensors")):
             raise ConfigError(f"{run} holds files of a run without its config.toml: choose another train.output_dir")
         if self.dist.is_main:
             with atomic_write(config_file) as tmp:

@@ -11,10 +11,16 @@ preservation, so that "a photo of sks dog" draws *that* dog and "a photo of a do
 backward -> the precision step), checkpoints, export. What it writes into the run folder
 (train.output_dir) is minidb.run's; the data stage, its batches and their noise are minidb.data's.
 
-Randomness: noise, timesteps and the VAE posterior sample of each training example come from a
-generator seeded by (seed, step, micro-batch, position in the global batch), and augmentation
-from (seed, epoch, index): no global RNG state enters a step, so a resumed run repeats an
-uninterrupted one bit for bit, and N processes draw what one process would.
+Randomness: noise (offset noise included), timesteps and the VAE posterior sample of each training
+example come from a generator seeded by (seed, step, micro-batch, position in the global batch),
+augmentation from (seed, epoch, index), and new LoRA adapters from the seed: no global RNG state
+enters a step, so a resumed run repeats an uninterrupted one bit for bit, and N processes draw what
+one process would.
+
+LoRA (model.lora_rank > 0, minidb.lora): adapters hooked onto the frozen UNet (and text encoder)
+are the only trained parameters, so the masters, the optimizer and the checkpoints hold just them,
+and the run writes lora.safetensors in kohya's format. The smaller options (min-SNR weighting,
+offset noise, EMA, caption files, lr scaling) are minidb.train_options'.
 """
 import dataclasses
 import json
@@ -34,9 +40,12 @@ from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_lat
 from minidb.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.fused_step import FusedBackwardStep, check_supported
+from minidb.lora import TEXT_ENCODER_TARGETS, UNET_ATTENTION, LoRANetwork, add_lora, save_lora, with_alphas
 from minidb.run import Run
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
-from minidb.train_config import DreamBoothConfig, OptimConfig, check_prompts, resolved, resolved_memory, validate
+from minidb.train_config import (DreamBoothConfig, ModelConfig, OptimConfig, TrainConfig, check_prompts, resolved,
+                                 resolved_memory, validate)
+from minidb.train_options import EMA, caption_for, min_snr_weights, scaled_lr, weighted_mse
 
 
 class TrainingDiverged(MinidbError):
@@ -48,17 +57,18 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path | None       # the newest training checkpoint
-    model_path: Path | None       # the exported model (None when interrupted)
+    model_path: Path | None       # the exported model (None when interrupted, or LoRA without lora_merge_export)
     interrupted: bool = False
     loss: float = float("nan")    # mean loss of the last step
     stopped_by: str | None = None  # when interrupted: "SIGINT", "SIGTERM" or "another process"
+    lora_path: Path | None = None  # a LoRA run's lora.safetensors
 
 
 def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> TrainResult:
     """Fine-tune per cfg. resume: None (a new run), "latest" (the newest checkpoint of the run
     folder) or a checkpoint path. callback(step, metrics) is called after every step.
     Bad input raises a MinidbError before any training starts."""
-    from minidb.pipeline import StableDiffusion, export_model
+    from minidb.pipeline import StableDiffusion
     from minidb.prior import ensure_class_images
 
     # ---- set-up (the cheap checks first: bad input fails before anything is loaded or written) --
@@ -74,9 +84,12 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         run.dist = dist
         dist.hint = lambda: f"continue the run with --resume latest (newest checkpoint: {run.latest_state() or 'none'})"
         if finished is not None:  # nothing to train, nothing to write
+            lora = cfg.model.lora_rank > 0
             run.result(f"{run.folder} is already finished: step {state['step']} of train.steps = {cfg.train.steps}; "
-                       f"model: {finished}. To train on, resume with a larger train.steps (--set train.steps=N)")
-            return TrainResult(run.folder, state["step"], state["path"], finished, loss=state.get("loss", float("nan")))
+                       f"{'LoRA' if lora else 'model'}: {finished}. To train on, resume with a larger train.steps "
+                       "(--set train.steps=N)")
+            return TrainResult(run.folder, state["step"], state["path"], None if lora else finished,
+                               loss=state.get("loss", float("nan")), lora_path=finished if lora else None)
         device = dist.device(cfg.model.device)
         precision = cfg.model.precision if cfg.model.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
         dtype = getattr(torch, DTYPES[precision])
@@ -84,6 +97,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         cfg = run.cfg = resolved_memory(cfg, precision, W)  # train.low_memory's switches, into config.toml
         if cfg.train.fused_backward != "off":  # what it cannot do fails here, before anything is loaded
             check_supported(W, accum, precision == "fp16", cfg.train.fused_backward)
+        lr_scale = scaled_lr(1.0, B, accum, W) if cfg.optim.scale_lr else 1.0
+        text_encoder_trains = cfg.model.lora_text_encoder if cfg.model.lora_rank else cfg.model.train_text_encoder
         torch.manual_seed(seed + dist.rank)  # the global RNGs are not used by a step; seeded for anything else
         random.seed(seed + dist.rank)
         np.random.seed(seed + dist.rank)
@@ -92,6 +107,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         instance_images = load_image_folder(cfg.data.instance_dir, "instance", cfg.data.resolution)
         prior = bool(cfg.prior.class_prompt)
         check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
+        prompts, prompt_rows = prompt_table(cfg, instance_images)
         run.prepare(state)
         run.log(f"loading {cfg.model.base} ({device}, {precision})")
         sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
@@ -108,7 +124,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                                     cfg.data.hflip, seed)
 
         # ---- model and optimizer ----------------------------------------------------------------
-        trainable = set_trainable(sd, cfg.model.train_text_encoder)
+        lora = add_adapters(sd, cfg.model, seed) if cfg.model.lora_rank else {}
+        trainable = set_trainable(sd, cfg.model.train_text_encoder, lora)
         sd.unet.gradient_checkpointing = cfg.model.gradient_checkpointing
         sd.text_encoder.gradient_checkpointing = cfg.model.gradient_checkpointing  # frozen: no_grad, nothing to redo
         # fp32: the masters are the model's own parameters. fp16 and bf16: fp32 copies, because an
@@ -126,21 +143,27 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         step, cursor = 0, (0, 0)  # cursor: (epoch, position in that epoch's order) of the next example
         if state is not None:
             step, cursor = restore(state, masters, optimizer, scaler, dist, run, fused)
-        unet = dist.wrap(sd.unet)
-        text_encoder = dist.wrap(sd.text_encoder) if cfg.model.train_text_encoder else sd.text_encoder
+        ema = start_ema(cfg.train, masters, state, run)
+        unet = dist.wrap(sd.unet, lora.get("unet"))
+        text_encoder = dist.wrap(sd.text_encoder, lora.get("text_encoder")) if text_encoder_trains else sd.text_encoder
 
-        prompt_ids = sd.tokenizer([cfg.data.instance_prompt] + ([cfg.prior.class_prompt] if prior else [])).to(device)
-        if not cfg.model.train_text_encoder:
+        prompt_ids = sd.tokenizer(prompts).to(device)
+        fixed_context = None
+        if not text_encoder_trains:
             with torch.no_grad():
-                fixed_context = sd.text_encoder(prompt_ids)  # [1 or 2, 77, width], the same every step
+                fixed_context = sd.text_encoder(prompt_ids)  # [prompts, 77, width]: each encoded once, for every step
         latent_cache = None
         if cfg.data.cache_latents and can_cache_latents(cfg.data.center_crop, cfg.data.hflip, dataset.exact_size):
             latent_cache = cache_latents(sd, dataset, prior, dist)
         elif cfg.data.cache_latents:
             run.log("not caching latents: random " + ("flips" if cfg.data.hflip else "crops of images larger than "
                                                       "the resolution") + " change the image every epoch")
-        batches = Batches(dataset, sd, B, dist, latent_cache)
+        batches = Batches(dataset, sd, B, dist, latent_cache, cfg.train.noise_offset, prompt_rows)
         run.log(describe(cfg, base_config, len(instance_images), class_images, masters, precision, W))
+        captioned = sum(prompts[r] != cfg.data.instance_prompt for r in prompt_rows)
+        if captioned:
+            run.log(f"{captioned} of {_count(len(prompt_rows), 'instance image')} have a caption file, used in "
+                    "place of the instance prompt (data.captions)")
 
         # ---- the loop ---------------------------------------------------------------------------
         last_checkpoint = run.latest_state()
@@ -148,7 +171,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         with run.open(step), StopOnSignal(run.log) as stop:
             while step < cfg.train.steps:
                 t_start = time.perf_counter()
-                lr = lr_at(step, cfg.optim, cfg.train.steps)
+                lr = lr_at(step, cfg.optim, cfg.train.steps) * lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 losses = torch.zeros(3, device=device)  # total, instance, class: summed over micro-batches
@@ -157,10 +180,10 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                     parts = []  # (loss, instance, class) of the last forward pass
 
                     def loss_fn():  # batch holds its noise and timesteps: a second call (exact clipping) repeats the first
-                        context = text_encoder(prompt_ids) if cfg.model.train_text_encoder else fixed_context
-                        context = context.repeat_interleave(B, dim=0)  # [instance x B; class x B, 77, width]
-                        parts[:] = micro_batch_loss(unet, sd.schedule, *batch, context, B, cfg.prior.loss_weight,
-                                                    dtype, sd.config.parameterization)
+                        context = prompt_context(text_encoder, prompt_ids, fixed_context, batch.prompt)
+                        parts[:] = micro_batch_loss(
+                            unet, sd.schedule, batch.latents, batch.noise, batch.t, context, B, cfg.prior.loss_weight,
+                            dtype, sd.config.parameterization, cfg.train.min_snr_gamma)
                         return parts[0]
 
                     if fused is not None:  # backward and the optimizer step in one (grad_accum is 1)
@@ -176,6 +199,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
 
                 if fused is None:  # the optimizer step, precision tricks in plain sight (see optimizer_step)
                     stepped, grad_norm = optimizer_step(masters, optimizer, scaler, cfg.optim.max_grad_norm, dist)
+                if ema is not None and stepped:
+                    ema.update(zip(masters.names, masters.params))
                 step += 1
                 loss_value, loss_instance_value, loss_class_value = dist.all_reduce_mean_(losses).tolist()
                 if scaler is None and (not stepped or not math.isfinite(loss_value)):
@@ -204,6 +229,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict() if scaler else None,
                         "fused_step": fused.state_dict() if fused else None,  # lagged clipping's last norm
+                        "ema": ema.state_dict() if ema else None,           # the fp32 average, or None
                         "lr_schedule": {"schedule": o.lr_schedule, "warmup_steps": o.warmup_steps, "lr": o.lr,
                                         "min_lr": o.min_lr},                # lr = lr_at(step): no other state
                         "precision": precision, "loss": loss_value})
@@ -214,20 +240,18 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                     return TrainResult(run.folder, step, last_checkpoint, None, interrupted=True, loss=loss_value,
                                        stopped_by=who)
 
-        # ---- the end: the fine-tuned model as an SD v1 checkpoint -------------------------------
+        # ---- the end: the fine-tuned model as an SD v1 checkpoint, or the LoRA file ---------------
         if fused is not None:
             fused.remove()  # its hooks hold the optimizer
         del optimizer, fused  # the moments (2x the trained weights): freed before the export loads the base
+        weights = ema.shadow if ema is not None and cfg.train.export_ema else masters.state_dict()
         if dist.is_main:
-            export_model(cfg.model.base, masters.state_dict(), run.model_path,
-                         getattr(torch, DTYPES[cfg.model.export_dtype]))
-            size = run.model_path.stat().st_size
-            size = f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
-            run.result(f"done: {_count(step, 'step')}, loss {loss_value:.4f}; model: {run.model_path} "
-                       f"({cfg.model.export_dtype}, {size}); try: minidb sample --ckpt {run.model_path} "
-                       f"--prompt {json.dumps(cfg.data.instance_prompt)}")
+            run.result(f"done: {_count(step, 'step')}, loss {loss_value:.4f}; " + export(cfg, run, weights, step))
         dist.barrier()
-        return TrainResult(run.folder, step, last_checkpoint, run.model_path, loss=loss_value)
+        m = cfg.model
+        model_path = run.model_path if not m.lora_rank or m.lora_merge_export else None
+        return TrainResult(run.folder, step, last_checkpoint, model_path, loss=loss_value,
+                           lora_path=run.lora_path if m.lora_rank else None)
 
 
 def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
@@ -274,7 +298,11 @@ def restore(state, masters, optimizer, scaler, dist, run, fused=None) -> tuple[i
 def describe(cfg, base_config, n_instance, class_images, masters, precision, world_size) -> str:
     """The one line that says what this run trains, on what, at what size."""
     B, accum, r = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.resolution
-    parts = "UNet + text encoder" if cfg.model.train_text_encoder else "UNet (text encoder frozen)"
+    m = cfg.model
+    parts = "UNet + text encoder" if m.train_text_encoder else "UNet (text encoder frozen)"
+    if m.lora_rank:
+        parts = (f"rank-{m.lora_rank} LoRA adapters (alpha {m.lora_alpha or m.lora_rank:g}) on the "
+                 + ("UNet + text encoder" if m.lora_text_encoder else "UNet (text encoder frozen)"))
     n_trained = sum(p.numel() for p in masters.params)
     return (_count(n_instance, "instance image")
             + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
@@ -283,6 +311,7 @@ def describe(cfg, base_config, n_instance, class_images, masters, precision, wor
             f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
             f"{n_trained / 1e6:.1f}M parameters, {precision}"
             + (" with fp32 master weights" if masters.separate else "") + memory_options(cfg)
+            + (f", lr x {B * world_size * accum} (optim.scale_lr)" if cfg.optim.scale_lr else "")
             + f"; run folder {cfg.train.output_dir}")
 
 
@@ -294,16 +323,50 @@ def memory_options(cfg) -> str:
     return "; " + ", ".join(on) + (" (train.low_memory)" if cfg.train.low_memory else "") if on else ""
 
 
+def export(cfg: DreamBoothConfig, run: Run, weights: dict, step: int) -> str:
+    """Write the run's result into the run folder: model.safetensors, or for LoRA lora.safetensors
+    (and, with lora_merge_export, the base with it merged in). Returns what the summary says of it."""
+    from minidb.pipeline import export_model
+    m = cfg.model
+    dtype = getattr(torch, DTYPES[m.export_dtype])
+    prompt = json.dumps(cfg.data.instance_prompt)
+    if not m.lora_rank:
+        export_model(m.base, weights, run.model_path, dtype)
+        return (f"model: {run.model_path} ({m.export_dtype}, {_size(run.model_path)}); try: minidb sample "
+                f"--ckpt {run.model_path} --prompt {prompt}")
+    r = cfg.data.resolution
+    save_lora(run.lora_path, with_alphas(weights, m.lora_alpha or m.lora_rank), dtype, metadata={
+        "ss_sd_model_name": Path(m.base).name, "ss_resolution": f"({r}, {r})", "ss_steps": step,
+        "ss_learning_rate": cfg.optim.lr, "ss_seed": cfg.train.seed})
+    said = f"LoRA: {run.lora_path} (rank {m.lora_rank}, {m.export_dtype}, {_size(run.lora_path)})"
+    if m.lora_merge_export:
+        export_model(m.base, {}, run.model_path, dtype, lora=run.lora_path)
+        said += f"; merged model: {run.model_path} ({_size(run.model_path)})"
+    return said + f"; try: minidb sample --ckpt {m.base} --lora {run.lora_path} --prompt {prompt}"
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    if size < 2 ** 20:
+        return f"{size / 2 ** 10:.1f} KiB"
+    return f"{size / 2 ** 30:.2f} GiB" if size > 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # ---- the pieces of a step ------------------------------------------------------------------------
 
-def set_trainable(sd, train_text_encoder: bool) -> list[tuple[str, torch.nn.Parameter]]:
-    """VAE frozen in eval mode; UNet trained; text encoder trained or frozen. Returns the named
-    trainable parameters: these, and only these, reach the optimizer."""
+def set_trainable(sd, train_text_encoder: bool, lora: dict | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+    """VAE frozen in eval mode; UNet trained; text encoder trained or frozen. With LoRA (the networks
+    of add_adapters) every model is frozen and only the adapters train. Returns the named trainable
+    parameters: these, and only these, reach the optimizer."""
     sd.vae.eval().requires_grad_(False)
+    if lora:
+        sd.unet.train().requires_grad_(False)
+        sd.text_encoder.train("text_encoder" in lora).requires_grad_(False)
+        return [(n, p) for network in lora.values() for n, p in network.named_parameters()]  # kohya names
     sd.unet.train().requires_grad_(True)
     if train_text_encoder:
         sd.text_encoder.train().requires_grad_(True)
@@ -313,23 +376,73 @@ def set_trainable(sd, train_text_encoder: bool) -> list[tuple[str, torch.nn.Para
     return [(f"{name}.{n}", p) for name, module in modules for n, p in module.named_parameters()]
 
 
+def add_adapters(sd, m: ModelConfig, seed: int) -> dict[str, LoRANetwork]:
+    """New rank-m.lora_rank LoRA adapters on the UNet's attention projections and, with
+    m.lora_text_encoder, the text encoder's attention and MLP: one network per model, for each DDP
+    wrap to hold its own. Their init is drawn from `seed` alone, so every rank builds the same."""
+    targets = {"unet": (UNET_ATTENTION, ()), "text_encoder": ((), TEXT_ENCODER_TARGETS)}
+    with torch.random.fork_rng(devices=[]):  # adapters are built on the CPU, then moved
+        torch.manual_seed(seed)
+        return {name: add_lora({name: sd.models[name]}, m.lora_rank, m.lora_alpha or None, *targets[name])
+                for name in ("unet", "text_encoder") if name == "unet" or m.lora_text_encoder}
+
+
+def prompt_table(cfg: DreamBoothConfig, instance_images) -> tuple[list[str], list[int]]:
+    """The run's distinct prompts: the instance prompt or, with data.captions, each image's caption
+    file, then the class prompt (with prior preservation); and each instance image's row in it."""
+    captions = [caption_for(path, cfg.data.instance_prompt) if cfg.data.captions else cfg.data.instance_prompt
+                for path, _ in instance_images]
+    prompts = list(dict.fromkeys(captions))
+    return prompts + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else []), [prompts.index(c) for c in captions]
+
+
+def prompt_context(text_encoder, prompt_ids, fixed_context, rows: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output [n, 77, width] for each example's prompt (rows: of the prompt table).
+    A frozen encoder's outputs were computed once (fixed_context); a trained one encodes each
+    distinct prompt of the batch once."""
+    if fixed_context is not None:
+        return fixed_context[rows]
+    used, inverse = rows.unique(return_inverse=True)
+    return text_encoder(prompt_ids[used])[inverse]
+
+
+def start_ema(t: TrainConfig, masters: MasterWeights, state, run) -> EMA | None:
+    """The fp32 moving average of the trained weights (train.ema_decay > 0), continued from the
+    checkpoint being resumed when it holds one, else started from the weights as they are."""
+    if not t.ema_decay:
+        return None
+    ema = EMA(zip(masters.names, masters.params), t.ema_decay, device="cpu" if t.ema_on_cpu else None)
+    if state is not None and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+        ema.decay = t.ema_decay  # the configured decay, also when the resume changed it
+    elif state is not None:
+        run.log(f"train.ema_decay: the checkpoint holds no EMA; it starts at step {state['step']}")
+    return ema
+
+
 def micro_batch_loss(unet, schedule, latents, noise, t, context, n_instance: int, prior_loss_weight: float,
-                     dtype=torch.float32, parameterization: str = "eps"):
+                     dtype=torch.float32, parameterization: str = "eps", min_snr_gamma: float = 0.0):
     """Noise-prediction MSE on latents [instance; class] (one UNet pass over both halves):
     loss = MSE(instance half) + prior_loss_weight * MSE(class half). Returns (loss, instance, class);
     without class examples (no prior preservation), class is None and loss = instance.
-    A v-model (parameterization "v") is fitted to v instead of the noise."""
+    A v-model (parameterization "v") is fitted to v instead of the noise. min_snr_gamma > 0: each
+    example's MSE weighted by its min-SNR weight (minidb.train_options.min_snr_weights)."""
     noisy = schedule.add_noise(latents, noise, t)                     # x_t, fp32 [2B, 4, h, w]
     pred = unet(noisy.to(dtype), t, context.to(dtype)).float()        # the MSE in fp32 whatever the model
     target = noise if parameterization == "eps" else schedule.velocity(latents, noise, t)
-    return dreambooth_loss(pred, target, n_instance, prior_loss_weight)
+    weights = min_snr_weights(schedule.snr(t), min_snr_gamma, parameterization) if min_snr_gamma else None
+    return dreambooth_loss(pred, target, n_instance, prior_loss_weight, weights)
 
 
-def dreambooth_loss(eps_pred, noise, n_instance: int, prior_loss_weight: float):
-    loss_instance = torch.nn.functional.mse_loss(eps_pred[:n_instance], noise[:n_instance])
+def dreambooth_loss(eps_pred, noise, n_instance: int, prior_loss_weight: float, weights=None):
+    def mse(rows):  # weights None: the plain MSE (weighted_mse would sum in another order)
+        if weights is None:
+            return torch.nn.functional.mse_loss(eps_pred[rows], noise[rows])
+        return weighted_mse(eps_pred[rows], noise[rows], weights[rows])
+    loss_instance = mse(slice(0, n_instance))
     if eps_pred.shape[0] == n_instance:
         return loss_instance, loss_instance, None
-    loss_class = torch.nn.functional.mse_loss(eps_pred[n_instance:], noise[n_instance:])
+    loss_class = mse(slice(n_instance, None))
     return loss_instance + prior_loss_weight * loss_class, loss_instance, loss_class
 
 

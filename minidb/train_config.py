@@ -35,10 +35,14 @@ class ModelConfig:
     base: str = ""                    # the SD v1 checkpoint to fine-tune (.ckpt / .safetensors); required
     device: str = "auto"              # auto = cuda if there is one, else cpu; or "cpu", "cuda:1", ...
     precision: str = "auto"           # fp32 | fp16 | bf16; auto = fp16 on CUDA, fp32 on CPU
-    train_text_encoder: bool = True   # the DreamBooth paper fine-tunes it too; false = UNet only
+    train_text_encoder: bool = True   # the DreamBooth paper fine-tunes it too; false = UNet only (LoRA: see lora_text_encoder)
     gradient_checkpointing: bool = False  # recompute the UNet's and text encoder's activations in backward:
                                           # less memory, one more forward's time
-    export_dtype: str = "fp16"        # dtype of the exported model.safetensors: fp16 | fp32
+    export_dtype: str = "fp16"        # dtype of the exported model.safetensors and lora.safetensors: fp16 | fp32
+    lora_rank: int = 0                # 0 = full fine-tuning; N = train only rank-N LoRA adapters, write lora.safetensors
+    lora_alpha: float = 0.0           # LoRA: the update is scaled by alpha / rank; 0 = rank (scale 1)
+    lora_text_encoder: bool = False   # LoRA: adapters on the text encoder's attention and MLP too (else it is frozen)
+    lora_merge_export: bool = False   # LoRA: also write model.safetensors, the base with lora.safetensors merged in
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class DataConfig:
     center_crop: bool = False         # false = random crop
     hflip: bool = False               # random horizontal flip (off: subjects are often asymmetric)
     cache_latents: bool = True        # encode each image once, when the augmentation allows it
+    captions: bool = True             # photo.png + photo.txt: that text replaces instance_prompt for that image
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class OptimConfig:
     loss_scale_init: float = 65536.0  # fp16 only: the dynamic loss scaler (minidb.scaler)
     loss_scale_growth_interval: int = 2000  # fp16: clean steps before the loss scale doubles
     loss_scale_min: float = 1e-4      # fp16: below this the scaler gives up (minidb.scaler says why)
+    scale_lr: bool = False            # lr and min_lr times the instance images per step (diffusers' --scale_lr)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,11 @@ class TrainConfig:
                                       # at 256x256, fp32, CPU (python -m benchmarks.bench_train): 7.42 GiB and
                                       # 46.9 s a step; minidb's default 16.12 GiB, 39.9 s; diffusers' 16.82 GiB,
                                       # 31.5 s: 0.44x its memory
+    min_snr_gamma: float = 0.0        # min-SNR loss weighting (Hang et al. 2023), 5 is typical; 0 = off
+    noise_offset: float = 0.0         # offset noise: + this x a per-channel constant (learns brightness), ~0.05; 0 = off
+    ema_decay: float = 0.0            # an fp32 moving average of the trained weights, e.g. 0.999; 0 = off
+    ema_on_cpu: bool = False          # keep that average in CPU memory (one copy per step)
+    export_ema: bool = True           # with ema_decay > 0: export the average in place of the raw weights
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,7 @@ def parse_override(item: str) -> tuple[str, str, object]:
         if not owners:
             every = {f"{n}.{k}": k for n, cls in SECTIONS.items() for k in _field_names(cls)}
             close = difflib.get_close_matches(key, set(every.values()), n=3, cutoff=0.5)
-            hint = [full for full, bare in every.items() if bare in close]
+            hint = [full for word in close for full, bare in every.items() if bare == word]  # closest first
             raise ConfigError(f"--set {item!r}: unknown option {key!r}"
                               + (f" (did you mean {' or '.join(hint)}?)" if hint else ""))
         name = owners[0]
@@ -259,7 +270,7 @@ def validate(cfg: DreamBoothConfig) -> None:
                                  ("validation", "sample_steps", 1), ("prior", "sample_steps", 1),
                                  ("prior", "batch_size", 1), ("optim", "warmup_steps", 0),
                                  ("prior", "num_class_images", 0), ("optim", "loss_scale_growth_interval", 1),
-                                 ("train", "dist_timeout_s", 1)]:
+                                 ("train", "dist_timeout_s", 1), ("model", "lora_rank", 0)]:
         value = getattr(getattr(cfg, section), key)
         if value < lowest:
             problems.append(f"{section}.{key} must be at least {lowest}, got {value}")
@@ -277,6 +288,12 @@ def validate(cfg: DreamBoothConfig) -> None:
             problems.append(f"optim.{key} must be in [0, 1), got {getattr(o, key)}")
     if not (math.isfinite(o.loss_scale_init) and o.loss_scale_init >= max(o.loss_scale_min, 1e-30)):
         problems.append(f"optim.loss_scale_init must be >= optim.loss_scale_min, got {o.loss_scale_init}")
+    for section, key in (("model", "lora_alpha"), ("train", "min_snr_gamma"), ("train", "noise_offset")):
+        value = getattr(getattr(cfg, section), key)
+        if not (math.isfinite(value) and value >= 0):
+            problems.append(f"{section}.{key} must be a finite number >= 0, got {value}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        problems.append(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {cfg.train.ema_decay}")
     for section in ("prior", "validation"):
         guidance = getattr(cfg, section).guidance
         if not (math.isfinite(guidance) and guidance >= 0):

@@ -3,7 +3,8 @@ have, as pure pieces for minidb.train to call; each is off unless its config fie
 
 - min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556): timesteps with little noise have a
   high signal-to-noise ratio and an easy, dominating loss; for epsilon-prediction each example's
-  MSE is weighted by min(SNR(t), gamma) / SNR(t), gamma = 5 in the paper.
+  MSE is weighted by min(SNR(t), gamma) / SNR(t), gamma = 5 in the paper (v-prediction:
+  min(SNR(t), gamma) / (SNR(t) + 1)).
 - offset noise (Guttenberg 2023, "Diffusion with offset noise"): noise + strength · a per-channel
   constant, so the model can learn to change an image's mean brightness (plain noise never moves
   it at high t); kohya's noise_offset, typically 0.05-0.1.
@@ -20,12 +21,16 @@ import torch
 from minidb.errors import DataError
 
 
-def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-example loss weights min(SNR, gamma) / SNR for epsilon-prediction (fp32). snr [B]:
-    NoiseSchedule.snr(t)."""
+def min_snr_weights(snr: torch.Tensor, gamma: float, parameterization: str = "eps") -> torch.Tensor:
+    """Per-example loss weights (fp32) for snr [B] = NoiseSchedule.snr(t). The paper weights the MSE
+    of the implied x0 by min(SNR, gamma); the epsilon MSE is SNR times that one, the v MSE SNR + 1
+    times, so the weights are min(SNR, gamma) / SNR for "eps" and min(SNR, gamma) / (SNR + 1) for
+    "v" (as diffusers' train scripts)."""
     if gamma <= 0:
         raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
-    return (snr.clamp(max=gamma) / snr).float()
+    if parameterization not in ("eps", "v"):
+        raise ValueError(f"parameterization must be eps or v, got {parameterization!r}")
+    return (snr.clamp(max=gamma) / (snr if parameterization == "eps" else snr + 1)).float()
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

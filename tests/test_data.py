@@ -124,6 +124,20 @@ def test_bad_files_are_named_and_skipped_when_a_good_one_remains(tmp_path):
         load_image_folder(folder)
 
 
+def test_caption_files_are_not_images(tmp_path):
+    """photo.txt beside photo.png is a caption (minidb.train_options.caption_for), not a bad image;
+    a .txt file without an image of its name is still named as junk."""
+    folder = tmp_path / "captioned"
+    good = save(quadrant_image(16, 16), folder, "dog.png")
+    (folder / "dog.txt").write_text("a photo of sks dog on a beach")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [p for p, _ in load_image_folder(folder)] == [good]
+    (folder / "notes.txt").write_text("not a caption")
+    with pytest.warns(UserWarning, match=r"notes.txt \(not an image\)"):
+        load_image_folder(folder)
+
+
 def test_missing_empty_and_non_folders(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         load_image_folder(tmp_path / "missing")
@@ -362,3 +376,54 @@ def test_class_images_from_a_tiny_stable_diffusion(tmp_path):
     assert Image.open(paths[1]).info["minidb.seed"] == "6"
     ds = DreamBoothDataset([quadrant_image(16, 16)], load_image_folder(tmp_path / "c", "class", 16), 16)
     assert len(ds) == 3
+
+
+# ---- batches: offset noise and per-example prompts ---------------------------------------------
+
+def test_offset_noise_is_the_last_draw_of_each_examples_generator():
+    """Offset noise adds one per-(example, channel) constant drawn after the example's other draws,
+    so t, the target noise under it and the posterior noise stay as without it, and an example's
+    draws do not depend on which other positions a process takes (the same in 1 or N processes)."""
+    from minidb.config import tiny_config
+    from minidb.data import draw_noise, example_seed
+    from minidb.train_options import offset_noise
+    cfg = tiny_config()
+    plain = draw_noise(7, 3, 1, range(2), True, cfg, 4)
+    t, noise, eps = draw_noise(7, 3, 1, range(2), True, cfg, 4, noise_offset=0.1)
+    assert torch.equal(t, plain[0]) and torch.equal(eps, plain[2])
+    offset = noise - plain[1]  # rows [instance 0, instance 1, class 0, class 1]
+    torch.testing.assert_close(offset, offset[:, :, :1, :1].expand_as(offset), rtol=0, atol=1e-6)
+    assert 0 < offset[:, :, 0, 0].abs().max() < 1
+    for j in range(2):  # by hand: the example's generator after its t, noise and eps draws
+        g = torch.Generator().manual_seed(example_seed(7, 3, 1, j))
+        torch.randint(0, cfg.timesteps, (2,), generator=g)
+        n = torch.randn((2, cfg.unet.in_channels, 4, 4), generator=g)
+        torch.randn((2, cfg.vae.embed_dim, 4, 4), generator=g)
+        torch.testing.assert_close(offset_noise(n, 0.1, g), noise[[j, 2 + j]], rtol=0, atol=0)
+    alone = draw_noise(7, 3, 1, [1], True, cfg, 4, noise_offset=0.1)[1]
+    assert torch.equal(alone, noise[[1, 3]])
+
+
+def test_batches_carry_each_examples_prompt_row():
+    """prompt_rows[i]: the prompt-table row of instance image i (its caption); class examples take
+    the row after the last; the default is one instance prompt (row 0) and the class prompt (row 1)."""
+    from helpers import perturb_
+    from minidb.config import tiny_config
+    from minidb.data import Batches, next_items
+    from minidb.distributed import Dist
+    from minidb.pipeline import StableDiffusion
+    sd = StableDiffusion(tiny_config())
+    perturb_(sd.vae)
+    instance = [quadrant_image(16, 16) for _ in range(3)]
+    dataset = DreamBoothDataset(instance, [quadrant_image(16, 16)] * 2, 16, seed=4)
+    rows = [0, 1, 0]  # images 0 and 2 share a prompt, image 1 has its own caption
+    cursor = (0, 0)
+    for step in range(3):  # crosses into epoch 1
+        items, _ = next_items(dataset, cursor, 2)
+        batch, cursor = Batches(dataset, sd, 2, Dist(), prompt_rows=rows).next(cursor, step, 0)
+        assert batch.prompt.tolist() == [rows[i % 3] for _, i in items] + [2, 2]
+        assert batch.prompt.dtype == torch.int64 and batch.latents.shape[0] == 4
+    default, _ = Batches(dataset, sd, 2, Dist()).next((0, 0), 0, 0)
+    assert default.prompt.tolist() == [0, 0, 1, 1]
+    alone = DreamBoothDataset(instance, None, 16, seed=4)
+    assert Batches(alone, sd, 2, Dist(), prompt_rows=rows).next((0, 0), 0, 0)[0].prompt.shape == (2,)

@@ -295,6 +295,37 @@ def test_resume_with_another_world_size_and_the_same_global_batch(world, stop_re
     assert metrics(tmp_path / "run")[0]["loss"] == pytest.approx(metrics(one_proc)[-1]["loss"], rel=1e-5)
 
 
+# ---- 4b. LoRA under DDP ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_runs(world, stop_resume, tmp_path_factory):
+    """LoRA on the UNet and the text encoder: 2 processes x batch 1 (the driver), 1 process x batch 2."""
+    out = tmp_path_factory.mktemp("lora")
+    lora = ("model.lora_rank=2", "model.lora_text_encoder=true")
+    r0, r1, _ = driver(world, out, settings(world, out / "two", *lora))
+    train(load_config(None, settings(world, out / "one", "train.batch_size=2", *lora)))
+    return out, r0, r1
+
+
+def test_lora_under_ddp_matches_one_process_and_the_replicas_agree(lora_runs):
+    """The models are frozen and the adapters hook onto them from outside, so DDP wraps each model
+    together with its adapters (Dist.wrap(model, adapters)) and all-reduces the adapters' gradients:
+    the replicas stay bit-identical, and 2 processes compute what 1 does (to fp32 rounding, as above)."""
+    out, r0, r1 = lora_runs
+    assert [r["step"] for r in r0["records"]] == list(range(1, STEPS + 1))
+    for a, b in zip(r0["records"], r1["records"]):
+        assert a["masters"] == b["masters"] and a["model"] == b["model"], f"step {a['step']}: replicas differ"
+    assert len({r["masters"] for r in r0["records"]}) == STEPS
+    np.testing.assert_allclose([m["loss"] for m in metrics(out / "two")], [m["loss"] for m in metrics(out / "one")],
+                               rtol=1e-5)
+    for step in range(1, STEPS + 1):
+        a, b = weights(out / "two", step), weights(out / "one", step)
+        assert a.keys() == b.keys() and all(k.startswith(("lora_unet_", "lora_te_")) for k in a)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst <= 1e-5, f"step {step}: max |2 procs - 1 proc| = {worst:.3g}"
+    assert max(v.abs().max().item() for k, v in a.items() if k.endswith("lora_up.weight")) > 1e-3  # trained
+
+
 # ---- 5. a dead or silent rank ends the run ------------------------------------------------------------
 
 def _two_ranks(world, tmp_path, victim: int, action: str, timeout_s: int):

@@ -3,6 +3,7 @@ the loss, what trains and what stays frozen, explicit fp16, exact resume, export
 and a CLI smoke run (class images, checkpoint, resume, export, sample)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,8 @@ from minidb import train as train_module
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
 from minidb.pipeline import export_checkpoint
-from minidb.train import TrainingDiverged, micro_batch_loss, set_trainable, train
-from minidb.train_config import load_config
+from minidb.train import TrainingDiverged, add_adapters, micro_batch_loss, set_trainable, train
+from minidb.train_config import ModelConfig, load_config
 from minidb.weights import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,60 @@ def test_a_v_model_is_fitted_to_v():
     eps_loss, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 1.0)
     assert abs(eps_loss - loss) > 1e-3
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_min_snr_weights_each_examples_mse(parameterization):
+    """train.min_snr_gamma: each example's MSE times min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v),
+    then the mean of each half, as without it."""
+    sd = tiny_sd()
+    g = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t, context = torch.tensor([5, 400, 800, 990]), torch.randn(4, 77, 32, generator=g)
+    loss, inst, cls = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 0.5,
+                                       parameterization=parameterization, min_snr_gamma=5.0)
+    pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
+    target = noise if parameterization == "eps" else sd.schedule.velocity(latents, noise, t)
+    a = sd.schedule.alphas_cumprod[t]
+    snr = a / (1 - a)  # t = 5: ~1e3 (weight << 1); t = 990: ~5e-3
+    w = (snr.clamp(max=5.0) / (snr if parameterization == "eps" else snr + 1)).float()
+    per_example = (pred - target).square().mean((1, 2, 3))
+    torch.testing.assert_close(inst, (w[:2] * per_example[:2]).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(cls, (w[2:] * per_example[2:]).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, inst + 0.5 * cls, rtol=1e-6, atol=0)
+    plain, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, context, 2, 0.5,
+                                   parameterization=parameterization)
+    assert abs(plain - loss) > 1e-3
+
+
+def test_lora_gradients_reach_only_the_adapters():
+    """With LoRA every model is frozen: only the adapters are trainable (kohya names), and only they
+    get gradients; adapters built from the same seed are the same on every rank."""
+    sd = tiny_sd()
+    lora = add_adapters(sd, ModelConfig(lora_rank=2, lora_text_encoder=True), seed=3)
+    assert set(lora) == {"unet", "text_encoder"}
+    trainable = set_trainable(sd, True, lora)
+    assert [n for n, _ in trainable] == [n for net in lora.values() for n, _ in net.named_parameters()]
+    assert {n.split("_")[1] for n, _ in trainable} == {"unet", "te"}
+    assert not any(p.requires_grad for m in sd.models.values() for p in m.parameters())
+    assert sd.unet.training and sd.text_encoder.training and not sd.vae.training
+    context = sd.text_encoder(sd.tokenizer(["a photo of sks dog", "a photo of a dog"]))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    loss, _, _ = micro_batch_loss(sd.unet, sd.schedule, latents, torch.randn_like(latents), torch.tensor([3, 700]),
+                                  context, 1, 1.0)
+    loss.backward()
+    assert all(p.grad is None for m in sd.models.values() for p in m.parameters())
+    assert all(p.grad is not None for _, p in trainable)
+    ups = [p.grad for n, p in trainable if n.endswith("lora_up.weight")]
+    assert all(g.abs().max() > 0 for g in ups)  # up starts at 0, so it is what moves first
+
+    same = add_adapters(tiny_sd(), ModelConfig(lora_rank=2, lora_text_encoder=True), seed=3)
+    other = add_adapters(tiny_sd(), ModelConfig(lora_rank=2), seed=4)
+    for name, p in lora["unet"].named_parameters():
+        assert torch.equal(p, same["unet"].get_parameter(name))
+    down = next(n for n in lora["unet"].state_dict() if n.endswith("lora_down.weight"))
+    assert not torch.equal(lora["unet"].state_dict()[down], other["unet"].state_dict()[down])
+    assert set(other) == {"unet"}
+
+
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_only_trainable_parts_get_gradients(train_text_encoder):
     sd = tiny_sd()
@@ -145,6 +200,10 @@ def _sigterm_at(step):
     ("data.center_crop=true", "train.batch_size=2", "optim.lr_schedule=cosine", "optim.warmup_steps=2"),  # cached latents
     ("optim.optimizer=adamw8bit",),                                 # 8-bit moments: codes and absmax resume
     ("train.low_memory=true", "data.hflip=true"),                   # + the fused step: step 4 clipped by step 3's norm
+    ("model.lora_rank=2", "train.low_memory=true"),                 # adapters through 8-bit moments and the fused step
+    ("model.lora_rank=2", "model.lora_text_encoder=true", "train.ema_decay=0.9", "train.noise_offset=0.1",
+     "train.min_snr_gamma=5", "optim.scale_lr=true", "train.grad_accum=2",
+     "model.precision=bf16"),  # LoRA (bf16 adapters, fp32 masters), EMA and the loss options
 ])
 def test_resume_is_bit_exact(world, tmp_path, sets):
     full = train(config(world, tmp_path / "full", *sets))
@@ -168,9 +227,15 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
         assert all(torch.equal(torch.as_tensor(s[key]), torch.as_tensor(b["optimizer"]["state"][i][key])) for key in s)
     assert a["data"] == b["data"]
     if "train.low_memory=true" in sets:  # lagged clipping's state: the norm of the step before
+        assert a["fused_step"]["last_norm"] is not None
         assert torch.equal(a["fused_step"]["last_norm"], b["fused_step"]["last_norm"])
     else:
         assert a["fused_step"] is None and b["fused_step"] is None
+    assert (a["ema"] is None) == ("train.ema_decay=0.9" not in sets)
+    if a["ema"] is not None:
+        assert a["ema"]["updates"] == b["ema"]["updates"] == 4
+        for k in a["ema"]["shadow"]:
+            assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
     lines = [[json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     assert [m["step"] for m in lines[1]] == [1, 2, 3, 4]
     assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
@@ -250,6 +315,138 @@ def test_low_memory_leaves_out_what_the_run_cannot_do(world, tmp_path):
         "adamw8bit", "off", True)
     with pytest.raises(ConfigError, match="cannot resume .* different optim.optimizer"):
         train(config(world, tmp_path / "run", "train.grad_accum=2", "train.steps=2"), resume="latest")
+
+
+# ---- LoRA, EMA, captions and the small options, through train() ---------------------------------------
+
+def test_lora_run_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path, capsys):
+    from minidb.lora import read_lora
+    from minidb.pipeline import StableDiffusion
+    base = world / "base.safetensors"
+    result = train(config(world, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=2",
+                          "model.lora_text_encoder=true", "model.lora_merge_export=true", "model.export_dtype=fp32",
+                          "train.steps=2"))
+    state = ck.load_state(result.checkpoint)
+    weights = state["weights"]  # the checkpoint: adapters and their optimizer state, nothing of the base
+    assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight"))
+               for k in weights)
+    assert {k.split("_")[1] for k in weights} == {"unet", "te"}
+    assert len(state["optimizer"]["state"]) == len(weights)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if k.endswith(".lora_up.weight"))  # trained
+
+    assert result.lora_path == tmp_path / "run" / "lora.safetensors" and result.model_path.is_file()
+    file = read_lora(result.lora_path)  # kohya keys: the trained fp32 weights and every module's alpha
+    assert file.keys() == set(weights) | {k.split(".")[0] + ".alpha" for k in weights}
+    assert all(torch.equal(file[k], v) for k, v in weights.items())
+    assert {v.item() for k, v in file.items() if k.endswith(".alpha")} == {2.0}
+
+    # the merged model is the base with that file merged in; the VAE is the base's
+    merged = StableDiffusion.from_checkpoint(result.model_path)
+    expect = StableDiffusion.from_checkpoint(base)
+    expect.load_lora(result.lora_path)
+    expect.merge_lora()
+    original = StableDiffusion.from_checkpoint(base)
+    for name in ("unet", "text_encoder", "vae"):
+        for (k, a), b in zip(expect.models[name].state_dict().items(), merged.models[name].state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+    changed = [k for k, v in merged.unet.state_dict().items() if not torch.equal(v, original.unet.state_dict()[k])]
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
+                           for k in changed)
+
+    out = capsys.readouterr().out
+    assert f"LoRA: {result.lora_path} (rank 4, fp32, " in out and f"merged model: {result.model_path}" in out
+    assert f"try: minidb sample --ckpt {base} --lora {result.lora_path} --prompt" in out
+    again = export_checkpoint(result.checkpoint, dtype=torch.float32)  # --export of a LoRA checkpoint
+    assert again == tmp_path / "run" / "lora-step_000002.safetensors"
+    assert all(torch.equal(t, file[k]) for k, t in read_lora(again).items()) and read_lora(again).keys() == file.keys()
+    done = train(config(world, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=2",
+                        "model.lora_text_encoder=true", "model.lora_merge_export=true", "model.export_dtype=fp32",
+                        "train.steps=2"), resume="latest")
+    assert done.lora_path == result.lora_path and done.model_path is None
+    assert f"LoRA: {result.lora_path}. To train on" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="different model.lora_rank"):
+        train(config(world, tmp_path / "run", "train.steps=3"), resume="latest")
+
+
+def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_path):
+    from minidb.pipeline import StableDiffusion
+    d = 0.5
+    result = train(config(world, tmp_path / "run", "model.train_text_encoder=false", "train.steps=2",
+                          "train.checkpoint_every=1", f"train.ema_decay={d}", "train.ema_on_cpu=true",
+                          "model.export_dtype=fp32"))
+    w0 = {f"unet.{k}": v for k, v in StableDiffusion.from_checkpoint(world / "base.safetensors").unet.state_dict().items()}
+    w1, w2 = (saved_weights(ck.checkpoint_path(result.run_dir / "checkpoints", s)) for s in (1, 2))
+    ema = ck.load_state(result.checkpoint)["ema"]
+    assert ema["updates"] == 2 and ema["decay"] == d and ema["shadow"].keys() == w2.keys()
+    for k, shadow in ema["shadow"].items():
+        expected = d * d * w0[k] + d * (1 - d) * w1[k] + (1 - d) * w2[k]
+        torch.testing.assert_close(shadow, expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(ema["shadow"][k], w2[k]) for k in w2)
+    tuned = StableDiffusion.from_checkpoint(result.model_path)  # train.export_ema (the default): the average
+    for k, v in tuned.unet.state_dict().items():
+        assert torch.equal(v, ema["shadow"]["unet." + k]), k
+    again = StableDiffusion.from_checkpoint(export_checkpoint(result.checkpoint, tmp_path / "a.safetensors",
+                                                              torch.float32))
+    assert all(torch.equal(v, ema["shadow"]["unet." + k]) for k, v in again.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_caption_files_give_their_images_their_prompts(world, tmp_path, monkeypatch, train_text_encoder):
+    """photo.txt replaces the instance prompt for photo.png. Each example's context is the text
+    encoder's output for its own prompt; a frozen encoder encodes each distinct prompt once."""
+    from minidb.data import DreamBoothDataset
+    from minidb.tokenizer import CLIPTokenizer
+    folder = tmp_path / "captioned"
+    shutil.copytree(world / "instance", folder)
+    (folder / "0.txt").write_text("a photo of sks dog on a beach\n")
+    (folder / "2.txt").write_text("a photo of sks dog in the snow")
+    prompts = ["a photo of sks dog on a beach", "a photo of sks dog", "a photo of sks dog in the snow",
+               "a photo of a dog"]  # images 0, 1, 2, then the class prompt
+    seen = []
+    real = train_module.prompt_context
+    expected_ids = CLIPTokenizer()(prompts)
+
+    def spy(text_encoder, prompt_ids, fixed_context, rows):
+        context = real(text_encoder, prompt_ids, fixed_context, rows)
+        with torch.no_grad():
+            alone = torch.cat([text_encoder(prompt_ids[r:r + 1]) for r in rows.tolist()])
+        torch.testing.assert_close(context, alone, rtol=1e-5, atol=1e-5)
+        assert torch.equal(prompt_ids.cpu(), expected_ids)
+        seen.append((rows.tolist(), fixed_context))
+        return context
+
+    monkeypatch.setattr(train_module, "prompt_context", spy)
+    train(config(world, tmp_path / "run", f"data.instance_dir={folder}", "train.steps=3",
+                 f"model.train_text_encoder={str(train_text_encoder).lower()}"))
+    order = _epoch_order(world, folder)
+    assert [rows for rows, _ in seen] == [[order[s] % 3, 3] for s in range(3)]  # row = image index here
+    if train_text_encoder:
+        assert all(fixed is None for _, fixed in seen)
+    else:  # computed once, before the loop: the same tensor at every step
+        assert seen[0][1].shape[0] == 4 and all(fixed is seen[0][1] for _, fixed in seen)
+
+
+def _epoch_order(world, folder):
+    """Epoch 0's example order of the test runs (3 instance, 2 class images, seed 0)."""
+    from minidb.data import DreamBoothDataset, load_image_folder
+    images = load_image_folder(folder, "instance", 32)
+    classes = load_image_folder(world / "class", "class", 32)
+    return DreamBoothDataset(images, classes, 32, seed=0).epoch_order(0)
+
+
+def test_small_options_reach_the_step(world, tmp_path, monkeypatch, capsys):
+    """optim.scale_lr multiplies the lr by the instance images per step; train.noise_offset reaches
+    the noise draws and train.min_snr_gamma the loss (their effects: the tests above and test_data)."""
+    import minidb.data
+    offsets, gammas = [], []
+    real_draw, real_loss = minidb.data.draw_noise, train_module.micro_batch_loss
+    monkeypatch.setattr(minidb.data, "draw_noise", lambda *a: offsets.append(a[-1]) or real_draw(*a))
+    monkeypatch.setattr(train_module, "micro_batch_loss", lambda *a: gammas.append(a[-1]) or real_loss(*a))
+    result = train(config(world, tmp_path / "run", "optim.scale_lr=true", "train.batch_size=2", "train.grad_accum=2",
+                          "train.steps=1", "optim.lr=1e-4", "train.noise_offset=0.05", "train.min_snr_gamma=5"))
+    assert json.loads((result.run_dir / "metrics.jsonl").read_text())["lr"] == pytest.approx(4e-4, rel=1e-12)
+    assert "lr x 4 (optim.scale_lr)" in capsys.readouterr().err
+    assert offsets == [0.05, 0.05] and gammas == [5.0, 5.0]  # two micro-batches
 
 
 def test_cached_latents_match_encoding_every_step(world, tmp_path):

@@ -16,6 +16,9 @@ def test_defaults_documented_values():
     cfg = DreamBoothConfig()
     assert cfg.optim.lr == 1e-6 and cfg.optim.lr_schedule == "constant"
     assert cfg.prior.loss_weight == 1.0 and cfg.model.train_text_encoder is True
+    # the issue-15 options are off unless asked for (caption files only act where a .txt file is)
+    assert cfg.model.lora_rank == 0 and not cfg.model.lora_merge_export and not cfg.optim.scale_lr
+    assert cfg.train.min_snr_gamma == cfg.train.noise_offset == cfg.train.ema_decay == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.optim.lr = 1.0
 
@@ -75,11 +78,13 @@ def test_bad_files(tmp_path):
 
 
 def test_validate_names_every_problem():
-    cfg = load_config(None, ["steps=0", "resolution=100", "optim.lr=-1", "adam_beta2=1.0"])
+    cfg = load_config(None, ["steps=0", "resolution=100", "optim.lr=-1", "adam_beta2=1.0", "lora_rank=-1",
+                             "lora_alpha=-2", "min_snr_gamma=-5", "noise_offset=nan", "ema_decay=1.0"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     for part in ("model.base", "data.instance_dir", "instance_prompt", "train.steps", "multiple of 8",
-                 "optim.lr", "optim.adam_beta2"):
+                 "optim.lr", "optim.adam_beta2", "model.lora_rank", "model.lora_alpha", "train.min_snr_gamma",
+                 "train.noise_offset", "train.ema_decay must be in [0, 1)"):
         assert part in str(e.value)
 
 

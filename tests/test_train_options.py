@@ -19,6 +19,12 @@ def test_min_snr_weights():
     assert torch.all(w[:-1] <= w[1:])  # never more weight at less noise
     with pytest.raises(ValueError, match="gamma"):
         min_snr_weights(snr, 0.0)
+    # v-prediction (Hang et al. 2023; diffusers' train scripts): min(SNR, gamma) / (SNR + 1)
+    v = min_snr_weights(snr, gamma=5.0, parameterization="v")
+    torch.testing.assert_close(v, (snr.clamp(max=5.0) / (snr + 1)).float())
+    assert v[-1] == pytest.approx((snr[-1] / (snr[-1] + 1)).item(), rel=1e-6) and v[-1] < w[-1]
+    with pytest.raises(ValueError, match="eps or v"):
+        min_snr_weights(snr, 5.0, "x0")
 
 
 def test_weighted_mse():

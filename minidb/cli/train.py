@@ -25,9 +25,10 @@ def add_arguments(p):
                    help="override one option, e.g. --set optim.lr=2e-6 (repeatable)")
     p.add_argument("--resume", metavar="latest|PATH",
                    help="continue from the run folder's newest checkpoint, a checkpoint file or a run folder")
-    p.add_argument("--export", metavar="CHECKPOINT", help="write a training checkpoint out as a model and exit")
+    p.add_argument("--export", metavar="CHECKPOINT",
+                   help="write a training checkpoint out as a model (a LoRA run's: as a LoRA file) and exit")
     p.add_argument("--out", metavar="PATH", help="with --export: the model file (default: next to the run's "
-                                                 "model.safetensors, named after the step)")
+                                                 "model.safetensors, named after the step: model-step_N or lora-step_N)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="with --export (default fp16)")
     p.add_argument("--print-config", action="store_true",
                    help="print every option (its value from the defaults, --config and --set) and its meaning, "
@@ -77,8 +78,7 @@ def _run(args) -> int:
 
     if args.export:
         ckpt = Path(args.export)
-        out = Path(args.out) if args.out else ckpt.parent.parent / f"model-{ckpt.stem}.safetensors"
-        export_checkpoint(ckpt, out, getattr(torch, DTYPES[args.dtype]))
+        out = export_checkpoint(ckpt, args.out, getattr(torch, DTYPES[args.dtype]))
         print(f"exported {ckpt} -> {out} ({args.dtype})")
         return 0
     cfg = load(args)
