@@ -24,6 +24,8 @@ and optimizer_step, or the FusedBackwardStep that train() builds, so this measur
   +checkpointing     gradient checkpointing in the UNet and the text encoder
   low_memory         all three, the fused step clipping by the previous step's norm (one pass)
   low_memory_exact   all three, exact clipping (two passes)
+  lora               LoRA DreamBooth: rank-4 adapters on the UNet's attention projections and the
+                     text encoder's attention and MLP, only they trained (torch AdamW), base frozen
 
 Each configuration runs in a fresh process: one warm-up step, then `--steps` timed steps (median
 reported). Peak memory: on CPU, the peak RSS (sampled every 2 ms) above the RSS the process had
@@ -62,7 +64,9 @@ CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
     "+checkpointing": ("minidb", False, None, True),
     "low_memory": ("minidb", True, "lagged", True),
     "low_memory_exact": ("minidb", True, "exact", True),
+    "lora": ("minidb", False, None, False),  # rank-4 adapters on the UNet's attention and the text encoder
 }
+LORA_RANK = 4  # kohya's and diffusers' default rank
 OPTIM = OptimConfig(lr=5e-6, max_grad_norm=1.0)  # betas (0.9, 0.999), eps 1e-8, weight decay 1e-2: the defaults
 ADAMW = dict(lr=OPTIM.lr, betas=(OPTIM.adam_beta1, OPTIM.adam_beta2), eps=OPTIM.adam_eps,
              weight_decay=OPTIM.weight_decay)  # diffusers' torch AdamW, with the same numbers
@@ -99,13 +103,17 @@ def prior_loss(pred, noise):
     return mse(pred, target) + 1.0 * mse(pred_prior, target_prior)
 
 
-def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device):
+def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device, lora_rank: int = 0):
     """train()'s step, piece by piece, on a batch that is VAE-encoded every step (as diffusers' is)."""
     from minidb.fused_step import FusedBackwardStep
     from minidb.scaler import MasterWeights
-    from minidb.train import make_optimizer, micro_batch_loss, optimizer_step, set_trainable, step_one
+    from minidb.train import add_adapters, make_optimizer, micro_batch_loss, optimizer_step, set_trainable, step_one
+    from minidb.train_config import ModelConfig
 
-    masters = MasterWeights(set_trainable(sd, train_text_encoder=True))
+    lora = add_adapters(sd, ModelConfig(lora_rank=lora_rank, lora_text_encoder=True), seed=0) if lora_rank else {}
+    for network in lora.values():
+        network.to(device)
+    masters = MasterWeights(set_trainable(sd, train_text_encoder=True, lora=lora))
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
     optimizer = make_optimizer(masters.params,
                                dataclasses.replace(OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw"))
@@ -206,7 +214,8 @@ def run_child(args) -> dict:
         models = [sd.vae, sd.text_encoder, sd.unet]
         for m in models:
             m.to(device)
-        step, state, grads = minidb_step_fn(sd, adamw8bit, fused_clip, checkpointing, device)
+        step, state, grads = minidb_step_fn(sd, adamw8bit, fused_clip, checkpointing, device,
+                                            LORA_RANK if args._child == "lora" else 0)
     weights = nbytes([t for m in models for t in list(m.parameters()) + list(m.buffers())])
     gc.collect()
     try:

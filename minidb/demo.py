@@ -1,9 +1,10 @@
 """`minidb demo`: DreamBooth on the miniature world, end to end, in minutes on a CPU.
 
 The subject is a red-and-yellow two-tone star (minidb/data/demo_subject/, five renders in
-different places and on different backgrounds). The shipped world model has never seen a
-two-tone shape, so no prompt makes it draw this one. The demo runs the ordinary `minidb train`
-on minidb/data/demo.toml ("a photo of sks star", prior preservation with "a photo of a star"),
+different places and on different backgrounds, each with a caption file in the world's words:
+"a photo of a large sks star on a blue background, top left"). The shipped world model has never
+seen a two-tone shape, so no prompt makes it draw this one. The demo runs the ordinary `minidb
+train` on minidb/data/demo.toml (the captions, prior preservation with "a photo of a star"),
 then samples the subject in new contexts before and after, and measures it as the paper does
 (Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.eval.subject_metrics):
 
@@ -46,13 +47,21 @@ def subject_images() -> list:
             for i, (z, p, b) in enumerate(INSTANCES)]
 
 
+def subject_captions() -> list[str]:
+    """Each instance image's caption, in the world's own words: "a photo of a large sks star on a
+    blue background, top left" (shipped as sks_star_N.txt beside sks_star_N.png)."""
+    return [caption(Attributes(size=z, position=p, background=b, **SUBJECT), KEEP, subject="sks")
+            for z, p, b in INSTANCES]
+
+
 def write_subject(folder=SUBJECT_DIR) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, image in enumerate(subject_images()):
+    for i, (image, text) in enumerate(zip(subject_images(), subject_captions())):
         paths.append(folder / f"sks_star_{i}.png")
         image.save(paths[-1])
+        paths[-1].with_suffix(".txt").write_text(text + "\n")
     return paths
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidb.demo import DEMO_TOML, SUBJECT_DIR, subject_images, subject_prompts
+from minidb.demo import DEMO_TOML, SUBJECT_DIR, subject_captions, subject_images, subject_prompts
 from minidb.eval import Reader, diversity, mean_similarity, subject_metrics
 from minidb.pretrain import SHIPPED
 from minidb.train_config import load_config, resolved
@@ -23,8 +23,11 @@ def test_demo_config_uses_the_shipped_model_and_subject():
     assert cfg.prior.class_prompt == "a photo of a star"
     files = sorted(SUBJECT_DIR.glob("*.png"))
     assert len(files) == 5
-    for path, image in zip(files, subject_images()):  # the shipped photos are the renders, pixel for pixel
+    for path, image, text in zip(files, subject_images(), subject_captions()):
+        # the shipped photos are the renders, pixel for pixel, and each caption file says what it shows
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(image))
+        assert path.with_suffix(".txt").read_text().strip() == text and " sks star " in text
+    assert cfg.data.captions and not cfg.model.train_text_encoder
 
 
 def test_subject_metrics_come_from_the_images():
