@@ -1,6 +1,6 @@
 """DreamBooth on the shipped miniature world, end to end: train, sample, measure (see minidb.demo).
 
-    minidb demo                          # ~N minutes on 2 CPU cores; writes demo/before_after.png
+    minidb demo                          # ~3 minutes on 2 CPU cores; writes demo/before_after.png
     minidb demo --out elsewhere --seed 1
     minidb demo --ablation --seeds 3     # with and without prior preservation, 3 seeds each
 
@@ -38,5 +38,5 @@ def run(args) -> int:
     print(format_metrics(m))
     print(f"demo done in {(time.perf_counter() - t0) / 60:.1f} min: grid {m['grid']}, metrics {args.out}/metrics.json, "
           f"model {args.out}/run/model.safetensors (try: minidb sample --ckpt {args.out}/run/model.safetensors "
-          f"--prompt \"a photo of sks star on a green background, bottom right\")", file=sys.stderr)
+          f"--prompt \"a photo of a large sks star on a green background, bottom right\")", file=sys.stderr)
     return 0
