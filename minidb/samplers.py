@@ -29,7 +29,7 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     (7 steps -> 8 timesteps), where diffusers' "leading" spacing keeps the first `steps` of them.
     CompVis would also index timestep T (= 1000) when (T - 1) is a multiple of T // steps
     (steps = 3, 9, 101..111, 501..1000, ...) and crash; that non-existent timestep is dropped."""
-    _check_steps(steps, num_train_timesteps)
+    check_steps(steps, num_train_timesteps)
     c = num_train_timesteps // steps
     return [t + 1 for t in range(0, num_train_timesteps, c) if t + 1 < num_train_timesteps][::-1]
 
@@ -37,14 +37,16 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 def dpm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """diffusers' default "linspace" spacing for DPM-Solver: steps + 1 points from 0 to T-1, rounded
     half to even, highest first, the 0 dropped (the solver's last step goes to sigma = 0 instead)."""
-    _check_steps(steps, num_train_timesteps)
+    check_steps(steps, num_train_timesteps)
     ts = np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     return sorted(set(ts.tolist()), reverse=True)  # > ~500 steps rounds two points to one: keep one
 
 
-def _check_steps(steps, num_train_timesteps):
+def check_steps(steps, num_train_timesteps):
+    """The one check of a sampling step count: the samplers, generate() and `minidb sample` come here."""
     if not isinstance(steps, numbers.Integral) or not 1 <= steps <= num_train_timesteps:
-        raise MinidbError(f"steps must be an integer from 1 to {num_train_timesteps}, got {steps!r}")
+        raise MinidbError(f"steps must be an integer from 1 to {num_train_timesteps} (the model's timesteps), "
+                          f"got {steps!r}")
 
 
 def ddim_step(x, eps, a_t: float, a_prev: float, sigma: float = 0.0, noise=None):

@@ -74,7 +74,8 @@ def test_sample_on_a_missing_cuda_device(world, tmp_path):
 def test_sample_steps_past_the_schedule_fail_before_loading(world, tmp_path):
     proc = minidb("sample", "--ckpt", world / "base.safetensors", "--prompt", "x", "--steps", "2000",
                   "--outdir", tmp_path / "o")
-    assert one_line_error(proc, "sample") == "--steps must be at most the model's 1000 timesteps, got 2000"
+    assert one_line_error(proc, "sample") == ("--steps must be an integer from 1 to 1000 (the model's timesteps), "
+                                              "got 2000")
     assert not (tmp_path / "o").exists()  # and no "loading ..." line: one_line_error saw one line only
 
 

@@ -124,7 +124,7 @@ def check_args(args):
     """Bad arguments fail here, before minutes of checkpoint loading (check_model_args: those that
     depend on the model, once its file's config is read)."""
     args.lora = [parse_lora(spec) for spec in args.lora]
-    if args.steps < 1:
+    if args.steps < 1:  # the model's upper bound: check_model_args
         raise MinidbError(f"--steps must be at least 1, got {args.steps}")
     for name in ("H", "W"):
         size = getattr(args, name)
@@ -148,9 +148,12 @@ def check_args(args):
 def check_model_args(args, config):
     """The arguments that depend on the model: the step count against its schedule, the image size
     (default: the model's own) against its downsampling."""
+    from minidb.samplers import check_steps
     from minidb.sampling import check_size
-    if args.steps > config.timesteps:
-        raise MinidbError(f"--steps must be at most the model's {config.timesteps} timesteps, got {args.steps}")
+    try:
+        check_steps(args.steps, config.timesteps)
+    except MinidbError as e:
+        raise MinidbError(f"--{e}") from None
     args.H = args.H or config.image_size
     args.W = args.W or config.image_size
     try:
