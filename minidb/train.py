@@ -40,7 +40,8 @@ from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_lat
 from minidb.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.fused_step import FusedBackwardStep, check_supported
-from minidb.lora import TEXT_ENCODER_TARGETS, UNET_ATTENTION, LoRANetwork, add_lora, save_lora, with_alphas
+from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER, LoRANetwork, add_lora, save_lora,
+                         with_alphas)
 from minidb.run import Run
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
 from minidb.train_config import (DreamBoothConfig, ModelConfig, OptimConfig, TrainConfig, check_prompts, resolved,
@@ -301,8 +302,9 @@ def describe(cfg, base_config, n_instance, class_images, masters, precision, wor
     m = cfg.model
     parts = "UNet + text encoder" if m.train_text_encoder else "UNet (text encoder frozen)"
     if m.lora_rank:
-        parts = (f"rank-{m.lora_rank} LoRA adapters (alpha {m.lora_alpha or m.lora_rank:g}) on the "
-                 + ("UNet + text encoder" if m.lora_text_encoder else "UNet (text encoder frozen)"))
+        parts = (f"rank-{m.lora_rank} LoRA adapters (alpha {m.lora_alpha or m.lora_rank:g}) on the UNet's "
+                 + ("attention" if m.lora_targets == "attention" else "transformer blocks")
+                 + (" + text encoder" if m.lora_text_encoder else " (text encoder frozen)"))
     n_trained = sum(p.numel() for p in masters.params)
     return (_count(n_instance, "instance image")
             + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
@@ -377,10 +379,12 @@ def set_trainable(sd, train_text_encoder: bool, lora: dict | None = None) -> lis
 
 
 def add_adapters(sd, m: ModelConfig, seed: int) -> dict[str, LoRANetwork]:
-    """New rank-m.lora_rank LoRA adapters on the UNet's attention projections and, with
+    """New rank-m.lora_rank LoRA adapters on the UNet's attention projections (m.lora_targets
+    "transformer": also its feed-forward and proj_in/out) and, with
     m.lora_text_encoder, the text encoder's attention and MLP: one network per model, for each DDP
     wrap to hold its own. Their init is drawn from `seed` alone, so every rank builds the same."""
-    targets = {"unet": (UNET_ATTENTION, ()), "text_encoder": ((), TEXT_ENCODER_TARGETS)}
+    unet_targets = UNET_TRANSFORMER if m.lora_targets == "transformer" else UNET_ATTENTION
+    targets = {"unet": (unet_targets, ()), "text_encoder": ((), TEXT_ENCODER_TARGETS)}
     with torch.random.fork_rng(devices=[]):  # adapters are built on the CPU, then moved
         torch.manual_seed(seed)
         return {name: add_lora({name: sd.models[name]}, m.lora_rank, m.lora_alpha or None, *targets[name])

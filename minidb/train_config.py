@@ -42,6 +42,8 @@ class ModelConfig:
     lora_rank: int = 0                # 0 = full fine-tuning; N = train only rank-N LoRA adapters, write lora.safetensors
     lora_alpha: float = 0.0           # LoRA: the update is scaled by alpha / rank; 0 = rank (scale 1)
     lora_text_encoder: bool = False   # LoRA: adapters on the text encoder's attention and MLP too (else it is frozen)
+    lora_targets: str = "attention"   # LoRA on the UNet: attention = to_q/k/v/out (diffusers' train_dreambooth_lora);
+                                      # transformer = those + feed-forward and proj_in/out (kohya's LoRA)
     lora_merge_export: bool = False   # LoRA: also write model.safetensors, the base with lora.safetensors merged in
 
 
@@ -138,6 +140,7 @@ PATH_FIELDS = {("model", "base"), ("data", "instance_dir"), ("prior", "class_dir
 CHOICES = {
     ("model", "precision"): ("auto", *DTYPES),
     ("model", "export_dtype"): ("fp16", "fp32"),
+    ("model", "lora_targets"): ("attention", "transformer"),
     ("optim", "lr_schedule"): ("constant", "cosine"),
     ("optim", "optimizer"): ("adamw", "adamw8bit"),
     ("train", "fused_backward"): ("off", "exact", "lagged"),

@@ -145,6 +145,18 @@ def test_lora_gradients_reach_only_the_adapters():
     assert set(other) == {"unet"}
 
 
+def test_lora_targets_choose_the_unet_modules():
+    """model.lora_targets: "attention" adapts only to_q/k/v/out (diffusers'); "transformer" also the
+    feed-forward and proj_in/out (kohya's), in the file's kohya names."""
+    def suffixes(targets):
+        net = add_adapters(tiny_sd(), ModelConfig(lora_rank=2, lora_targets=targets), seed=0)["unet"]
+        kinds = ("to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out")
+        return {kind for name, _ in net.named_children() for kind in kinds if name.endswith("_" + kind)}
+    assert suffixes("attention") == {"to_q", "to_k", "to_v", "to_out_0"}
+    assert suffixes("transformer") == {"to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2",
+                                       "proj_in", "proj_out"}
+
+
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_only_trainable_parts_get_gradients(train_text_encoder):
     sd = tiny_sd()
