@@ -41,6 +41,7 @@ import datetime
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -229,12 +230,13 @@ def run_child(args) -> dict:
         for k in range(1 + args.steps):
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             step(k, args.res)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-            print(f"  {args._child} step {k}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # pages the kernel had to hand over
+            print(f"  {args._child} step {k}: {times[-1]:.2f} s, {faults} page faults", file=sys.stderr, flush=True)
     total = torch.cuda.max_memory_allocated(device) if cuda else peak.peak - baseline
     optimizer_state = state()
     return {"config": args._child, "step_s": statistics.median(times[1:]), "times": times, "peak": total,
