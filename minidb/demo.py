@@ -131,12 +131,16 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
     sets = [f"train.output_dir={run}", f"train.seed={seed}"] + ([] if prior else ['prior.class_prompt=""'])
     cfg = load_config(DEMO_TOML, sets + list(overrides))
     result = train(cfg)
-    if result.model_path is None:
+    if result.interrupted:
         raise SystemExit(130)
     reader = Reader.load()
     real = subject_images()
     base = StableDiffusion.from_checkpoint(resolved(cfg).model.base)
-    tuned = StableDiffusion.from_checkpoint(result.model_path)
+    if result.model_path is not None:
+        tuned = StableDiffusion.from_checkpoint(result.model_path)
+    else:  # a LoRA run without lora_merge_export: the base with its lora.safetensors applied
+        tuned = StableDiffusion.from_checkpoint(resolved(cfg).model.base)
+        tuned.load_lora(result.lora_path)
     base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=1000)
     tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=1000)
     metrics = {"base": subject_metrics(reader, real, base_s, base_c),
