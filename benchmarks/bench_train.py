@@ -17,7 +17,9 @@ optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off)
 
 Configurations (minidb's step is minidb.train's own: set_trainable, make_optimizer, micro_batch_loss
 and optimizer_step, or the FusedBackwardStep that train() builds, so this measures what it runs):
-  diffusers          its train_dreambooth.py step, defaults
+  diffusers          its train_dreambooth.py step, defaults (torch's default CPU allocator)
+  diffusers_thp      the same with transparent huge pages, which every minidb configuration runs with
+                     because the `minidb` command turns them on (minidb.cli.HUGE_PAGES)
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
   +fused             the optimizer step inside backward, exact clipping (two backward passes)
@@ -59,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
     "diffusers": ("diffusers", False, None, False),
+    "diffusers_thp": ("diffusers", False, None, False),  # its step with the huge pages minidb's command turns on
     "minidb": ("minidb", False, None, False),
     "+adamw8bit": ("minidb", True, None, False),
     "+fused": ("minidb", False, "exact", False),
@@ -247,8 +250,11 @@ def run_child(args) -> dict:
 def child(args, name: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--res", str(args.res), "--steps", str(args.steps),
            "--device", args.device, "--_child", name] + (["--quick"] if args.quick else [])
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
-                         env={**os.environ, "PYTHONPATH": str(HERE.parent)}).stdout
+    # each side's allocator as its own command runs it: minidb's CLI turns on torch's transparent huge
+    # pages (minidb.cli.HUGE_PAGES), train_dreambooth.py does not; diffusers_thp gives diffusers the same
+    thp = "1" if name == "diffusers_thp" or CONFIGS[name][0] == "minidb" else "0"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "THP_MEM_ALLOC_ENABLE": thp}
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

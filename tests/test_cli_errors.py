@@ -132,3 +132,24 @@ def test_train_resume_of_a_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "not a run folder (it has no config.toml)" in one_line_error(minidb("train", "--resume", tmp_path / "empty"),
                                                                           "train")
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_the_command_turns_on_huge_pages_unless_told_not_to(monkeypatch, preset, expected):
+    """`minidb ...` asks torch's CPU allocator for transparent huge pages (read when torch loads, so
+    it reaches the subcommands' torch); a THP_MEM_ALLOC_ENABLE already in the environment wins."""
+    from minidb.cli import main
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == expected
+
+
+def test_importing_minidb_changes_no_environment():
+    code = "import os, minidb, minidb.pipeline; print(os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "unset"

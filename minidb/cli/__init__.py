@@ -6,6 +6,7 @@ argparse lives here and in those modules only; the library never parses argument
 import argparse
 import errno
 import importlib
+import os
 import sys
 
 from minidb.errors import MinidbError
@@ -29,7 +30,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# torch's CPU allocator gets big tensors from the kernel 4 KiB at a time, zeroed on first touch: a
+# DreamBooth step at SD v1 size faulted in ~16 GB of such pages per step (4.2M faults). Transparent huge
+# pages (torch's own switch, read once when torch loads) cut that to 0.2M and the step from 33.6 s to
+# 26.5 s (benchmarks/RESULTS.md). The command sets it; `import minidb` changes nothing. Opt out:
+# THP_MEM_ALLOC_ENABLE=0. Only Linux reads it.
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
 def main(argv=None) -> int:
+    for key, value in HUGE_PAGES.items():
+        os.environ.setdefault(key, value)  # before any subcommand imports torch
     parser = Parser(prog="minidb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules, parsers = {}, {}
