@@ -160,10 +160,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context):
         _, _, h, w = x.shape
         y = self.proj_in(self.norm(x))  # (B, inner, h, w)
-        y = y.flatten(2).transpose(1, 2)  # (B, h*w, inner)
+        y = y.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, inner)
         for block in self.transformer_blocks:
             y = block(y, context)
-        y = y.transpose(1, 2).unflatten(2, (h, w))  # (B, inner, h, w)
+        # contiguous, both ways: a transposed view made every LayerNorm copy, and the channels-last
+        # strides it hands proj_out made that conv (and the residual after it) convert layouts
+        y = y.transpose(1, 2).unflatten(2, (h, w)).contiguous()  # (B, inner, h, w)
         return x + self.proj_out(y)
 
 
