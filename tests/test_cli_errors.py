@@ -126,6 +126,13 @@ def test_train_bad_base_writes_nothing_so_the_retry_works(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_unknown_lora_targets(world, tmp_path):
+    proc = minidb("train", "--config", run_toml(world, tmp_path), "--set", "model.lora_rank=4",
+                  "--set", "model.lora_targets=mlp")
+    assert "model.lora_targets must be one of attention, transformer, got 'mlp'" in one_line_error(proc, "train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_resume_of_a_missing_folder(tmp_path):
     proc = minidb("train", "--resume", tmp_path / "nope")
     assert one_line_error(proc, "train") == f"--resume {tmp_path / 'nope'}: no such run folder or checkpoint file"

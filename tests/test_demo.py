@@ -74,6 +74,7 @@ def test_shortened_demo_learns_the_subject(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 150
 
 
+@shipped
 def test_shortened_lora_demo_learns_the_subject(tmp_path):
     """The same shortened demo as a LoRA run (rank 16 on the UNet's transformer blocks, lr 2e-3, no
     merged export): the demo samples the base with lora.safetensors applied, and it learns the subject
