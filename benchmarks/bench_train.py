@@ -18,8 +18,8 @@ optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off)
 Configurations (minidb's step is minidb.train's own: set_trainable, make_optimizer, micro_batch_loss
 and optimizer_step, or the FusedBackwardStep that train() builds, so this measures what it runs):
   diffusers          its train_dreambooth.py step, defaults (torch's default CPU allocator)
-  diffusers_thp      the same with transparent huge pages, which every minidb configuration runs with
-                     because the `minidb` command turns them on (minidb.cli.HUGE_PAGES)
+  diffusers_tuned    the same with the allocator setting every minidb configuration runs with because
+                     the `minidb` command sets it: freed memory kept for reuse (minidb.cli.keep_freed_memory)
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
   +fused             the optimizer step inside backward, exact clipping (two backward passes)
@@ -61,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
     "diffusers": ("diffusers", False, None, False),
-    "diffusers_thp": ("diffusers", False, None, False),  # its step with the huge pages minidb's command turns on
+    "diffusers_tuned": ("diffusers", False, None, False),  # its step with minidb's command's allocator settings
     "minidb": ("minidb", False, None, False),
     "+adamw8bit": ("minidb", True, None, False),
     "+fused": ("minidb", False, "exact", False),
@@ -202,6 +202,9 @@ class PeakRSS:
 def run_child(args) -> dict:
     """One configuration in this (fresh) process."""
     side, adamw8bit, fused_clip, checkpointing = CONFIGS[args._child]
+    if tuned_allocator(args._child):
+        from minidb.cli import keep_freed_memory
+        keep_freed_memory()  # as the `minidb` command does, before the models are built
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     baseline = rss()
@@ -228,7 +231,7 @@ def run_child(args) -> dict:
         pass
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, faults_per_step = [], []
     with PeakRSS() as peak:
         for k in range(1 + args.steps):
             if cuda:
@@ -239,21 +242,26 @@ def run_child(args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # pages the kernel had to hand over
+            faults_per_step.append(faults)
             print(f"  {args._child} step {k}: {times[-1]:.2f} s, {faults} page faults", file=sys.stderr, flush=True)
     total = torch.cuda.max_memory_allocated(device) if cuda else peak.peak - baseline
     optimizer_state = state()
-    return {"config": args._child, "step_s": statistics.median(times[1:]), "times": times, "peak": total,
+    return {"config": args._child, "step_s": statistics.median(times[1:]), "times": times,
+            "faults": statistics.median(faults_per_step[1:]), "peak": total,
             "weights": weights, "grads": grads, "state": optimizer_state,
             "rest": total - weights - grads - optimizer_state}
+
+
+def tuned_allocator(name: str) -> bool:
+    """Each side's CPU allocator as its own command runs it: minidb's CLI keeps freed memory for
+    reuse, train_dreambooth.py does not; diffusers_tuned gives diffusers the same as minidb."""
+    return name == "diffusers_tuned" or CONFIGS[name][0] == "minidb"
 
 
 def child(args, name: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_train", "--res", str(args.res), "--steps", str(args.steps),
            "--device", args.device, "--_child", name] + (["--quick"] if args.quick else [])
-    # each side's allocator as its own command runs it: minidb's CLI turns on torch's transparent huge
-    # pages (minidb.cli.HUGE_PAGES), train_dreambooth.py does not; diffusers_thp gives diffusers the same
-    thp = "1" if name == "diffusers_thp" or CONFIGS[name][0] == "minidb" else "0"
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "THP_MEM_ALLOC_ENABLE": thp}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=HERE.parent, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -270,13 +278,14 @@ def table(rows: list[dict], args, command: str) -> str:
              f"`{command}`  ", f"Machine: {machine(args.device)}; diffusers {__import__('diffusers').__version__}; "
              f"median of {args.steps} steps after 1 warm-up, each configuration in a fresh process; peak = "
              + ("torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else
-                "peak RSS above the process's RSS after imports") + "; GiB = 2^30 bytes", "",
-             "| configuration | step time | x minidb default | peak memory | x diffusers | weights | gradients | "
-             "optimizer state | activations + rest |", "|---|---|---|---|---|---|---|---|---|"]
+                "peak RSS above the process's RSS after imports") + "; page faults: median minor faults per "
+             "timed step (pages the kernel mapped and zero-filled); GiB = 2^30 bytes", "",
+             "| configuration | step time | x minidb default | page faults | peak memory | x diffusers | weights | "
+             "gradients | optimizer state | activations + rest |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_ours = f"{r['step_s'] / ours['step_s']:.2f}" if ours else "-"
         vs_diff = f"**{r['peak'] / diff['peak']:.2f}**" if diff else "-"
-        lines.append(f"| {r['config']} | {r['step_s']:.2f} s | {vs_ours} | {gib(r['peak'])} GiB | {vs_diff} | "
+        lines.append(f"| {r['config']} | {r['step_s']:.2f} s | {vs_ours} | {r['faults']:,.0f} | {gib(r['peak'])} GiB | {vs_diff} | "
                      f"{gib(r['weights'])} | {gib(r['grads'])} | {gib(r['state'])} | {gib(r['rest'])} |")
     return "\n".join(lines) + "\n"
 

@@ -61,7 +61,9 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        h = attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        # contiguous: reshaping the transposed view gives channels-last strides, which proj_out, the
+        # residual and every layer after them would keep (the encoder's latents, then a whole UNet)
+        h = attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W).contiguous()
         return self.proj_out(h).add_(x)
 
 

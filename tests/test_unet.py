@@ -128,6 +128,22 @@ def test_scalar_timestep_broadcasts():
             assert torch.equal(ours(x, t, context), want)
 
 
+def test_training_keeps_the_default_memory_layout():
+    """Contiguous in, contiguous out, and every weight gradient contiguous as the weight is: a
+    channels-last activation anywhere (a transposed view reshaped) makes the convs after it run
+    channels-last and hand back channels-last weight gradients that autograd then copies."""
+    cfg = THREE_LEVEL
+    unet = perturb_(UNetModel(cfg)).train()
+    x, t, context = inputs(cfg, b=2, h=12, w=20)
+    out = unet(x, t, context)
+    assert out.is_contiguous(), out.stride()
+    grad_strides = {}
+    for name, p in unet.named_parameters():  # the gradient as backward produced it, before any copy
+        p.register_hook(lambda g, name=name: grad_strides.__setitem__(name, g.is_contiguous()))
+    out.square().mean().backward()
+    assert grad_strides and all(grad_strides.values()), [n for n, c in grad_strides.items() if not c][:5]
+
+
 def test_gradient_checkpointing_same_gradients(monkeypatch):
     cfg = THREE_LEVEL
     ours = perturb_(UNetModel(cfg)).train()

@@ -141,6 +141,23 @@ def test_sample_reproducible_and_equal_to_mean_plus_std_noise():
     assert post.sample().shape == post.mean.shape  # global RNG
 
 
+def test_encode_and_decode_keep_the_default_memory_layout():
+    """A contiguous batch in, contiguous (not channels-last) tensors out. The attention block once
+    reshaped a transposed view into channels-last strides that every later layer kept: the
+    latents, and so a whole training UNet, ran channels-last (on CPU each conv weight's gradient
+    then came back channels-last and was copied: ~4 s of a 30 s SD-size step)."""
+    vae = perturb_(AutoencoderKL(TINY)).eval()
+    x = torch.rand(2, 3, 16, 24) * 2 - 1
+    with torch.no_grad():
+        h = vae.encoder(x)
+        z = vae.encode(x).mean
+        image = vae.decode(torch.randn(2, TINY.embed_dim, 4, 6))
+    for y in (h, image):
+        assert y.is_contiguous(), y.stride()
+    # the mean is a channel slice of the moments: its strides are ordered like a contiguous tensor's
+    assert z.stride()[1] > z.stride()[2] > z.stride()[3] == 1, z.stride()
+
+
 @pytest.mark.parametrize("cfg", [TINY, THREE_LEVEL], ids=["tiny", "three_level"])
 def test_math_and_sdpa_backends_agree(cfg):
     vae = perturb_(AutoencoderKL(cfg), seed=2).eval()

@@ -4,9 +4,11 @@ Each subcommand lives in its own module with a `add_arguments(parser)` and a `ru
 argparse lives here and in those modules only; the library never parses arguments.
 """
 import argparse
+import ctypes
 import errno
 import importlib
 import os
+import platform
 import sys
 
 from minidb.errors import MinidbError
@@ -30,17 +32,32 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# torch's CPU allocator gets big tensors from the kernel 4 KiB at a time, zeroed on first touch: a
-# DreamBooth step at SD v1 size faulted in ~16 GB of such pages per step (4.2M faults). Transparent huge
-# pages (torch's own switch, read once when torch loads) cut that to 0.2M and the step from 33.6 s to
-# 26.5 s (benchmarks/RESULTS.md). The command sets it; `import minidb` changes nothing. Opt out:
-# THP_MEM_ALLOC_ENABLE=0. Only Linux reads it.
-HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
+# On Linux, glibc's malloc hands big freed blocks back to the kernel (mmap'd ones from 128 KiB up, and the
+# heap it trims) and maps fresh ones for the next allocation, which the kernel zero-fills page by page again:
+# every training step re-faulted its gradients and activations. At SD v1 size a step faulted ~4.2 million
+# 4 KiB pages (~16 GB), ~8 s of kernel time in the UNet's backward alone. The command keeps freed memory in
+# the process instead, so no page is faulted after the first steps: 29.9 -> ~21 s a step, peak memory
+# unchanged (benchmarks/RESULTS.md). Memory freed is not returned to the system until the process exits;
+# the peak is what the process holds at once, as before. `import minidb` changes nothing.
+# Opt out: MINIDB_KEEP_FREED_MEMORY=0.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt(3) parameters
+
+
+def keep_freed_memory() -> bool:
+    """glibc: big blocks from the heap instead of fresh mappings, and the heap never trimmed, so the
+    next step reuses the pages the last one freed. True if that is now in force."""
+    if os.environ.get("MINIDB_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # M_MMAP_MAX 0: no mmap for large requests; M_TRIM_THRESHOLD -1: never trim (both from mallopt(3))
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def main(argv=None) -> int:
-    for key, value in HUGE_PAGES.items():
-        os.environ.setdefault(key, value)  # before any subcommand imports torch
+    keep_freed_memory()  # before any subcommand allocates
     parser = Parser(prog="minidb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules, parsers = {}, {}
