@@ -34,12 +34,14 @@ class Parser(argparse.ArgumentParser):
 
 # On Linux, glibc's malloc hands big freed blocks back to the kernel (mmap'd ones from 128 KiB up, and the
 # heap it trims) and maps fresh ones for the next allocation, which the kernel zero-fills page by page again:
-# every training step re-faulted its gradients and activations. At SD v1 size a step faulted ~4.2 million
+# every training step re-faulted its gradients and activations. At SD v1 size a step faulted ~3-4 million
 # 4 KiB pages (~16 GB), ~8 s of kernel time in the UNet's backward alone. The command keeps freed memory in
-# the process instead, so no page is faulted after the first steps: 29.9 -> ~21 s a step, peak memory
-# unchanged (benchmarks/RESULTS.md). Memory freed is not returned to the system until the process exits;
-# the peak is what the process holds at once, as before. `import minidb` changes nothing.
-# Opt out: MINIDB_KEEP_FREED_MEMORY=0.
+# the process instead, so no page is faulted after the first steps (benchmarks/RESULTS.md: 18.7 s a step,
+# against diffusers' 29.0 s as its script runs and 17.7 s with the same setting; peak memory unchanged).
+# Not for the low-memory training modes (train.low_memory, train.fused_backward): their many short-lived
+# blocks of changing sizes fragment a heap that is never trimmed (7.3 -> 11.1 GiB at SD v1 size), so
+# `minidb train` leaves glibc's default there. Memory freed is not returned to the system until the
+# process exits. `import minidb` changes nothing. Opt out: MINIDB_KEEP_FREED_MEMORY=0.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt(3) parameters
 
 
@@ -57,7 +59,6 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv=None) -> int:
-    keep_freed_memory()  # before any subcommand allocates
     parser = Parser(prog="minidb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules, parsers = {}, {}
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand, whose --help lists what it takes
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command != "train":  # `minidb train` decides once it has read its config (minidb.cli.train)
+        keep_freed_memory()
     try:
         from minidb.attention import get_backend
         get_backend()  # a bad MINIDB_ATTENTION fails now, not after the model has loaded

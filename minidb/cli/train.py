@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from minidb.cli import keep_freed_memory
 from minidb.errors import ConfigError
 
 
@@ -62,6 +63,11 @@ def load(args):
                       "minidb/data/dreambooth_example.toml), or --resume RUN_FOLDER")
 
 
+def frugal(cfg) -> bool:
+    """The training modes that trade speed for memory, where keeping freed memory would cost memory."""
+    return cfg.train.low_memory or cfg.train.fused_backward != "off"
+
+
 def run(args) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning  # one line per warning, no source location
@@ -85,6 +91,8 @@ def _run(args) -> int:
     if args.print_config:
         print(dump_toml(cfg, explain=True), end="")
         return 0
+    if not frugal(cfg):
+        keep_freed_memory()  # speed; the low-memory modes keep glibc's default (minidb.cli says why)
     result = train(cfg, resume=args.resume)  # an interruption is reported there, once
     if result.interrupted:  # 128 + the signal's number, as a shell reports it: 130 Ctrl-C, 143 SIGTERM
         return 130 if result.stopped_by == "SIGINT" else 143
