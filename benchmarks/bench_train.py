@@ -27,6 +27,8 @@ and optimizer_step, or the FusedBackwardStep that train() builds, so this measur
   +checkpointing     gradient checkpointing in the UNet and the text encoder
   low_memory         all three, the fused step clipping by the previous step's norm (one pass)
   low_memory_exact   all three, exact clipping (two passes)
+  bf16_kahan         low_memory in bf16 with no fp32 master weights (optim.master_weights = "kahan": a bf16
+                     compensation per weight instead, minidb.adamw8bit): the recipe aimed at an 8 GB GPU
   lora               LoRA DreamBooth: rank-4 adapters on the UNet's attention projections and the
                      text encoder's attention and MLP, only they trained (torch AdamW), base frozen
 
@@ -70,6 +72,7 @@ CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
     "low_memory": ("minidb", True, "lagged", True),
     "low_memory_exact": ("minidb", True, "exact", True),
     "lora": ("minidb", False, None, False),  # rank-4 adapters on the UNet's attention and the text encoder
+    "bf16_kahan": ("minidb", True, "lagged", True),  # low_memory, bf16 weights, no fp32 masters
 }
 LORA_RANK = 4  # kohya's and diffusers' default rank
 OPTIM = OptimConfig(lr=5e-6, max_grad_norm=1.0)  # betas (0.9, 0.999), eps 1e-8, weight decay 1e-2: the defaults
@@ -108,7 +111,8 @@ def prior_loss(pred, noise):
     return mse(pred, target) + 1.0 * mse(pred_prior, target_prior)
 
 
-def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device, lora_rank: int = 0):
+def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device, lora_rank: int = 0,
+                   kahan: bool = False):
     """train()'s step, piece by piece, on a batch that is VAE-encoded every step (as diffusers' is)."""
     from minidb.fused_step import FusedBackwardStep
     from minidb.scaler import MasterWeights
@@ -118,10 +122,11 @@ def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device,
     lora = add_adapters(sd, ModelConfig(lora_rank=lora_rank, lora_text_encoder=True), seed=0) if lora_rank else {}
     for network in lora.values():
         network.to(device)
-    masters = MasterWeights(set_trainable(sd, train_text_encoder=True, lora=lora))
+    masters = MasterWeights(set_trainable(sd, train_text_encoder=True, lora=lora), fp32_masters=not kahan)
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
-    optimizer = make_optimizer(masters.params,
-                               dataclasses.replace(OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw"))
+    optimizer = make_optimizer(masters.params, dataclasses.replace(
+        OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw", master_weights="kahan" if kahan else "fp32"))
+    dtype = sd.dtype
     fused = FusedBackwardStep(masters, step_one(optimizer), OPTIM.max_grad_norm,
                               clip=fused_clip) if fused_clip else None
     scale = sd.config.scale_factor
@@ -130,11 +135,11 @@ def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device,
     def step(k, res):
         pixels, latent_noise, noise, t, ids = inputs(sd.config, token_ids, res, k, device)
         with torch.no_grad():
-            posterior = sd.vae.encode(pixels)
-            latents = (posterior.mean + posterior.std * latent_noise) * scale
+            posterior = sd.vae.encode(pixels.to(dtype))
+            latents = (posterior.mean.float() + posterior.std.float() * latent_noise) * scale
 
         def loss_fn():  # one UNet pass over [instance; class]: instance MSE + 1.0 * class MSE
-            return micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, sd.text_encoder(ids), 1, 1.0)[0]
+            return micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, sd.text_encoder(ids), 1, 1.0, dtype)[0]
 
         if fused is not None:
             return fused.step(loss_fn)
@@ -220,10 +225,10 @@ def run_child(args) -> dict:
         step, state, grads = diffusers_step_fn(vae, text_encoder, unet, schedule, sd_config, token_ids, device)
     else:
         models = [sd.vae, sd.text_encoder, sd.unet]
-        for m in models:
-            m.to(device)
+        kahan = args._child == "bf16_kahan"
+        sd.to(device, torch.bfloat16 if kahan else None)
         step, state, grads = minidb_step_fn(sd, adamw8bit, fused_clip, checkpointing, device,
-                                            LORA_RANK if args._child == "lora" else 0)
+                                            LORA_RANK if args._child == "lora" else 0, kahan)
     weights = nbytes([t for m in models for t in list(m.parameters()) + list(m.buffers())])
     gc.collect()
     try:

@@ -24,6 +24,14 @@ bitsandbytes does: they are cheap, and their few values get no help from blocks.
 `quantize` is round-to-nearest (of the fp16-rounded value), so a value's error is at most half the
 gap between the two codes around it plus 2**-11 of it, times its block's absmax
 (tests/test_adamw8bit.py derives and checks that bound).
+
+`kahan=True` lets bf16 weights train without fp32 master copies (4 bytes per weight saved). A bf16
+weight cannot hold a small update (its resolution is 2**-7 of it; lr * 1 is far below), so each bf16
+weight keeps a bf16 *compensation*: what rounding the last update into the weight lost. The update
+starts from weight + compensation (in fp32), and after it the weight takes the rounded result and
+the compensation the remainder: compensated (Kahan) summation, as in Zamirai et al. 2020,
+"Revisiting BFloat16 Training". 2 bytes per weight instead of fp32 masters' 4; the master value is
+kept to ~16 significant bits instead of 24. fp32 weights need none and get none.
 """
 import math
 
@@ -86,7 +94,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
-                 chunk_size: int = 2 ** 20):
+                 chunk_size: int = 2 ** 20, kahan: bool = False):
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
             raise ValueError(f"AdamW8bit: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -95,6 +103,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if chunk_size % block_size:
             raise ValueError(f"AdamW8bit: chunk_size {chunk_size} must be a multiple of block_size {block_size}")
         self.block_size, self.min_8bit_size, self.chunk_size = block_size, min_8bit_size, chunk_size
+        self.kahan = kahan    # bf16/fp16 weights: a compensation buffer instead of fp32 masters (docstring)
         self._codes = {}      # (signed, device) -> (code values, nearest-code table), built once per device
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
@@ -136,6 +145,8 @@ class AdamW8bit(torch.optim.Optimizer):
             else:
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if self.kahan and p.dtype != torch.float32:
+                state["kahan"] = torch.zeros_like(p)  # in p's dtype: what rounding p lost
         state["step"] += 1
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
@@ -148,6 +159,9 @@ class AdamW8bit(torch.optim.Optimizer):
             weight.addcdiv_(m, denom, value=-lr / bias_correction1)
 
         weight = p if p.dtype == torch.float32 else p.float()
+        compensation = state.get("kahan")
+        if compensation is not None:
+            weight.add_(compensation)  # the master value: the stored weight plus what its rounding lost
         if not eight_bit:
             adamw(weight, p.grad.float(), state["exp_avg"], state["exp_avg_sq"])
         else:  # chunk by chunk of whole blocks, so the fp32 temporaries stay small whatever p's size
@@ -164,7 +178,9 @@ class AdamW8bit(torch.optim.Optimizer):
                     state[name + "_codes"][values] = q        # into the state's own storage: no reallocation
                     state[name + "_absmax"][blocks] = absmax
         if weight is not p:
-            p.copy_(weight)
+            p.copy_(weight)                           # rounded to p's dtype
+            if compensation is not None:
+                compensation.copy_(weight.sub_(p))    # the part of the update the rounding dropped
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except for dtypes: torch casts every state tensor of a floating-point

@@ -81,7 +81,9 @@ class FusedBackwardStep:
         if self.mode == "step" and bool(torch.isfinite(self.norms[i])):
             if self.coef is not None:
                 grad.mul_(self.coef)
-            m.grad = grad
+            # no fp32 masters (optim.master_weights = "kahan"): m is the bf16 weight and takes its
+            # gradient in bf16 (the optimizer updates in fp32 all the same)
+            m.grad = grad if grad.dtype == m.dtype else grad.to(m.dtype)
             self.step_fn(m)
             m.grad = None
             if m is not p:

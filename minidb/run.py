@@ -28,7 +28,8 @@ from minidb.weights import atomic_write
 
 # Changing these between a checkpoint and its resume would not continue the same training.
 MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer", "model.lora_rank",
-                        "model.lora_alpha", "model.lora_text_encoder", "model.lora_targets")
+                        "model.lora_alpha", "model.lora_text_encoder", "model.lora_targets",
+                        "optim.master_weights")
 
 
 class Run:

@@ -106,12 +106,14 @@ class MasterWeights:
     """fp32 copies of the trainable parameters of a fp16/bf16 model, for the optimizer to step.
 
     For an fp32 model the masters *are* the model's parameters (no copy, and every method below is
-    a no-op), so the training loop reads the same in all three precisions."""
+    a no-op), so the training loop reads the same in all three precisions. fp32_masters=False makes
+    that so for bf16 too: the optimizer then steps the bf16 weights themselves, which needs
+    minidb.adamw8bit's `kahan` compensation to keep small updates (optim.master_weights = "kahan")."""
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]]):
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], fp32_masters: bool = True):
         self.names = [name for name, _ in named_params]
         self.model_params = [p for _, p in named_params]
-        self.separate = any(p.dtype != torch.float32 for p in self.model_params)
+        self.separate = fp32_masters and any(p.dtype != torch.float32 for p in self.model_params)
         if self.separate:
             self.params = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
         else:

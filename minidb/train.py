@@ -132,7 +132,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         # fp32: the masters are the model's own parameters. fp16 and bf16: fp32 copies, because an
         # update of lr * ~1 is far below the 2**-10 (fp16) or 2**-7 (bf16) resolution of a weight and
         # would round away; bf16 needs no loss scaler, its exponent range is fp32's (minidb.scaler).
-        masters = MasterWeights(trainable)
+        # optim.master_weights = "kahan" (bf16): no copies, the 8-bit AdamW compensates the rounding.
+        masters = MasterWeights(trainable, fp32_masters=cfg.optim.master_weights == "fp32")
         o = cfg.optim
         optimizer = make_optimizer(masters.params, o)
         scaler = DynamicLossScaler(o.loss_scale_init, o.loss_scale_growth_interval,
@@ -312,7 +313,9 @@ def describe(cfg, base_config, n_instance, class_images, masters, precision, wor
             + f"; {_count(cfg.train.steps, 'step')} of {B} x {world_size} process(es) x {accum} accumulation = "
             f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
             f"{n_trained / 1e6:.1f}M parameters, {precision}"
-            + (" with fp32 master weights" if masters.separate else "") + memory_options(cfg)
+            + (" with fp32 master weights" if masters.separate else
+               " with Kahan-compensated weights (no fp32 masters)" if cfg.optim.master_weights == "kahan" else "")
+            + memory_options(cfg)
             + (f", lr x {B * world_size * accum} (optim.scale_lr)" if cfg.optim.scale_lr else "")
             + f"; run folder {cfg.train.output_dir}")
 
@@ -482,8 +485,10 @@ def optimizer_step(masters: MasterWeights, optimizer, scaler: DynamicLossScaler 
 
 def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     """optim.optimizer: torch's AdamW, or minidb's with 8-bit moments (the same update, a quarter of the state)."""
-    kind = AdamW8bit if o.optimizer == "adamw8bit" else torch.optim.AdamW
-    return kind(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+    hyper = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw8bit":
+        return AdamW8bit(params, **hyper, kahan=o.master_weights == "kahan")
+    return torch.optim.AdamW(params, **hyper)
 
 
 def step_one(optimizer: torch.optim.Optimizer):

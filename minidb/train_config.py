@@ -74,6 +74,10 @@ class PriorConfig:
 class OptimConfig:
     optimizer: str = "adamw"          # adamw (torch's) | adamw8bit (minidb.adamw8bit: the same update, its two
                                       # moments stored in 8 bits, 2 bytes of state per weight instead of 8)
+    master_weights: str = "fp32"      # fp16/bf16 models: fp32 = fp32 master copies of the trained weights (4 bytes
+                                      # each); kahan = none: adamw8bit steps the bf16 weights themselves, each with a
+                                      # bf16 compensation for what rounding lost (2 bytes; minidb.adamw8bit). Needs
+                                      # model.precision = "bf16" and optimizer adamw8bit (or train.low_memory)
     lr: float = 1e-6                  # the DreamBooth setting; the UNet forgets the class quickly above ~5e-6
     lr_schedule: str = "constant"     # constant | cosine (decays to min_lr at the last step)
     warmup_steps: int = 0             # linear warm-up from 0 before the schedule
@@ -143,6 +147,7 @@ CHOICES = {
     ("model", "lora_targets"): ("attention", "transformer"),
     ("optim", "lr_schedule"): ("constant", "cosine"),
     ("optim", "optimizer"): ("adamw", "adamw8bit"),
+    ("optim", "master_weights"): ("fp32", "kahan"),
     ("train", "fused_backward"): ("off", "exact", "lagged"),
     ("prior", "sampler"): tuple(SAMPLER_NAMES),
     ("validation", "sampler"): tuple(SAMPLER_NAMES),
@@ -306,6 +311,13 @@ def validate(cfg: DreamBoothConfig) -> None:
     if cfg.prior.class_prompt and cfg.prior.num_class_images < 1:
         problems.append("prior.num_class_images must be at least 1 with a class_prompt (or set class_prompt "
                         '= "" to train without prior preservation)')
+    if o.master_weights == "kahan":
+        if cfg.model.precision != "bf16":
+            problems.append(f'optim.master_weights = "kahan" trains bf16 weights without fp32 copies: it needs '
+                            f'model.precision = "bf16", got {cfg.model.precision!r}')
+        if o.optimizer != "adamw8bit" and not cfg.train.low_memory:
+            problems.append('optim.master_weights = "kahan" is done by minidb\'s 8-bit AdamW: set optim.optimizer = '
+                            f'"adamw8bit" (or train.low_memory = true), got {o.optimizer!r}')
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -216,6 +216,8 @@ def _sigterm_at(step):
     ("model.lora_rank=2", "model.lora_text_encoder=true", "train.ema_decay=0.9", "train.noise_offset=0.1",
      "train.min_snr_gamma=5", "optim.scale_lr=true", "train.grad_accum=2",
      "model.precision=bf16"),  # LoRA (bf16 adapters, fp32 masters), EMA and the loss options
+    ("model.precision=bf16", "optim.master_weights=kahan", "train.low_memory=true", "train.ema_decay=0.9"),  # bf16
+    # weights without fp32 masters: the Kahan compensation is optimizer state; through the fused step
 ])
 def test_resume_is_bit_exact(world, tmp_path, sets):
     full = train(config(world, tmp_path / "full", *sets))
@@ -519,6 +521,20 @@ def test_bf16_trains_with_fp32_masters(world, tmp_path):
     weights = saved_weights(result.checkpoint)
     assert all(v.dtype == torch.float32 for v in weights.values())
     assert ck.load_state(result.checkpoint)["scaler"] is None and np.isfinite(result.loss)
+
+
+def test_bf16_kahan_trains_without_fp32_masters(world, tmp_path, capsys):
+    """optim.master_weights = "kahan": the checkpoint's weights are the bf16 weights themselves, and
+    each 8-bit-AdamW state holds its bf16 compensation; the plain (not fused) step."""
+    result = train(config(world, tmp_path / "run", "model.precision=bf16", "optim.master_weights=kahan",
+                          "optim.optimizer=adamw8bit", "train.steps=2"))
+    state = ck.load_state(result.checkpoint)
+    assert all(v.dtype == torch.bfloat16 for v in state["weights"].values())
+    compensations = [s["kahan"] for s in state["optimizer"]["state"].values()]
+    assert len(compensations) == len(state["weights"])
+    assert all(c.dtype == torch.bfloat16 for c in compensations) and any(c.abs().max() > 0 for c in compensations)
+    assert np.isfinite(result.loss)
+    assert "Kahan-compensated weights (no fp32 masters)" in capsys.readouterr().err  # the run's description
 
 
 def test_tensorboard_gets_the_metrics_when_installed(world, tmp_path, monkeypatch):

@@ -88,6 +88,20 @@ def test_validate_names_every_problem():
         assert part in str(e.value)
 
 
+@pytest.mark.parametrize("sets, messages", [
+    (["optim.master_weights=kahan"], ['model.precision = "bf16", got \'fp16\'', 'optim.optimizer = "adamw8bit"']),
+    (["optim.master_weights=kahan", "model.precision=auto", "optim.optimizer=adamw8bit"], ["got 'auto'"]),
+])
+def test_kahan_needs_bf16_and_the_8bit_optimizer(sets, messages):
+    cfg = load_config(EXAMPLE, sets)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    for message in messages:
+        assert message in str(e.value)
+    for ok in (["optim.optimizer=adamw8bit"], ["train.low_memory=true"]):  # low_memory brings adamw8bit
+        validate(load_config(EXAMPLE, ["optim.master_weights=kahan", "model.precision=bf16", *ok]))
+
+
 def test_dump_round_trip_and_resolve(tmp_path):
     cfg = load_config(EXAMPLE, ['data.instance_prompt=a "quoted" prompt \\ with ünïcode 🐶\x7f',
                                 "validation.prompts=[]", "optim.min_lr=1e-9"])
