@@ -30,15 +30,17 @@ def test_bench_train_quick_table(capsys):
     """The training-step benchmark end to end on the tiny model, each configuration in its own
     process: every row has a positive time and a peak that the breakdown adds up to."""
     from benchmarks import bench_train
-    rows = bench_train.main(["--quick", "--steps", "1", "--configs", "diffusers,minidb,low_memory,low_memory_exact"])
-    assert [r["config"] for r in rows] == ["diffusers", "minidb", "low_memory", "low_memory_exact"]
+    rows = bench_train.main(["--quick", "--steps", "1", "--configs",
+                             "diffusers,minidb,low_memory,low_memory_exact,bf16_kahan"])
+    assert [r["config"] for r in rows] == ["diffusers", "minidb", "low_memory", "low_memory_exact", "bf16_kahan"]
     for r in rows:
         assert r["step_s"] > 0 and r["peak"] > 0 and r["weights"] > 0 and r["grads"] > 0
         assert r["weights"] + r["grads"] + r["state"] + r["rest"] == r["peak"]
-    diffusers, minidb, low = rows[0], rows[1], rows[2]
+    diffusers, minidb, low, kahan = rows[0], rows[1], rows[2], rows[4]
     assert minidb["weights"] == pytest.approx(diffusers["weights"], rel=0.01)  # the same models (+ a few buffers)
     assert low["state"] < 0.5 * minidb["state"]        # 8-bit moments (tiny: many tensors stay fp32)
     assert low["grads"] < minidb["grads"]              # fused: one tensor's gradient at a time
+    assert kahan["weights"] == pytest.approx(minidb["weights"] / 2, rel=0.01)  # bf16, and no fp32 masters
     out = capsys.readouterr().out
     assert "| low_memory_exact |" in out and "DreamBooth training step" in out
 
