@@ -18,9 +18,8 @@ optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off)
 Configurations (minidb's step is minidb.train's own: set_trainable, make_optimizer, micro_batch_loss
 and optimizer_step, or the FusedBackwardStep that train() builds, so this measures what it runs):
   diffusers          its train_dreambooth.py step, defaults (torch's default CPU allocator)
-  diffusers_tuned    the same with the allocator setting minidb's configurations without the fused step
-                     run with, because `minidb train` sets it for them: freed memory kept for reuse
-                     (minidb.cli.keep_freed_memory)
+  diffusers_tuned    the same with the allocator setting minidb's default runs with, because `minidb
+                     train` sets it: freed memory kept for reuse (minidb.cli.keep_freed_memory)
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
   +fused             the optimizer step inside backward, exact clipping (two backward passes)
@@ -210,7 +209,8 @@ def run_child(args) -> dict:
     side, adamw8bit, fused_clip, checkpointing = CONFIGS[args._child]
     if tuned_allocator(args._child):
         from minidb.cli import keep_freed_memory
-        keep_freed_memory()  # as the `minidb` command does, before the models are built
+        keep_freed_memory(bounded=CONFIGS[args._child][2] is not None)  # as `minidb train` does: bounded
+        # in its fused (low-memory) modes, before the models are built
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     baseline = rss()
@@ -260,10 +260,9 @@ def run_child(args) -> dict:
 
 def tuned_allocator(name: str) -> bool:
     """Each side's CPU allocator as its own command runs it: `minidb train` keeps freed memory for
-    reuse except in its fused (low-memory) modes (minidb.cli.train.frugal), train_dreambooth.py does
+    reuse (bounded in its fused, low-memory modes: minidb.cli.train.frugal), train_dreambooth.py does
     not; diffusers_tuned gives diffusers the same as minidb's default."""
-    side, _, fused_clip, _ = CONFIGS[name]
-    return name == "diffusers_tuned" or (side == "minidb" and fused_clip is None)
+    return name == "diffusers_tuned" or CONFIGS[name][0] == "minidb"
 
 
 def child(args, name: str) -> dict:

@@ -67,8 +67,8 @@ def quantize(x: torch.Tensor, table: torch.Tensor, block_size: int, unsigned: bo
     """fp32 x (any shape) -> (uint8 codes, fp32 absmax per block): each value divided by its block's
     absmax, rounded to fp16 (2**-11 relative), then to the nearest code value (`table`)."""
     flat = x.reshape(-1).float()
-    pad = -flat.numel() % block_size
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size)
+    pad = -flat.numel() % block_size  # only a tensor's last block can be short: the rest is not copied
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
     normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
     idx = table.index_select(0, (normed.half().view(torch.int16).int() + 32768).view(-1)).view_as(normed)
@@ -81,7 +81,8 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bl
                shape: torch.Size) -> torch.Tensor:
     n = codes.numel()
     pad = -n % block_size
-    values = code.index_select(0, torch.nn.functional.pad(codes, (0, pad)).int()).view(-1, block_size) * absmax[:, None]
+    codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+    values = code.index_select(0, codes.int()).view(-1, block_size) * absmax[:, None]
     return values.view(-1)[:n].view(shape)
 
 

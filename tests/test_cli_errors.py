@@ -145,9 +145,9 @@ def test_train_resume_of_a_missing_folder(tmp_path):
 FAULTS = """
 import resource, sys, torch
 import minidb, minidb.pipeline, minidb.cli
-if sys.argv[1] == "cli":
+if sys.argv[1] != "import":
     try:
-        minidb.cli.main(["--help"])
+        minidb.cli.main([sys.argv[1], "--help"] if sys.argv[1] != "cli" else ["--help"])
     except SystemExit:
         pass
 def faults():  # pages the kernel maps for one 64 MiB tensor, written once and freed
@@ -159,11 +159,13 @@ print(*[faults() for _ in range(12)])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-@pytest.mark.parametrize("how, opt_out, kept", [("cli", None, True), ("cli", "0", False), ("import", None, False)])
+@pytest.mark.parametrize("how, opt_out, kept", [("cli", None, True), ("sample", None, True), ("cli", "0", False),
+                                                ("import", None, False), ("train", None, False)])
 def test_the_command_keeps_freed_memory_for_the_next_step(how, opt_out, kept):
     """`minidb ...` keeps memory the process frees for its next allocations (mallopt), so a training
-    step stops re-faulting the pages the last one freed; MINIDB_KEEP_FREED_MEMORY=0 opts out, and
-    `import minidb` alone changes nothing. Measured as page faults of a 64 MiB tensor made and freed
+    step stops re-faulting the pages the last one freed; MINIDB_KEEP_FREED_MEMORY=0 opts out,
+    `import minidb` alone changes nothing, and `minidb train` decides only once it has its config
+    (bounded in the low-memory modes, minidb.cli.train.frugal). Measured as page faults of a 64 MiB tensor made and freed
     12 times: at least 32 every time (2 MiB pages) or 16384 (4 KiB) when freed memory goes back to the
     kernel; none once the heap has grown to hold it when kept (measured: 5 times 16384, then 0)."""
     env = {k: v for k, v in os.environ.items() if k != "MINIDB_KEEP_FREED_MEMORY"}
@@ -175,3 +177,33 @@ def test_the_command_keeps_freed_memory_for_the_next_step(how, opt_out, kept):
         assert max(last) < 8, last
     else:
         assert min(last) >= 32, last
+
+
+BOUNDED = """
+import resource, sys, torch
+from minidb.cli import keep_freed_memory
+assert keep_freed_memory(bounded=sys.argv[1] == "bounded")
+def faults(n, k=1):  # pages the kernel maps for k tensors of n floats, written, then all freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.empty(n).fill_(1.0) for _ in range(k)]
+    del tensors
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(*[faults(2 ** 22, 3) for _ in range(12)])  # three 16 MiB blocks at once
+print(*[faults(2 ** 24) for _ in range(12)])     # one 64 MiB block
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.parametrize("how", ["bounded", "full"])
+def test_the_bounded_setting_keeps_only_blocks_up_to_32_mib(how):
+    """The low-memory modes' setting keeps blocks up to 32 MiB for reuse (three 16 MiB blocks made and
+    freed together: no faults once the heap holds them) but hands a 64 MiB block back to the kernel
+    each time (faulted in again: 16384 pages of 4 KiB), where the full setting keeps it too."""
+    env = {k: v for k, v in os.environ.items() if k != "MINIDB_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", BOUNDED, how], capture_output=True, text=True, env=env, check=True)
+    small, big = ([int(n) for n in line.split()][-4:] for line in out.stdout.splitlines()[-2:])
+    assert max(small) < 8, small
+    if how == "bounded":
+        assert min(big) >= 32, big
+    else:
+        assert max(big) < 8, big

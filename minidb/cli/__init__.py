@@ -38,27 +38,35 @@ class Parser(argparse.ArgumentParser):
 # 4 KiB pages (~16 GB), ~8 s of kernel time in the UNet's backward alone. The command keeps freed memory in
 # the process instead, so no page is faulted after the first steps (benchmarks/RESULTS.md: 18.7 s a step,
 # against diffusers' 29.0 s as its script runs and 17.7 s with the same setting; peak memory unchanged).
-# Not for the low-memory training modes (train.low_memory, train.fused_backward): their many short-lived
-# blocks of changing sizes fragment a heap that is never trimmed (7.3 -> 11.1 GiB at SD v1 size), so
-# `minidb train` leaves glibc's default there. Memory freed is not returned to the system until the
-# process exits. `import minidb` changes nothing. Opt out: MINIDB_KEEP_FREED_MEMORY=0.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt(3) parameters
+# The low-memory training modes (train.low_memory, train.fused_backward) get a bounded version: their many
+# short-lived blocks of changing sizes fragment a heap that is never trimmed (7.3 -> 11.1 GiB at SD v1
+# size), so there only blocks up to 32 MiB (glibc's limit) come from the heap and at most 512 MiB of free
+# heap is kept: 36.4 -> 33.1 s a step, peak 7.37 -> 7.24 GiB. Memory freed is not returned to the system
+# until the process exits (bounded: beyond 512 MiB it is). `import minidb` changes nothing.
+# Opt out: MINIDB_KEEP_FREED_MEMORY=0.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt(3) parameters
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(bounded: bool = False) -> bool:
     """glibc: big blocks from the heap instead of fresh mappings, and the heap never trimmed, so the
-    next step reuses the pages the last one freed. True if that is now in force."""
+    next step reuses the pages the last one freed; bounded: blocks up to 32 MiB only, and at most
+    512 MiB of free heap kept. True if that is now in force."""
     if os.environ.get("MINIDB_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    # M_MMAP_MAX 0: no mmap for large requests; M_TRIM_THRESHOLD -1: never trim (both from mallopt(3))
+    if bounded:  # mallopt(3): mmap only above 32 MiB (the most it allows); trim only beyond 512 MiB free
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 512 << 20))
+    # M_MMAP_MAX 0: no mmap for large requests; M_TRIM_THRESHOLD -1: never trim
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["train"]:  # before anything allocates; `minidb train` decides once it has read its config
+        keep_freed_memory()
     parser = Parser(prog="minidb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     modules, parsers = {}, {}
@@ -70,8 +78,6 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand, whose --help lists what it takes
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command != "train":  # `minidb train` decides once it has read its config (minidb.cli.train)
-        keep_freed_memory()
     try:
         from minidb.attention import get_backend
         get_backend()  # a bad MINIDB_ATTENTION fails now, not after the model has loaded

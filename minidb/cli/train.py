@@ -91,8 +91,7 @@ def _run(args) -> int:
     if args.print_config:
         print(dump_toml(cfg, explain=True), end="")
         return 0
-    if not frugal(cfg):
-        keep_freed_memory()  # speed; the low-memory modes keep glibc's default (minidb.cli says why)
+    keep_freed_memory(bounded=frugal(cfg))  # speed; bounded in the low-memory modes (minidb.cli says why)
     result = train(cfg, resume=args.resume)  # an interruption is reported there, once
     if result.interrupted:  # 128 + the signal's number, as a shell reports it: 130 Ctrl-C, 143 SIGTERM
         return 130 if result.stopped_by == "SIGINT" else 143
