@@ -75,6 +75,22 @@ def test_shortened_demo_learns_the_subject(tmp_path):
 
 
 @shipped
+def test_shortened_bf16_demo_without_fp32_masters_learns_the_subject(tmp_path):
+    """The shortened demo in bf16 with optim.master_weights = "kahan" (no fp32 master copies; the 8-bit
+    AdamW keeps a bf16 compensation per weight): it learns the subject as fp32 training does. ~100 s on
+    2 cores (bf16 runs emulated on this CPU). Measured: subject fidelity 0.442 -> 0.814, prompt
+    fidelity 94.4%; with fp32 masters (the same run otherwise) 0.810, in fp32 (the test above) 0.806.
+    The bounds are the fp32 test's."""
+    from minidb.demo import run_demo
+    m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
+                                      "prior.sample_steps=10", "prior.batch_size=8", "model.precision=bf16",
+                                      "optim.optimizer=adamw8bit", "optim.master_weights=kahan"],
+                 samples=3, eval_steps=10, grid=False, progress=False)
+    assert m["dreambooth"]["subject_fidelity"] >= m["base"]["subject_fidelity"] + 0.15, m
+    assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.15, m
+
+
+@shipped
 def test_shortened_lora_demo_learns_the_subject(tmp_path):
     """The same shortened demo as a LoRA run (rank 16 on the UNet's transformer blocks, lr 2e-3, no
     merged export): the demo samples the base with lora.safetensors applied, and it learns the subject
