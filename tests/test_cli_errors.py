@@ -208,3 +208,13 @@ def test_the_bounded_setting_keeps_only_blocks_up_to_32_mib(how):
         assert min(big) >= 32, big
     else:
         assert max(big) < 8, big
+
+
+@pytest.mark.parametrize("sets, expected", [((), False), (("train.low_memory=true",), True),
+                                            (("train.fused_backward=lagged",), True),
+                                            (("optim.optimizer=adamw8bit", "model.gradient_checkpointing=true"), False)])
+def test_train_bounds_the_kept_memory_in_the_low_memory_modes(sets, expected):
+    """`minidb train` keeps freed memory fully for the default step and bounded where the fused step
+    runs (train.low_memory, train.fused_backward): there a never-trimmed heap fragmented."""
+    from minidb.cli.train import frugal
+    assert frugal(load_config(None, list(sets))) is expected
