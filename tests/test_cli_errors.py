@@ -134,6 +134,18 @@ def test_train_unknown_lora_targets(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_kahan_without_bf16(world, tmp_path):
+    """No fp32 masters asked for a run whose precision is not bf16 (here "auto"), and an unknown value."""
+    proc = minidb("train", "--config", run_toml(world, tmp_path), "--set", "optim.master_weights=kahan",
+                  "--set", "optim.optimizer=adamw8bit")
+    assert 'optim.master_weights = "kahan"' in one_line_error(proc, "train")
+    assert 'model.precision = "bf16"' in one_line_error(proc, "train")
+    assert not (tmp_path / "run").exists()
+    proc = minidb("train", "--config", run_toml(world, tmp_path), "--set", "optim.master_weights=fp64")
+    assert "optim.master_weights must be one of fp32, kahan, got 'fp64'" in one_line_error(proc, "train")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_resume_of_a_missing_folder(tmp_path):
     proc = minidb("train", "--resume", tmp_path / "nope")
     assert one_line_error(proc, "train") == f"--resume {tmp_path / 'nope'}: no such run folder or checkpoint file"
