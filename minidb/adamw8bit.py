@@ -56,25 +56,34 @@ def dynamic_code(signed: bool) -> torch.Tensor:
 
 
 def nearest_code_table(code: torch.Tensor) -> torch.Tensor:
-    """For each of the 65536 fp16 bit patterns (as int16 + 32768), the index of the nearest code
-    value: quantising is then one table lookup instead of a binary search per value."""
-    every_fp16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    """For each of the 65536 fp16 bit patterns (read as unsigned 16-bit integers), the index of the
+    nearest code value: quantising is then one table lookup instead of a binary search per value.
+    For an unsigned code (v's), every positive pattern maps to index 1 or above: a positive v rounded
+    to 0 would turn m / (sqrt(v) + eps) into m / eps."""
+    every_fp16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float()  # wraps to int16
     midpoints = (code[1:] + code[:-1]) / 2
-    return torch.bucketize(every_fp16.nan_to_num(0.0), midpoints.to(every_fp16.device)).to(torch.uint8)
+    table = torch.bucketize(every_fp16.nan_to_num(0.0), midpoints.to(every_fp16.device))
+    if code.min() >= 0:
+        table = torch.where(every_fp16 > 0, table.clamp(min=1), table)
+    return table.to(torch.uint8)
 
 
-def quantize(x: torch.Tensor, table: torch.Tensor, block_size: int, unsigned: bool = False):
+def quantize(x: torch.Tensor, table: torch.Tensor, block_size: int, unsigned: bool = False, out=None):
     """fp32 x (any shape) -> (uint8 codes, fp32 absmax per block): each value divided by its block's
-    absmax, rounded to fp16 (2**-11 relative), then to the nearest code value (`table`)."""
+    absmax, rounded to fp16 (2**-11 relative), then to the nearest code value (`table`). `out`: a
+    uint8 tensor of x's size to write the codes into (the optimizer's state, so no copy)."""
     flat = x.reshape(-1).float()
     pad = -flat.numel() % block_size  # only a tensor's last block can be short: the rest is not copied
     blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
-    absmax = blocks.abs().amax(dim=1)
-    normed = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]
-    idx = table.index_select(0, (normed.half().view(torch.int16).int() + 32768).view(-1)).view_as(normed)
-    if unsigned:  # a positive v rounded to 0 would turn m / (sqrt(v) + eps) into m / eps: round it up instead
-        idx = torch.where(normed > 0, idx.clamp(min=1), idx)
-    return idx.view(-1)[:flat.numel()], absmax
+    absmax = (blocks if unsigned else blocks.abs()).amax(dim=1)  # unsigned: x >= 0 already
+    normed = torch.empty(blocks.shape, dtype=torch.float16, device=blocks.device)
+    torch.div(blocks, absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None], out=normed)  # in fp32, stored fp16
+    if unsigned:  # 0 < y < 2**-25 rounded to fp16's 0: lift it (and 0, harmlessly) to fp16's smallest
+        normed.clamp_(min=2 ** -24)  # positive value, which the table maps to code 1, never to 0
+    bits = normed.view(torch.uint16).view(-1).int()
+    if pad or out is None:
+        return table.index_select(0, bits)[:flat.numel()], absmax
+    return torch.index_select(table, 0, bits, out=out), absmax
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
@@ -82,7 +91,7 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bl
     n = codes.numel()
     pad = -n % block_size
     codes = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
-    values = code.index_select(0, codes.int()).view(-1, block_size) * absmax[:, None]
+    values = code.index_select(0, codes.int()).view(-1, block_size).mul_(absmax[:, None])
     return values.view(-1)[:n].view(shape)
 
 
@@ -156,7 +165,7 @@ class AdamW8bit(torch.optim.Optimizer):
             weight.mul_(1 - lr * wd)
             m.lerp_(grad, 1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+            denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
             weight.addcdiv_(m, denom, value=-lr / bias_correction1)
 
         weight = p if p.dtype == torch.float32 else p.float()
@@ -175,8 +184,10 @@ class AdamW8bit(torch.optim.Optimizer):
                         for name, code in (("exp_avg", codes[0]), ("exp_avg_sq", codes[1])))
                 adamw(flat_w[values], flat_g[values].float(), m, v)
                 for name, moment, code, signed in (("exp_avg", m, codes[0], True), ("exp_avg_sq", v, codes[1], False)):
-                    q, absmax = quantize(moment, code[1], bs, unsigned=not signed)
-                    state[name + "_codes"][values] = q        # into the state's own storage: no reallocation
+                    stored = state[name + "_codes"][values]  # written in place: no reallocation
+                    q, absmax = quantize(moment, code[1], bs, unsigned=not signed, out=stored)
+                    if q is not stored:
+                        stored.copy_(q)
                     state[name + "_absmax"][blocks] = absmax
         if weight is not p:
             p.copy_(weight)                           # rounded to p's dtype

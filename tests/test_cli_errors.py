@@ -201,17 +201,17 @@ def faults(n, k=1):  # pages the kernel maps for k tensors of n floats, written,
     tensors = [torch.empty(n).fill_(1.0) for _ in range(k)]
     del tensors
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(*[faults(2 ** 22, 3) for _ in range(24)])  # three 16 MiB blocks at once
-print(*[faults(2 ** 24) for _ in range(24)])     # one 64 MiB block
+print(*[faults(2 ** 24, 3) for _ in range(24)])  # three 64 MiB blocks at once
+print(*[faults(2 ** 26) for _ in range(16)])     # one 256 MiB block
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 @pytest.mark.parametrize("how", ["bounded", "full"])
-def test_the_bounded_setting_keeps_only_blocks_up_to_32_mib(how):
-    """The low-memory modes' setting keeps blocks up to 32 MiB for reuse (three 16 MiB blocks made and
-    freed together: no faults once the heap holds them) but hands a 64 MiB block back to the kernel
-    each time (faulted in again: 16384 pages of 4 KiB), where the full setting keeps it too."""
+def test_the_bounded_setting_keeps_only_blocks_under_256_mib(how):
+    """The low-memory modes' setting keeps blocks under 256 MiB for reuse (three 64 MiB blocks made and
+    freed together: no faults once the heap holds them) but hands a 256 MiB block back to the kernel
+    each time (faulted in again: 65536 pages of 4 KiB), where the full setting keeps it too."""
     env = {k: v for k, v in os.environ.items() if k != "MINIDB_KEEP_FREED_MEMORY"}
     out = subprocess.run([sys.executable, "-c", BOUNDED, how], capture_output=True, text=True, env=env, check=True)
     small, big = ([int(n) for n in line.split()][-4:] for line in out.stdout.splitlines()[-2:])
