@@ -125,6 +125,8 @@ def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device,
     sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
     optimizer = make_optimizer(masters.params, dataclasses.replace(
         OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw", master_weights="kahan" if kahan else "fp32"))
+    if adamw8bit:
+        optimizer.init_state()  # as train() does
     dtype = sd.dtype
     fused = FusedBackwardStep(masters, step_one(optimizer), OPTIM.max_grad_norm,
                               clip=fused_clip) if fused_clip else None
@@ -249,7 +251,9 @@ def run_child(args) -> dict:
             times.append(time.perf_counter() - start)
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults  # pages the kernel had to hand over
             faults_per_step.append(faults)
-            print(f"  {args._child} step {k}: {times[-1]:.2f} s, {faults} page faults", file=sys.stderr, flush=True)
+            print(f"  {args._child} step {k}: {times[-1]:.2f} s, {faults} page faults, peak so far "
+                  f"{gib(torch.cuda.max_memory_allocated(device) if cuda else peak.peak - baseline)} GiB",
+                  file=sys.stderr, flush=True)
     total = torch.cuda.max_memory_allocated(device) if cuda else peak.peak - baseline
     optimizer_state = state()
     return {"config": args._child, "step_s": statistics.median(times[1:]), "times": times,

@@ -23,7 +23,8 @@ Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep 
 bitsandbytes does: they are cheap, and their few values get no help from blocks. Rounding error:
 `quantize` is round-to-nearest (of the fp16-rounded value), so a value's error is at most half the
 gap between the two codes around it plus 2**-11 of it, times its block's absmax
-(tests/test_adamw8bit.py derives and checks that bound).
+(tests/test_adamw8bit.py derives and checks that bound); but v is never rounded to 0 (it would
+turn m / (sqrt(v) + eps) into m / eps): below half its smallest code value it rounds up to it.
 
 `kahan=True` lets bf16 weights train without fp32 master copies (4 bytes per weight saved). A bf16
 weight cannot hold a small update (its resolution is 2**-7 of it; lr * 1 is far below), so each bf16
@@ -137,6 +138,30 @@ class AdamW8bit(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate the state of every parameter that has none yet (step_param would, on its first
+        call). minidb.train calls it before the first backward: the fused step would otherwise allocate
+        it tensor by tensor between that backward's gradients and activations, fragmenting the heap."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self._new_state(p)
+
+    def _new_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        state["step"] = 0
+        if p.numel() >= self.min_8bit_size:
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):  # all 0.0: absmax 0, code of 0.0
+                zero = int((self.code(signed, p.device)[0] == 0).nonzero())
+                state[name + "_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+                state[name + "_absmax"] = torch.zeros(-(-p.numel() // self.block_size), device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if self.kahan and p.dtype != torch.float32:
+            state["kahan"] = torch.zeros_like(p)  # in p's dtype: what rounding p lost
+
+    @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
         """One AdamW update of p from p.grad (fp32 arithmetic whatever the storage)."""
         group = group or self._group_of[p]
@@ -146,17 +171,7 @@ class AdamW8bit(torch.optim.Optimizer):
         state = self.state[p]
         eight_bit = p.numel() >= self.min_8bit_size
         if not state:
-            state["step"] = 0
-            if eight_bit:
-                for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                    codes, absmax = quantize(torch.zeros_like(p, dtype=torch.float32), self.code(signed, p.device)[1],
-                                             self.block_size, unsigned=not signed)
-                    state[name + "_codes"], state[name + "_absmax"] = codes, absmax
-            else:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            if self.kahan and p.dtype != torch.float32:
-                state["kahan"] = torch.zeros_like(p)  # in p's dtype: what rounding p lost
+            self._new_state(p)
         state["step"] += 1
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])

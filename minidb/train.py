@@ -145,6 +145,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         step, cursor = 0, (0, 0)  # cursor: (epoch, position in that epoch's order) of the next example
         if state is not None:
             step, cursor = restore(state, masters, optimizer, scaler, dist, run, fused)
+        if isinstance(optimizer, AdamW8bit):
+            optimizer.init_state()  # now, not between the first backward's gradients (fragmenting the heap)
         ema = start_ema(cfg.train, masters, state, run)
         unet = dist.wrap(sd.unet, lora.get("unet"))
         text_encoder = dist.wrap(sd.text_encoder, lora.get("text_encoder")) if text_encoder_trains else sd.text_encoder

@@ -6,8 +6,9 @@ half the gap between the two code values around it (beyond the outermost code va
 to it: -1 vs the signed code's lowest value -0.99297) plus that fp16 rounding. The widest gap is in
 the top decade, 0.9 / 64 (signed, 6 fraction bits) or 0.9 / 128 (unsigned): so |x̂ - x| <=
 (0.00703 + 0.00049) * absmax signed, (0.00352 + 0.00049) * absmax unsigned, much less for small
-values. One exception, by design: a positive v below half the smallest unsigned code
-value (3.25e-7) is rounded up to it, not to 0. Slack: 2 fp32 roundings (normalise, rescale).
+values. One exception, by design: a v below half the smallest unsigned code value (3.25e-7),
+0 included, is rounded up to it, never to 0 (an all-zero block stays 0: its absmax is 0). Slack: 2
+fp32 roundings (normalise, rescale).
 """
 import io
 
@@ -47,6 +48,7 @@ def test_round_trip_within_bound(signed):
     x = 10 ** (-8 * torch.rand(n, generator=g))  # magnitudes over 8 decades, beyond the code's 7
     x[::97] *= 1e3                               # outliers, which set their blocks' absmax
     x[5 * BLOCK:6 * BLOCK] = 0                   # an all-zero block
+    x[7 * BLOCK + 3] = 0                         # and a zero among others
     if signed:
         x *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     code = dynamic_code(signed)
@@ -59,8 +61,8 @@ def test_round_trip_within_bound(signed):
     y16 = y.half().float()  # the table looks up y's fp16 rounding: the nearest code to that
     bound = scale * (torch.maximum(local_bound(y, code), local_bound(y16, code)) + (y16 - y).abs()) \
         + 2 * torch.finfo(torch.float32).eps * x.abs()
-    if not signed:  # tiny positive values round up to the smallest code value (never down to 0)
-        bound = torch.where((y > 0) & (y < code[1] / 2), scale * code[1], bound)
+    if not signed:  # tiny values, 0 included, round up to the smallest code value (never down to 0)
+        bound = torch.where((y >= 0) & (y < code[1] / 2), scale * code[1], bound)
         assert torch.all(back[x > 0] > 0)
     assert torch.all(err <= bound * (1 + 1e-5)), (err - bound).max()
     global_bound = 0.9 / (64 if signed else 128) / 2 + 2 ** -11  # widest half-gap + fp16 rounding of |y| <= 1
@@ -267,3 +269,29 @@ def test_kahan_leaves_fp32_weights_alone():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b) and "kahan" not in opt_b.state[b]
+
+
+def test_init_state_allocates_everything_up_front_and_changes_no_step():
+    """init_state (train() calls it before the first backward) gives every parameter its state, all
+    moments 0.0; the steps after it are bit for bit those of the lazily allocated optimizer."""
+    net_a, batches = problem()
+    net_b, _ = problem()
+    net_b.load_state_dict(net_a.state_dict())
+    kw = dict(lr=3e-3, min_8bit_size=1024)
+    lazy, eager = AdamW8bit(net_a.parameters(), **kw), AdamW8bit(net_b.parameters(), **kw)
+    eager.init_state()
+    assert len(eager.state) == len(list(net_b.parameters())) and not lazy.state
+    for p in net_b.parameters():
+        s = eager.state[p]
+        assert s["step"] == 0
+        if "exp_avg_codes" in s:
+            for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                code = eager.code(signed, p.device)[0]
+                m = dequantize(s[name + "_codes"], s[name + "_absmax"], code, eager.block_size, p.shape)
+                assert s[name + "_codes"].shape == (p.numel(),) and torch.equal(m, torch.zeros_like(p))
+        else:
+            assert torch.equal(s["exp_avg"], torch.zeros_like(p)) and torch.equal(s["exp_avg_sq"], torch.zeros_like(p))
+    train(net_a, lazy, batches[:20])
+    train(net_b, eager, batches[:20])
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(a, b)
