@@ -40,11 +40,11 @@ class Parser(argparse.ArgumentParser):
 # against diffusers' 29.0 s as its script runs and 17.7 s with the same setting; peak memory unchanged).
 # The low-memory training modes (train.low_memory, train.fused_backward) get a bounded version: their many
 # short-lived blocks of changing sizes fragment a heap that is never trimmed (7.3 -> 11.1 GiB at SD v1
-# size), so there at most 512 MiB of free heap is kept, and only blocks under 256 MiB come from the heap
+# size), so there at most 1 GiB of free heap is kept, and only blocks under 256 MiB come from the heap
 # (every gradient and activation of an SD v1 step at 256x256: the largest, the token embedding's gradient,
 # is 152 MB). With blocks up to 32 MiB only, a low_memory step still faulted 1.1-1.7 million pages (its
 # larger gradients) and varied 27-34 s; with 256 MiB, none, 7.0 GiB peak (benchmarks/RESULTS.md).
-# Memory freed is not returned to the system until the process exits (bounded: beyond 512 MiB it is).
+# Memory freed is not returned to the system until the process exits (bounded: beyond 1 GiB it is).
 # `import minidb` changes nothing. Opt out: MINIDB_KEEP_FREED_MEMORY=0.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt(3) parameters
 
@@ -52,15 +52,15 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt(3) parame
 def keep_freed_memory(bounded: bool = False) -> bool:
     """glibc: big blocks from the heap instead of fresh mappings, and the heap never trimmed, so the
     next step reuses the pages the last one freed; bounded: blocks under 256 MiB only, and at most
-    512 MiB of free heap kept. True if that is now in force."""
+    1 GiB of free heap kept. True if that is now in force."""
     if os.environ.get("MINIDB_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    if bounded:  # mallopt(3): mmap from 256 MiB up; trim only beyond 512 MiB free
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 512 << 20))
+    if bounded:  # mallopt(3): mmap from 256 MiB up; trim only beyond 1 GiB free
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     # M_MMAP_MAX 0: no mmap for large requests; M_TRIM_THRESHOLD -1: never trim
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
