@@ -59,8 +59,9 @@ def keep_freed_memory(bounded: bool = False) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    if bounded:  # mallopt(3): mmap from 256 MiB up; trim only beyond 1 GiB free
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    if bounded:  # mallopt(3): mmap from 256 MiB up (32 MiB where a glibc caps it there); trim beyond 1 GiB free
+        mmap = libc.mallopt(M_MMAP_THRESHOLD, 256 << 20) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        return bool(mmap) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     # M_MMAP_MAX 0: no mmap for large requests; M_TRIM_THRESHOLD -1: never trim
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
