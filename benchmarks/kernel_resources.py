@@ -17,6 +17,9 @@ device's opt-in shared memory per block) and flash._run's fallback. Registers an
 ptxas -v's report on the very compile that made the cubin; "spills in loop" counts the spill
 instructions (STL/LDL) of the SASS that sit between a loop's label and its backward branch.
 
+Also the fused 8-bit AdamW step (minidb.kernels.adamw8bit), as AdamW8bit launches it for fp32
+weights and for bf16 weights with and without a compensation buffer.
+
 Compiled, not timed: which of two clean configs is faster is for bench_attention.py --sweep on a GPU.
 """
 import argparse
@@ -41,6 +44,8 @@ TARGETS = {80: ("A100", 166912), 89: ("L4/RTX 4090", 101376), 90: ("H100", 23244
 DTYPES = ("float16", "bfloat16")
 KERNELS = {"fwd": "_fwd_kernel", "preprocess": "_bwd_preprocess_kernel", "dkdv": "_bwd_dkdv_kernel",
            "dq": "_bwd_dq_kernel"}
+OPTIMIZER = "adamw8bit"   # the optimizer kernel's rows: kernel == OPTIMIZER
+OPTIMIZER_VARIANTS = {"fp32": ("float32", False), "bf16+kahan": ("bfloat16", True), "bf16": ("bfloat16", False)}
 
 
 def sd_launches(dtype_name: str):
@@ -60,6 +65,57 @@ def sd_launches(dtype_name: str):
         o, lse, forward = flash.plan_forward(q, k, v, s.causal, scale)
         *_, backward = flash.plan_backward(do, q, k, v, o, lse, s.causal, scale)
         out += [(s, launch) for launch in forward + backward]
+    return out
+
+
+def optimizer_launch(variant: str):
+    """(kernel, args, constexprs) of AdamW8bit's fused step for one 2**20-value weight, planned by
+    minidb's own host code (AdamW8bit's state and code tables, kernels.adamw8bit.plan)."""
+    import torch
+
+    from minidb.adamw8bit import AdamW8bit
+    from minidb.kernels import adamw8bit
+
+    dtype, kahan = OPTIMIZER_VARIANTS[variant]
+    p = torch.nn.Parameter(torch.empty(2 ** 20, dtype=getattr(torch, dtype)))
+    p.grad = torch.empty_like(p)
+    opt = AdamW8bit([p], kahan=kahan)
+    opt.init_state()
+    (m_code, m_table), (v_code, v_table) = opt.code(True, "cpu"), opt.code(False, "cpu")
+    _, args, consts = adamw8bit.plan(p, p.grad, opt.state[p], (m_code, v_code, m_table, v_table), lr=1e-4,
+                                     betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, bias_correction1=0.1,
+                                     bias_correction2_sqrt=0.03, block_size=opt.block_size)
+    return adamw8bit._adamw8bit_kernel, args, consts
+
+
+def measure_optimizer(targets=tuple(TARGETS), jobs=None):
+    """One row per (target, variant) of the fused 8-bit AdamW kernel."""
+    from triton.backends.compiler import GPUTarget
+
+    plans = []
+    for variant in OPTIMIZER_VARIANTS:
+        kernel, args, consts = optimizer_launch(variant)
+        for cc in targets:
+            plans.append((cc, variant, (OPTIMIZER, *specialise(kernel, args, consts, GPUTarget("cuda", cc, 32)), cc)))
+    with concurrent.futures.ProcessPoolExecutor(jobs or len(os.sched_getaffinity(0)),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(compile_one, [job for *_, job in plans]))
+    return [dict(target=f"sm_{cc}", gpu=TARGETS[cc][0], limit=TARGETS[cc][1], dtype=variant, kernel=OPTIMIZER, **r)
+            for (cc, variant, _), r in zip(plans, results)]
+
+
+def optimizer_table(rows) -> list[str]:
+    out = ["| target | " + " | ".join(OPTIMIZER_VARIANTS) + " |", "|---|" + "---|" * len(OPTIMIZER_VARIANTS)]
+    for cc in sorted({r["target"] for r in rows}):
+        cells = []
+        for variant in OPTIMIZER_VARIANTS:
+            r = next(r for r in rows if r["target"] == cc and r["dtype"] == variant)
+            if "error" in r:
+                cells.append(f"**{r['error']}**")
+            else:
+                spills = r["spill_stores"] + r["spill_loads"]
+                cells.append(f"{r['shared']} B, {r['registers']} reg" + (f", **spills {spills} B**" if spills else ""))
+        out.append(f"| {cc} {next(r['gpu'] for r in rows if r['target'] == cc)} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -103,9 +159,9 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from minidb.kernels import flash
+    from minidb.kernels import adamw8bit, flash
 
-    kernel = getattr(flash, KERNELS[name])
+    kernel = adamw8bit._adamw8bit_kernel if name == OPTIMIZER else getattr(flash, KERNELS[name])
     knobs.compilation.always_compile = True   # the ptxas log below belongs to this very cubin
     knobs.nvidia.dump_ptxas_log = True        # triton prints ptxas -v's report (compiler.py make_cubin)
     log = io.StringIO()
@@ -253,12 +309,14 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     rows = measure(tuple(args.target or TARGETS), every_row=args.all, jobs=args.jobs)
+    optimizer_rows = measure_optimizer(tuple(args.target or TARGETS), jobs=args.jobs)
     if args.json:
         print(versions())
-        for r in rows:
+        for r in rows + optimizer_rows:
             print(json.dumps(r))
         return 0
-    lines = table(rows)
+    lines = table(rows) + ["", "The fused 8-bit AdamW step (minidb.kernels.adamw8bit, 4 blocks of 256 per program), "
+                               "per weight dtype:", ""] + optimizer_table(optimizer_rows)
     print(versions())
     print("\n".join(lines))
     if args.all:

@@ -5,6 +5,8 @@
     o = flash_attention(q, k, v, scale=0.1, configs={"fwd": (64, 64, 4, 2)})  # for measuring
     supports(q, k, v)                            # None, or why the kernel cannot run them
 
+    from minidb.kernels.adamw8bit import adamw8bit_update   # AdamW8bit's step in one pass (CUDA)
+
 Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1 (set before triton is imported).
 Without triton this package still imports: supports() says why and flash_attention raises.
 """

@@ -19,6 +19,10 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
    torch.optim.AdamW does (decoupled weight decay, bias corrections), and quantises them back,
    one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
 
+On CUDA the whole update of a tensor runs as one Triton kernel (minidb.kernels.adamw8bit: every byte
+read and written once, ~14 bytes per fp32 weight instead of the ~176 the chunked torch operations
+move), the same arithmetic to rounding; `backend` picks ("auto": the kernel on CUDA, torch elsewhere).
+
 Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep fp32 moments, as
 bitsandbytes does: they are cheap, and their few values get no help from blocks. Rounding error:
 `quantize` is round-to-nearest (of the fp16-rounded value), so a value's error is at most half the
@@ -37,6 +41,8 @@ kept to ~16 significant bits instead of 24. fp32 weights need none and get none.
 import math
 
 import torch
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def dynamic_code(signed: bool) -> torch.Tensor:
@@ -101,11 +107,13 @@ class AdamW8bit(torch.optim.Optimizer):
     `step()` steps every parameter with a gradient; `step_param(p)` steps one (the fused backward
     step, minidb.fused_step, calls it from a gradient hook). Per-parameter state:
     step (int), and either exp_avg/exp_avg_sq (fp32, small tensors) or exp_avg_codes/exp_avg_absmax/
-    exp_avg_sq_codes/exp_avg_sq_absmax (8-bit)."""
+    exp_avg_sq_codes/exp_avg_sq_absmax (8-bit). backend: "torch" (the chunked torch operations below),
+    "triton" (minidb.kernels.adamw8bit for every 8-bit tensor; a clear error where it cannot run one),
+    "auto" (the kernel for CUDA tensors it can run, torch otherwise)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
-                 chunk_size: int = 2 ** 20, kahan: bool = False):
+                 chunk_size: int = 2 ** 20, kahan: bool = False, backend: str = "auto"):
         if not 0.0 <= lr or not 0.0 <= eps or not 0.0 <= weight_decay:
             raise ValueError(f"AdamW8bit: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -114,7 +122,10 @@ class AdamW8bit(torch.optim.Optimizer):
         if chunk_size % block_size:
             raise ValueError(f"AdamW8bit: chunk_size {chunk_size} must be a multiple of block_size {block_size}")
         self.block_size, self.min_8bit_size, self.chunk_size = block_size, min_8bit_size, chunk_size
+        if backend not in BACKENDS:
+            raise ValueError(f"AdamW8bit: backend must be one of {BACKENDS}, got {backend!r}")
         self.kahan = kahan    # bf16/fp16 weights: a compensation buffer instead of fp32 masters (docstring)
+        self.backend = backend
         self._codes = {}      # (signed, device) -> (code values, nearest-code table), built once per device
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
@@ -161,6 +172,21 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.kahan and p.dtype != torch.float32:
             state["kahan"] = torch.zeros_like(p)  # in p's dtype: what rounding p lost
 
+    def uses_kernel(self, p: torch.Tensor) -> bool:
+        """Whether step_param steps p with the fused kernel (8-bit tensors only)."""
+        if p.numel() < self.min_8bit_size or self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        if not p.is_cuda:
+            return False
+        try:
+            from minidb.kernels.adamw8bit import supports
+        except ImportError:  # no triton: the torch path
+            return False
+        grad = p if p.grad is None else p.grad
+        return supports(p, grad, self.block_size) is None
+
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
         """One AdamW update of p from p.grad (fp32 arithmetic whatever the storage)."""
@@ -175,6 +201,13 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] += 1
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
+        if eight_bit and self.uses_kernel(p):
+            from minidb.kernels.adamw8bit import adamw8bit_update
+            (m_code, m_table), (v_code, v_table) = self.code(True, p.device), self.code(False, p.device)
+            adamw8bit_update(p, p.grad, state, (m_code, v_code, m_table, v_table), lr=lr, betas=(beta1, beta2),
+                             eps=eps, weight_decay=wd, bias_correction1=bias_correction1,
+                             bias_correction2_sqrt=bias_correction2_sqrt, block_size=self.block_size)
+            return
 
         def adamw(weight, grad, m, v):  # torch.optim.AdamW's single-tensor update, operation for operation
             weight.mul_(1 - lr * wd)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernel_resources import TARGETS, spills_in_loops
+from benchmarks.kernel_resources import OPTIMIZER, OPTIMIZER_VARIANTS, TARGETS, spills_in_loops
 
 ROOT = Path(__file__).resolve().parent.parent
 # Spills allowed, per thread: none inside a loop, where each iteration would pay them, and at most
@@ -51,12 +51,20 @@ def kernel_resources(*args) -> tuple[str, list[dict]]:
 @pytest.mark.slow
 @pytest.mark.skipif(ptxas_missing() is not None, reason=str(ptxas_missing()))
 def test_every_sd_launch_compiles_fits_and_does_not_spill(capsys):
-    from benchmarks.kernel_resources import table
+    from benchmarks.kernel_resources import optimizer_table, table
     versions, rows = kernel_resources()
+    optimizer = [r for r in rows if r["kernel"] == OPTIMIZER]
+    rows = [r for r in rows if r["kernel"] != OPTIMIZER]
     with capsys.disabled():
-        print(f"\n{versions}\n" + "\n".join(table(rows)))
+        print(f"\n{versions}\n" + "\n".join(table(rows) + optimizer_table(optimizer)))
     # 3 targets x fp16, bf16 x 9 SD shapes x (forward, preprocess, dK/dV, dQ)
     assert len(rows) == len(TARGETS) * 2 * 9 * 4
+    # and the fused 8-bit AdamW step: 3 targets x (fp32, bf16 with and without compensation); no loop
+    assert len(optimizer) == len(TARGETS) * len(OPTIMIZER_VARIANTS)
+    for r in optimizer:
+        where = f"{r['target']} adamw8bit {r['dtype']}"
+        assert "error" not in r, f"{where}: {r.get('error')}"
+        assert r["shared"] <= r["limit"] and r["spill_stores"] + r["spill_loads"] == 0, where
     for r in rows:
         where = f"{r['target']} {r['dtype']} {r['shape']} {r['kernel']} {r['config']}"
         assert "error" not in r, f"{where}: {r.get('error')}"

@@ -1,0 +1,149 @@
+"""minidb.kernels.adamw8bit (AdamW8bit's update as one Triton kernel) against AdamW8bit's torch path.
+
+On a CPU machine the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a
+GPU (`-m gpu`) the same comparison runs on CUDA tensors. Two optimizers, one per backend, start from
+the same weights and see the same gradients (spread over four decades, as a network's are) for 6
+steps; tensor sizes with and without a short last block and a short last program.
+
+Tolerances, and why: the two paths do the same fp32 operations in the same order, with correctly
+rounded division and square root on both sides, but torch's CPU kernels fuse some multiply-adds
+(lerp, addcmul, addcdiv: vectorised FMA) where the interpreter does not, so a value can differ in its
+last bit. Measured here: codes identical, absmax within 1.5e-7 relative, fp32 weights within 1 ulp of
+the weight or 5 of the update (a weight near 0 is mostly update), bf16 weights with compensation
+identical. Allowed: codes equal but for 0.1% of values, those one code apart (a value on a rounding
+midpoint); absmax 1e-6 relative; fp32 weights 4 ulp of the weight plus 8 ulp of lr per step (an
+update's size is about lr); bf16 weights 1 bf16 ulp (a 1-ulp fp32 difference can cross a bf16 rounding
+tie) on at most 1% of values.
+"""
+import math
+
+import pytest
+import torch
+
+from minidb.adamw8bit import AdamW8bit
+from minidb.kernels import adamw8bit as kernel
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def gradients(n, steps, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-4, 0, n)[torch.randperm(n, generator=g)]
+    return [(torch.randn(n, generator=g) * scale).to(DEVICE, dtype) for _ in range(steps)]
+
+
+def two_runs(n, dtype, kahan, steps=6, block_size=256, shape=None):
+    """(torch-path parameter and optimizer, kernel-path parameter and optimizer) after `steps` steps,
+    and the per-step comparisons as they went."""
+    w0 = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(DEVICE, dtype)
+    shape = shape or (n,)
+    runs = []
+    for backend in ("torch", "triton"):
+        p = torch.nn.Parameter(w0.clone().view(shape))
+        opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, min_8bit_size=1024, block_size=block_size,
+                        kahan=kahan, backend=backend)
+        runs.append((p, opt))
+    for g in gradients(n, steps, dtype):
+        for p, opt in runs:
+            p.grad = g.clone().view(shape)
+            opt.step()
+    return runs
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of x's dtype at each value of x, in fp32."""
+    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[x.dtype]
+    _, exponent = torch.frexp(x.float())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - bits)
+
+
+def close_fp32(pa, pb, steps=6, lr=1e-2):
+    """fp32 weights within 4 ulp of the weight plus 8 ulp of lr per step (docstring)."""
+    off = (pa - pb).abs().detach()
+    assert (off <= 4 * ulp(pa.detach()) + steps * 8 * ulp(torch.tensor(lr))).all(), off.max().item()
+
+
+def check_states(a, b):
+    (pa, oa), (pb, ob) = a, b
+    sa, sb = oa.state[pa], ob.state[pb]
+    assert sa["step"] == sb["step"]
+    for name in MOMENTS:
+        codes_a, codes_b = sa[name + "_codes"].int(), sb[name + "_codes"].int()
+        differ = codes_a != codes_b
+        assert differ.float().mean() <= 1e-3 and (codes_a - codes_b).abs().max() <= 1, name
+        assert torch.allclose(sa[name + "_absmax"], sb[name + "_absmax"], rtol=1e-6, atol=0), name
+
+
+@pytest.mark.parametrize("n", [3000, 4 * 1024 + 256, 8 * 1024])  # short block; short program; neither
+def test_fp32_matches_the_torch_path(n):
+    a, b = two_runs(n, torch.float32, kahan=False)
+    check_states(a, b)
+    (pa, _), (pb, _) = a, b
+    start = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(DEVICE)
+    assert (pa.detach() - start).abs().mean() > 1e-2  # six steps of ~lr moved the weights
+    close_fp32(pa, pb)
+
+
+@pytest.mark.parametrize("kahan", [True, False])
+def test_bf16_matches_the_torch_path(kahan):
+    a, b = two_runs(3000, torch.bfloat16, kahan=kahan)
+    check_states(a, b)
+    (pa, oa), (pb, ob) = a, b
+    off = (pa.float() - pb.float()).abs()
+    assert (off <= ulp(pa.detach())).all() and (off > 0).float().mean() <= 0.01
+    if kahan:
+        ka, kb = oa.state[pa]["kahan"].float(), ob.state[pb]["kahan"].float()
+        assert ((ka - kb).abs() <= ulp(oa.state[pa]["kahan"]) + ulp(pa.detach())).all()
+
+
+def test_other_block_sizes_and_shapes():
+    """A 4-D weight (a convolution's) and a block of 64: the kernel reads it flat, as the torch path does."""
+    a, b = two_runs(64 * 3 * 3 * 8, torch.float32, kahan=False, block_size=64, shape=(64, 8, 3, 3))
+    check_states(a, b)
+    (pa, _), (pb, _) = a, b
+    close_fp32(pa, pb)
+
+
+def test_it_learns_like_adamw():
+    """The kernel path through test_adamw8bit's 300-step regression: close to fp32 torch AdamW
+    (that test's tolerance, derived there)."""
+    from test_adamw8bit import problem, train
+    net_a, batches = problem()
+    net_b, _ = problem()
+    net_b.load_state_dict(net_a.state_dict())
+    net_a.to(DEVICE), net_b.to(DEVICE)
+    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in batches]
+    start = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach().clone()
+    losses_a = train(net_a, torch.optim.AdamW(net_a.parameters(), lr=3e-3), batches)
+    losses_b = train(net_b, AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, backend="triton"), batches)
+    a = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach()
+    b = torch.nn.utils.parameters_to_vector(net_b.parameters()).detach()
+    assert (a - b).norm() / (a - start).norm() < 0.15
+    final_a, final_b = sum(losses_a[-20:]) / 20, sum(losses_b[-20:]) / 20
+    assert abs(final_b - final_a) / final_a < 0.05, (final_a, final_b)
+
+
+def test_supports_says_why_not():
+    w = torch.zeros(4096, device=DEVICE)
+    assert kernel.supports(w, torch.zeros_like(w), 256) is None
+    assert "contiguous" in kernel.supports(w.view(64, 64).t(), torch.zeros(64, 64, device=DEVICE).t(), 256)
+    assert "block size" in kernel.supports(w, torch.zeros_like(w), 100)
+    assert "dtypes" in kernel.supports(w.double(), w.double(), 256)
+    assert "shape" in kernel.supports(w, torch.zeros(4095, device=DEVICE), 256)
+    assert "meta tensors" in kernel.supports(w.to("meta"), w.to("meta"), 256)
+
+
+def test_backend_choice():
+    """auto: the kernel for CUDA tensors only (the interpreter is for tests); triton where it cannot
+    run: a clear error; an unknown backend: refused up front."""
+    p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float64))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="cannot step"):
+        AdamW8bit([p], backend="triton").step()
+    with pytest.raises(ValueError, match="backend"):
+        AdamW8bit([p], backend="cuda")
+    cpu = torch.nn.Parameter(torch.zeros(4096))
+    assert AdamW8bit([cpu]).uses_kernel(cpu) is False
+    assert AdamW8bit([cpu], backend="triton").uses_kernel(cpu) is True
