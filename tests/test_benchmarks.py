@@ -3,8 +3,11 @@ has every task, positive times, and the CPU memory column from the child process
 import re
 
 import pytest
+import torch
 
 from benchmarks import bench_vs_diffusers
+
+CUDA = torch.cuda.is_available()
 
 
 def test_bench_vs_diffusers_tiny_table(capsys):
@@ -50,3 +53,25 @@ def test_bench_train_rejects_unknown_config(capsys):
     with pytest.raises(SystemExit) as e:
         bench_train.main(["--quick", "--configs", "minidb,fast"])
     assert e.value.code == 2 and "unknown configuration" in capsys.readouterr().err
+
+
+def test_bench_optimizer_quick_table(capsys):
+    """The optimizer benchmark end to end on the tiny model's weights: every configuration that can run
+    here has a positive time and the state it should (8 bytes per weight for AdamW, about 2 for the
+    8-bit one); the kernel row says why it did not run on a CPU."""
+    from benchmarks import bench_optimizer
+    rows = bench_optimizer.main(["--quick", "--steps", "1"])
+    by = {r["config"]: r for r in rows}
+    assert set(by) == ({"adamw", "adamw_fused", "adamw8bit", "adamw8bit_kernel"} if CUDA else
+                       {"adamw", "adamw_fused", "adamw8bit"})
+    for r in rows:
+        assert r["seconds"] > 0 and r["finite"]
+    assert by["adamw"]["state_bytes"] == pytest.approx(8 * by["adamw"]["weights"], rel=1e-3)  # + a step per tensor
+    assert 2.0 < by["adamw8bit"]["state_bytes"] / by["adamw8bit"]["weights"] < 4.0  # tiny: many small fp32 tensors
+    out = capsys.readouterr().out
+    assert "| adamw8bit |" in out and "Optimizer step" in out
+    if not CUDA:
+        assert "| adamw8bit_kernel | not run: CUDA only" in out
+    with pytest.raises(SystemExit) as e:
+        bench_optimizer.main(["--quick", "--configs", "adamw,sgd"])
+    assert e.value.code == 2 and "unknown" in capsys.readouterr().err
