@@ -38,6 +38,7 @@ def test_bench_train_quick_table(capsys):
     assert [r["config"] for r in rows] == ["diffusers", "minidb", "low_memory", "low_memory_exact", "bf16_kahan"]
     for r in rows:
         assert r["step_s"] > 0 and r["peak"] > 0 and r["weights"] > 0 and r["grads"] > 0
+        assert CUDA or 0 < r["optimizer_s"] < r["step_s"]  # the update is part of the step
         assert r["weights"] + r["grads"] + r["state"] + r["rest"] == r["peak"]
     diffusers, minidb, low, kahan = rows[0], rows[1], rows[2], rows[4]
     assert minidb["weights"] == pytest.approx(diffusers["weights"], rel=0.01)  # the same models (+ a few buffers)
