@@ -15,9 +15,10 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
    v is never negative, so its code spends the sign bit on one more fraction bit (`dynamic_code`).
    Rounding is a table lookup: the nearest code value for each of the 65536 fp16 numbers, indexed
    by the fp16 bits of the normalised value (a binary search per value is 2x slower on CPU).
-3. Each step dequantises m and v to fp32, does the AdamW update in fp32 exactly as
-   torch.optim.AdamW does (decoupled weight decay, bias corrections), and quantises them back,
-   one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
+3. Each step dequantises m and v to fp32, does the AdamW update in fp32 with torch's own fused
+   AdamW kernel (decoupled weight decay, bias corrections; one pass instead of eight operations:
+   ~9% of this optimizer's time on CPU), and quantises them back, one chunk of 2**20 values (whole
+   blocks) at a time, so the fp32 temporaries stay ~30 MB.
 
 On CUDA the whole update of a tensor runs as one Triton kernel (minidb.kernels.adamw8bit: every byte
 read and written once, ~14 bytes per fp32 weight instead of the ~176 the chunked torch operations
@@ -41,6 +42,7 @@ kept to ~16 significant bits instead of 24. fp32 weights need none and get none.
 import math
 
 import torch
+from torch.optim.adamw import adamw as adamw_functional
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -216,6 +218,13 @@ class AdamW8bit(torch.optim.Optimizer):
             denom = v.sqrt().div_(bias_correction2_sqrt).add_(eps)
             weight.addcdiv_(m, denom, value=-lr / bias_correction1)
 
+        def fused_adamw(weight, grad, m, v):  # the same update in one pass: torch's fused AdamW kernel
+            if weight.device.type not in ("cpu", "cuda"):
+                return adamw(weight, grad, m, v)
+            step = torch.tensor(float(state["step"] - 1), device=weight.device)  # it counts this step itself
+            adamw_functional([weight], [grad], [m], [v], [], [step], fused=True, amsgrad=False, beta1=beta1,
+                             beta2=beta2, lr=lr, weight_decay=wd, eps=eps, maximize=False)
+
         weight = p if p.dtype == torch.float32 else p.float()
         compensation = state.get("kahan")
         if compensation is not None:
@@ -230,7 +239,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 values, blocks = slice(start, end), slice(start // bs, end // bs)
                 m, v = (dequantize(state[name + "_codes"][values], state[name + "_absmax"][blocks], code[0], bs, (-1,))
                         for name, code in (("exp_avg", codes[0]), ("exp_avg_sq", codes[1])))
-                adamw(flat_w[values], flat_g[values].float(), m, v)
+                fused_adamw(flat_w[values], flat_g[values].float(), m, v)
                 for name, moment, code, signed in (("exp_avg", m, codes[0], True), ("exp_avg_sq", v, codes[1], False)):
                     stored = state[name + "_codes"][values]  # written in place: no reallocation
                     q, absmax = quantize(moment, code[1], bs, unsigned=not signed, out=stored)
