@@ -9,14 +9,14 @@ read and one write of each thing it touches: weight and gradient (fp32: 4 + 4 by
 the two code bytes (read and written), the blocks' absmax (1/BLOCK of that), and a bf16 weight's
 compensation: 14 bytes per fp32 weight, 12 per bf16 weight with compensation.
 
-Per value, in fp32, the same operations in the same order as the torch path (minidb/adamw8bit.py):
+Per value, in fp32, torch.optim.AdamW's update (the torch path's, minidb/adamw8bit.py):
     m, v   = code_m[m_code] * m_absmax, code_v[v_code] * v_absmax        dequantise
     w      = (w [+ compensation]) * (1 - lr * wd)                          decoupled weight decay
     m      = m + (1 - beta1) * (g - m);  v = v * beta2 + (1 - beta2) * g * g
     w      = w - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
     absmax = max |m| (max v) over each block; code = table[fp16 bits of m / absmax]   quantise
-Division and square root are the correctly rounded ones (div_rn, sqrt_rn), as torch's are; a GPU may
-still fuse a multiply and an add where torch does not, so results agree to rounding, not bit for bit
+Division and square root are the correctly rounded ones (div_rn, sqrt_rn), as torch's are; torch's
+fused AdamW and a GPU may each fuse multiplies and adds differently, so results agree to rounding, not bit for bit
 (tests/test_adamw8bit_kernel.py states the tolerances). On CPU tensors it runs under TRITON_INTERPRET=1
 (the tests); AdamW8bit uses it for CUDA tensors only.
 """
