@@ -1,7 +1,7 @@
 """minidb.kernels.adamw8bit (AdamW8bit's update as one Triton kernel) against AdamW8bit's torch path.
 
 On a CPU machine the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a
-GPU (`-m gpu`) the same comparison runs on CUDA tensors. Two optimizers, one per backend, start from
+GPU machine the same tests run on CUDA tensors, and a `gpu`-marked one at an SD-size weight. Two optimizers, one per backend, start from
 the same weights and see the same gradients (spread over four decades, as a network's are) for 6
 steps; tensor sizes with and without a short last block and a short last program.
 
@@ -146,3 +146,16 @@ def test_backend_choice():
     cpu = torch.nn.Parameter(torch.zeros(4096))
     assert AdamW8bit([cpu]).uses_kernel(cpu) is False
     assert AdamW8bit([cpu], backend="triton").uses_kernel(cpu) is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_auto_picks_the_kernel_on_cuda_at_sd_size():
+    """A 3x3 convolution of SD's 1280 channels (14.7M values): "auto" runs the kernel there, and 3 steps
+    agree with the torch path as above."""
+    n = 1280 * 1280 * 9
+    probe = torch.nn.Parameter(torch.zeros(n, device="cuda"))
+    assert AdamW8bit([probe]).uses_kernel(probe)
+    a, b = two_runs(n, torch.float32, kahan=False, steps=3)
+    check_states(a, b)
+    close_fp32(a[0], b[0], steps=3)
