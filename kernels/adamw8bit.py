@@ -89,9 +89,7 @@ def _adamw8bit_kernel(w_ptr, g_ptr, comp_ptr, m_codes_ptr, m_absmax_ptr, v_codes
 
 def supports(weight: torch.Tensor, grad: torch.Tensor, block_size: int) -> str | None:
     """None if adamw8bit_update can step this weight, else a short reason why not."""
-    if weight.device.type == "cuda":
-        pass
-    elif not (weight.device.type == "cpu" and INTERPRET):
+    if weight.device.type != "cuda" and not (weight.device.type == "cpu" and INTERPRET):
         return f"{weight.device.type} tensors (CPU needs TRITON_INTERPRET=1 before triton is imported)"
     if weight.dtype not in DTYPES or grad.dtype not in DTYPES:
         return f"dtypes {weight.dtype}, {grad.dtype}"
