@@ -15,7 +15,7 @@ import io
 import pytest
 import torch
 
-from minidb.adamw8bit import AdamW8bit, dequantize, dynamic_code, nearest_code_table, quantize
+from minidb.adamw8bit import AdamW8bit, code_pairs, dequantize, dynamic_code, nearest_code_table, quantize
 
 BLOCK = 256
 
@@ -72,6 +72,25 @@ def test_round_trip_within_bound(signed):
     i = x.view(-1)[:10 * BLOCK].view(10, BLOCK).abs().argmax(1) + torch.arange(10) * BLOCK
     positive = x[i] > 0
     assert torch.equal(back[i][positive], x[i][positive])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dequantize_by_pairs_equals_one_by_one(signed):
+    """code_pairs looks up two codes at once; it must give every value exactly, and fall back to
+    one-by-one lookups where the codes do not start at an even address or are an odd number."""
+    g = torch.Generator().manual_seed(1)
+    code = dynamic_code(signed)
+    pairs = code_pairs(code)
+    assert pairs.shape == (65536,) and pairs.dtype == torch.float64
+    codes = torch.randint(0, 256, (6 * BLOCK + 37,), dtype=torch.uint8, generator=g)
+    codes[:256] = torch.arange(256, dtype=torch.uint8)  # every code, next to every other in some pair
+    absmax = torch.rand(7, generator=g) + 0.5
+    for part in (slice(0, None), slice(BLOCK, 3 * BLOCK), slice(1, 2 * BLOCK + 1), slice(0, BLOCK - 1)):
+        c = codes[part]
+        a = absmax[part.start // BLOCK:][:-(-c.numel() // BLOCK)]
+        want = code[c.long()] * torch.repeat_interleave(a, BLOCK)[:c.numel()]
+        assert torch.equal(dequantize(c, a, code, BLOCK, c.shape, pairs=pairs), want)
+        assert torch.equal(dequantize(c, a, code, BLOCK, c.shape), want)
 
 
 def problem(seed=0):
