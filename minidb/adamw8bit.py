@@ -15,10 +15,10 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
    v is never negative, so its code spends the sign bit on one more fraction bit (`dynamic_code`).
    Rounding is a table lookup: the nearest code value for each of the 65536 fp16 numbers, indexed
    by the fp16 bits of the normalised value (a binary search per value is 2x slower on CPU).
-3. Each step dequantises m and v to fp32 (two codes per lookup: `code_pairs`), does the AdamW update in fp32 with torch's own fused
-   AdamW kernel (decoupled weight decay, bias corrections; one pass instead of eight operations:
-   ~9% of this optimizer's time on CPU), and quantises them back, one chunk of 2**20 values (whole
-   blocks) at a time, so the fp32 temporaries stay ~30 MB.
+3. Each step dequantises m and v to fp32 (two codes per lookup: `code_pairs`), does the AdamW
+   update in fp32 with torch's own fused AdamW kernel (decoupled weight decay, bias corrections; one
+   pass instead of eight operations: ~9% of this optimizer's time on CPU), and quantises them back,
+   one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
 
 On CUDA the whole update of a tensor runs as one Triton kernel (minidb.kernels.adamw8bit: every byte
 read and written once, ~14 bytes per fp32 weight instead of the ~176 the chunked torch operations
