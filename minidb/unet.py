@@ -240,8 +240,8 @@ class UNetModel(nn.Module):
             if isinstance(m, nn.GroupNorm):
                 m.num_groups = cfg.norm_groups
 
-    def _block(self, block, h, emb, context):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def _block(self, block, h, emb, context, recompute: bool = True):
+        if recompute and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, emb, context, use_reentrant=False)  # recompute in backward
         return block(h, emb, context)
 
@@ -269,7 +269,9 @@ class UNetModel(nn.Module):
             h = self._block(block, h, emb, context)
             skips.append(h)
         h = self._block(self.middle_block, h, emb, context)  # (B, C, h/f, w/f)
-        for block in self.output_blocks:
+        for i, block in enumerate(self.output_blocks):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h', w')
-            h = self._block(block, h, emb, context)
+            # backward starts with the last block: recomputing it would rebuild its activations at
+            # the moment they could simply have been kept (as torch's checkpoint_sequential does)
+            h = self._block(block, h, emb, context, recompute=i < len(self.output_blocks) - 1)
         return self.out(h)  # (B, out, h, w)

@@ -163,7 +163,8 @@ def test_gradient_checkpointing_same_gradients(monkeypatch):
     assert not calls
     ours.gradient_checkpointing = True
     checkpointed = grads()
-    assert len(calls) == len(ours.input_blocks) + 1 + len(ours.output_blocks)
+    # every block but the last output block, which backward runs first (nothing to gain by recomputing it)
+    assert len(calls) == len(ours.input_blocks) + 1 + len(ours.output_blocks) - 1
     assert rel_err(torch.cat([g.flatten() for g in checkpointed]), torch.cat([g.flatten() for g in plain])) < 1e-5
     for a, b in zip(checkpointed, plain):
         assert rel_err(a, b) < 1e-5
