@@ -102,7 +102,10 @@ def table(rows, skipped) -> list[str]:
     return out
 
 
-def main(argv=None):
+def main(argv=None, tuned_allocator: bool = False):
+    """tuned_allocator: whether the caller set glibc to keep freed memory for reuse (the command line
+    does, as `minidb train` does in its low-memory modes: the 8-bit step's chunk temporaries are then
+    not page-faulted in afresh each time); it goes into the table's header."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model's weights: seconds, for tests")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +144,9 @@ def main(argv=None):
               f"{args.dtype}, {args.device} ({datetime.date.today()})", "",
               f"`{command.strip()}`  ",
               f"Machine: {machine(args.device)}; median of {args.steps} steps after 1 warm-up; the same random "
-              f"weights and gradients for every configuration; GiB = 2^30 bytes", ""]
+              f"weights and gradients for every configuration; allocator: "
+              f"{'freed memory kept for reuse (minidb.cli.keep_freed_memory(bounded=True))' if tuned_allocator else 'glibc default'}"
+              f"; GiB = 2^30 bytes", ""]
     print("\n" + "\n".join(header + lines))
     if args.write:
         with open(RESULTS, "a") as f:
@@ -151,4 +156,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from minidb.cli import keep_freed_memory
+    main(tuned_allocator=keep_freed_memory(bounded=True))  # before anything big is allocated
