@@ -100,8 +100,8 @@ def code_pairs(code: torch.Tensor) -> torch.Tensor:
     side by side: 65536 fp64 words, each the two fp32 code values in memory order. Dequantising looks
     up two codes at once through it (half the lookups, and half the index conversions: 0.5 s of
     the 6.6 s an SD-size step took on CPU)."""
-    two_bytes = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8).view(-1, 2)
-    return code.index_select(0, two_bytes.reshape(-1).int()).view(torch.float64)
+    two_bytes = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8)  # each uint16's bytes
+    return code.index_select(0, two_bytes.int()).view(torch.float64)
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
