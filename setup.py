@@ -17,7 +17,8 @@ setup(
     license="MIT",
     packages=["minidb", "minidb.cli", "minidb.kernels", "minidb.weights"],
     package_dir={"minidb": "minidb", "minidb.kernels": "kernels", "minidb.weights": "weights"},
-    package_data={"minidb": ["data/*", "data/demo_subject/*"]},
+    # kernels/adamw8bit_cpu.c: AdamW8bit's CPU loop, compiled on first use (minidb/kernels/adamw8bit_cpu.py).
+    package_data={"minidb": ["data/*", "data/demo_subject/*"], "minidb.kernels": ["*.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

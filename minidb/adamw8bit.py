@@ -40,11 +40,20 @@ the compensation the remainder: compensated (Kahan) summation, as in Zamirai et 
 kept to ~16 significant bits instead of 24. fp32 weights need none and get none.
 """
 import math
+import warnings
 
 import torch
 from torch.optim.adamw import adamw as adamw_functional
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "c")
+_warned = False
+
+
+def _warn_once(why: str) -> None:
+    global _warned
+    _warned = True
+    warnings.warn(f"AdamW8bit: the C loop for CPU tensors is unavailable ({why}); stepping with torch "
+                  f"operations instead: the same results, about 3x slower", stacklevel=3)
 
 
 def dynamic_code(signed: bool) -> torch.Tensor:
@@ -193,20 +202,34 @@ class AdamW8bit(torch.optim.Optimizer):
         if self.kahan and p.dtype != torch.float32:
             state["kahan"] = torch.zeros_like(p)  # in p's dtype: what rounding p lost
 
-    def uses_kernel(self, p: torch.Tensor) -> bool:
-        """Whether step_param steps p with the fused kernel (8-bit tensors only)."""
+    def kernel(self, p: torch.Tensor):
+        """The module whose adamw8bit_update steps p in one pass (minidb.kernels.adamw8bit, Triton;
+        minidb.kernels.adamw8bit_cpu, C), or None: the chunked torch operations below."""
         if p.numel() < self.min_8bit_size or self.backend == "torch":
-            return False
+            return None
         if self.backend == "triton":
-            return True
-        if not p.is_cuda:
-            return False
-        try:
-            from minidb.kernels.adamw8bit import supports
-        except ImportError:  # no triton: the torch path
-            return False
+            from minidb.kernels import adamw8bit
+            return adamw8bit
+        from minidb.kernels import adamw8bit_cpu
+        if self.backend == "c":
+            return adamw8bit_cpu
         grad = p if p.grad is None else p.grad
-        return supports(p, grad, self.block_size) is None
+        if p.is_cuda:
+            try:
+                from minidb.kernels import adamw8bit
+            except ImportError:  # no triton: the torch path
+                return None
+            return adamw8bit if adamw8bit.supports(p, grad, self.block_size) is None else None
+        if adamw8bit_cpu.supports(p, grad, self.block_size) is None:
+            return adamw8bit_cpu
+        why = adamw8bit_cpu.unavailable()
+        if why is not None and p.device.type == "cpu" and not _warned:
+            _warn_once(why)
+        return None
+
+    def uses_kernel(self, p: torch.Tensor) -> bool:
+        """Whether step_param steps p in one pass (a kernel or the C loop), not the torch path."""
+        return self.kernel(p) is not None
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
@@ -222,10 +245,10 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] += 1
         bias_correction1 = 1 - beta1 ** state["step"]
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-        if eight_bit and self.uses_kernel(p):
-            from minidb.kernels.adamw8bit import adamw8bit_update
+        kernel = self.kernel(p) if eight_bit else None
+        if kernel is not None:
             (m_code, m_table), (v_code, v_table) = self.code(True, p.device), self.code(False, p.device)
-            adamw8bit_update(p, p.grad, state, (m_code, v_code, m_table, v_table), lr=lr, betas=(beta1, beta2),
+            kernel.adamw8bit_update(p, p.grad, state, (m_code, v_code, m_table, v_table), lr=lr, betas=(beta1, beta2),
                              eps=eps, weight_decay=wd, bias_correction1=bias_correction1,
                              bias_correction2_sqrt=bias_correction2_sqrt, block_size=self.block_size)
             return

@@ -130,7 +130,8 @@ def test_fp32_moments_are_torch_adamw():
         assert torch.equal(a, b)
 
 
-def test_trajectory_close_to_adamw():
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: the C loop on CPU where it builds
+def test_trajectory_close_to_adamw(backend):
     """300 steps at lr 3e-3 against fp32 torch.optim.AdamW from the same start, same batches.
     Tolerance: the two weight vectors stay within 15% of how far the fp32 run moved, and the final
     losses within 5% of each other. Why: by the bound above, a moment value 10x below its block's
@@ -143,7 +144,8 @@ def test_trajectory_close_to_adamw():
     net_b, _ = problem()
     net_b.load_state_dict(net_a.state_dict())
     start = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach().clone()
-    opt_b = AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, chunk_size=512)  # 2 chunks of 64x64
+    opt_b = AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, chunk_size=512,  # 2 chunks of 64x64
+                      backend=backend)
     losses_a = train(net_a, torch.optim.AdamW(net_a.parameters(), lr=3e-3), batches)
     losses_b = train(net_b, opt_b, batches)
     assert "exp_avg_codes" in opt_b.state[net_b[2].weight] and "exp_avg" in opt_b.state[net_b[0].bias]
@@ -202,12 +204,13 @@ def test_rejects_bad_hyperparameters():
 
 
 def test_chunks_change_nothing():
-    """Stepping in chunks of whole blocks only bounds the temporaries: bit-equal to one chunk."""
+    """The torch path steps in chunks of whole blocks only to bound its temporaries: bit-equal to one chunk."""
     net_a, batches = problem()
     net_b, _ = problem()
     net_b.load_state_dict(net_a.state_dict())
-    train(net_a, AdamW8bit(net_a.parameters(), lr=3e-3, min_8bit_size=1024), batches[:10])
-    train(net_b, AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, chunk_size=3 * BLOCK), batches[:10])
+    kw = dict(lr=3e-3, min_8bit_size=1024, backend="torch")
+    train(net_a, AdamW8bit(net_a.parameters(), **kw), batches[:10])
+    train(net_b, AdamW8bit(net_b.parameters(), chunk_size=3 * BLOCK, **kw), batches[:10])
     for a, b in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(a, b)
 

@@ -1,4 +1,5 @@
-"""minidb.kernels.adamw8bit (AdamW8bit's update as one Triton kernel) against AdamW8bit's torch path.
+"""AdamW8bit's one-pass updates against its torch path: minidb.kernels.adamw8bit (one Triton kernel)
+and minidb.kernels.adamw8bit_cpu (one C loop, fp32 CPU tensors; its own checks: test_adamw8bit_cpu.py).
 
 On a CPU machine the kernel runs in the Triton interpreter (conftest sets TRITON_INTERPRET=1); on a
 GPU machine the same tests run on CUDA tensors, and a `gpu`-marked one at an SD-size weight. Two optimizers, one per backend, start from
@@ -21,30 +22,35 @@ import torch
 
 from minidb.adamw8bit import AdamW8bit
 from minidb.kernels import adamw8bit as kernel
+from minidb.kernels import adamw8bit_cpu
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# The C loop, where this machine can build it (a C compiler); the Triton kernel, always (interpreter on CPU).
+ONE_PASS = ["triton", pytest.param("c", marks=pytest.mark.skipif(adamw8bit_cpu.unavailable() is not None,
+                                                                 reason=f"C loop: {adamw8bit_cpu.unavailable()}"))]
 
 
-def gradients(n, steps, dtype, seed=0):
+def gradients(n, steps, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     scale = torch.logspace(-4, 0, n)[torch.randperm(n, generator=g)]
-    return [(torch.randn(n, generator=g) * scale).to(DEVICE, dtype) for _ in range(steps)]
+    return [(torch.randn(n, generator=g) * scale).to(device, dtype) for _ in range(steps)]
 
 
-def two_runs(n, dtype, kahan, steps=6, block_size=256, shape=None):
-    """(torch-path parameter and optimizer, kernel-path parameter and optimizer) after `steps` steps,
-    and the per-step comparisons as they went."""
-    w0 = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(DEVICE, dtype)
+def two_runs(n, dtype, kahan, steps=6, block_size=256, shape=None, backend="triton"):
+    """(torch-path parameter and optimizer, `backend`'s parameter and optimizer) after `steps` steps
+    on the same weights and gradients. backend "c" (the C loop) runs on the CPU whatever DEVICE is."""
+    device = "cpu" if backend == "c" else DEVICE
+    w0 = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(device, dtype)
     shape = shape or (n,)
     runs = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", backend):
         p = torch.nn.Parameter(w0.clone().view(shape))
         opt = AdamW8bit([p], lr=1e-2, weight_decay=0.1, min_8bit_size=1024, block_size=block_size,
                         kahan=kahan, backend=backend)
         runs.append((p, opt))
-    for g in gradients(n, steps, dtype):
+    for g in gradients(n, steps, dtype, device=device):
         for p, opt in runs:
             p.grad = g.clone().view(shape)
             opt.step()
@@ -75,12 +81,13 @@ def check_states(a, b):
         assert torch.allclose(sa[name + "_absmax"], sb[name + "_absmax"], rtol=1e-6, atol=0), name
 
 
+@pytest.mark.parametrize("backend", ONE_PASS)
 @pytest.mark.parametrize("n", [3000, 4 * 1024 + 256, 8 * 1024])  # short block; short program; neither
-def test_fp32_matches_the_torch_path(n):
-    a, b = two_runs(n, torch.float32, kahan=False)
+def test_fp32_matches_the_torch_path(n, backend):
+    a, b = two_runs(n, torch.float32, kahan=False, backend=backend)
     check_states(a, b)
     (pa, _), (pb, _) = a, b
-    start = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(DEVICE)
+    start = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.5).to(pa.device)
     assert (pa.detach() - start).abs().mean() > 1e-2  # six steps of ~lr moved the weights
     close_fp32(pa, pb)
 
@@ -97,26 +104,31 @@ def test_bf16_matches_the_torch_path(kahan):
         assert ((ka - kb).abs() <= ulp(oa.state[pa]["kahan"]) + ulp(pa.detach())).all()
 
 
-def test_other_block_sizes_and_shapes():
+@pytest.mark.parametrize("backend", ONE_PASS)
+def test_other_block_sizes_and_shapes(backend):
     """A 4-D weight (a convolution's) and a block of 64: the kernel reads it flat, as the torch path does."""
-    a, b = two_runs(64 * 3 * 3 * 8, torch.float32, kahan=False, block_size=64, shape=(64, 8, 3, 3))
+    a, b = two_runs(64 * 3 * 3 * 8, torch.float32, kahan=False, block_size=64, shape=(64, 8, 3, 3), backend=backend)
     check_states(a, b)
     (pa, _), (pb, _) = a, b
     close_fp32(pa, pb)
 
 
-def test_it_learns_like_adamw():
+@pytest.mark.parametrize("backend", ONE_PASS)
+def test_it_learns_like_adamw(backend):
     """The kernel path through test_adamw8bit's 300-step regression: close to fp32 torch AdamW
     (that test's tolerance, derived there)."""
     from test_adamw8bit import problem, train
+    device = "cpu" if backend == "c" else DEVICE
     net_a, batches = problem()
     net_b, _ = problem()
     net_b.load_state_dict(net_a.state_dict())
-    net_a.to(DEVICE), net_b.to(DEVICE)
-    batches = [(x.to(DEVICE), y.to(DEVICE)) for x, y in batches]
+    net_a.to(device), net_b.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
     start = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach().clone()
     losses_a = train(net_a, torch.optim.AdamW(net_a.parameters(), lr=3e-3), batches)
-    losses_b = train(net_b, AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, backend="triton"), batches)
+    opt_b = AdamW8bit(net_b.parameters(), lr=3e-3, min_8bit_size=1024, backend=backend)
+    losses_b = train(net_b, opt_b, batches)
+    assert opt_b.kernel(net_b[2].weight) is {"triton": kernel, "c": adamw8bit_cpu}[backend]
     a = torch.nn.utils.parameters_to_vector(net_a.parameters()).detach()
     b = torch.nn.utils.parameters_to_vector(net_b.parameters()).detach()
     assert (a - b).norm() / (a - start).norm() < 0.15
@@ -135,8 +147,9 @@ def test_supports_says_why_not():
 
 
 def test_backend_choice():
-    """auto: the kernel for CUDA tensors only (the interpreter is for tests); triton where it cannot
-    run: a clear error; an unknown backend: refused up front."""
+    """auto: the Triton kernel for CUDA tensors only (the interpreter is for tests), the C loop for
+    fp32 CPU tensors where it builds, the torch path for the rest; triton where it cannot run: a
+    clear error; an unknown backend: refused up front."""
     p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float64))
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="cannot step"):
@@ -144,8 +157,14 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="backend"):
         AdamW8bit([p], backend="cuda")
     cpu = torch.nn.Parameter(torch.zeros(4096))
-    assert AdamW8bit([cpu]).uses_kernel(cpu) is False
-    assert AdamW8bit([cpu], backend="triton").uses_kernel(cpu) is True
+    assert AdamW8bit([cpu]).kernel(cpu) is (adamw8bit_cpu if adamw8bit_cpu.unavailable() is None else None)
+    assert AdamW8bit([cpu], backend="torch").uses_kernel(cpu) is False
+    assert AdamW8bit([cpu], backend="triton").kernel(cpu) is kernel
+    assert AdamW8bit([cpu], backend="c").kernel(cpu) is adamw8bit_cpu
+    bf16 = torch.nn.Parameter(torch.zeros(4096, dtype=torch.bfloat16))
+    assert AdamW8bit([bf16]).uses_kernel(bf16) is False  # the C loop steps fp32 only
+    small = torch.nn.Parameter(torch.zeros(100))
+    assert AdamW8bit([small], backend="c").uses_kernel(small) is False  # fp32 moments: torch's update
 
 
 @pytest.mark.gpu
