@@ -1,5 +1,5 @@
 """The optimizer step alone at SD v1 size: torch's AdamW against minidb's 8-bit AdamW, whose update
-runs as chunked torch operations or (on CUDA) as one fused Triton kernel per tensor.
+runs as chunked torch operations, as one C loop per tensor (CPU) or as one Triton kernel per tensor (CUDA).
 
     python -m benchmarks.bench_optimizer                       # SD v1's trained weights, fp32
     python -m benchmarks.bench_optimizer --dtype bf16          # bf16 weights (8-bit: Kahan compensation)
@@ -13,6 +13,8 @@ step and per weight (on CUDA after torch.cuda.synchronize). Configurations:
   adamw             torch.optim.AdamW, its default implementation here (foreach)
   adamw_fused       torch.optim.AdamW(fused=True)
   adamw8bit         minidb.adamw8bit.AdamW8bit, backend="torch": chunks of 2**20 values
+  adamw8bit_c       the same optimizer, backend="c": minidb.kernels.adamw8bit_cpu, one C loop per
+                    tensor on torch's threads (CPU only; what "auto" runs on CPU where cc builds it)
   adamw8bit_kernel  the same optimizer, backend="triton": minidb.kernels.adamw8bit (CUDA only; on CPU
                     the kernel only runs in Triton's interpreter, which is for tests, not timing)
 """
@@ -28,7 +30,7 @@ import torch
 from benchmarks.bench_vs_diffusers import machine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-CONFIGS = ("adamw", "adamw_fused", "adamw8bit", "adamw8bit_kernel")
+CONFIGS = ("adamw", "adamw_fused", "adamw8bit", "adamw8bit_c", "adamw8bit_kernel")
 HYPER = dict(lr=5e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)  # bench_train's
 
 
@@ -47,10 +49,16 @@ def make_optimizer(name: str, params, kahan: bool):
         return torch.optim.AdamW(params, **HYPER)
     if name == "adamw_fused":
         return torch.optim.AdamW(params, fused=True, **HYPER)
-    return AdamW8bit(params, kahan=kahan, backend="triton" if name == "adamw8bit_kernel" else "torch", **HYPER)
+    backend = {"adamw8bit": "torch", "adamw8bit_c": "c", "adamw8bit_kernel": "triton"}[name]
+    return AdamW8bit(params, kahan=kahan, backend=backend, **HYPER)
 
 
 def skip_reason(name: str, device: str, dtype) -> str | None:
+    if name == "adamw8bit_c":
+        from minidb.kernels import adamw8bit_cpu
+        if device != "cpu" or dtype != torch.float32:
+            return "fp32 CPU tensors only"
+        return adamw8bit_cpu.unavailable()
     if name == "adamw8bit_kernel":
         if not device.startswith("cuda"):
             return "CUDA only (on CPU the kernel runs in Triton's interpreter: tests, not timing)"

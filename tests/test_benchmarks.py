@@ -59,12 +59,14 @@ def test_bench_train_rejects_unknown_config(capsys):
 def test_bench_optimizer_quick_table(capsys):
     """The optimizer benchmark end to end on the tiny model's weights: every configuration that can run
     here has a positive time and the state it should (8 bytes per weight for AdamW, about 2 for the
-    8-bit one); the kernel row says why it did not run on a CPU."""
+    8-bit one); the kernel row says why it did not run on a CPU, the C loop's why not on a GPU."""
     from benchmarks import bench_optimizer
+    from minidb.kernels import adamw8bit_cpu
     rows = bench_optimizer.main(["--quick", "--steps", "1"])
     by = {r["config"]: r for r in rows}
+    c_loop = {"adamw8bit_c"} if adamw8bit_cpu.unavailable() is None else set()
     assert set(by) == ({"adamw", "adamw_fused", "adamw8bit", "adamw8bit_kernel"} if CUDA else
-                       {"adamw", "adamw_fused", "adamw8bit"})
+                       {"adamw", "adamw_fused", "adamw8bit"} | c_loop)
     for r in rows:
         assert r["seconds"] > 0 and r["finite"]
     assert by["adamw"]["state_bytes"] == pytest.approx(8 * by["adamw"]["weights"], rel=1e-3)  # + a step per tensor
@@ -73,6 +75,10 @@ def test_bench_optimizer_quick_table(capsys):
     assert "| adamw8bit |" in out and "Optimizer step" in out
     if not CUDA:
         assert "| adamw8bit_kernel | not run: CUDA only" in out
+    else:
+        assert "| adamw8bit_c | not run: fp32 CPU tensors only" in out
+    if c_loop:
+        assert by["adamw8bit_c"]["state_bytes"] == by["adamw8bit"]["state_bytes"]
     with pytest.raises(SystemExit) as e:
         bench_optimizer.main(["--quick", "--configs", "adamw,sgd"])
     assert e.value.code == 2 and "unknown" in capsys.readouterr().err
