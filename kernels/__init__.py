@@ -6,8 +6,10 @@
     supports(q, k, v)                            # None, or why the kernel cannot run them
 
     from minidb.kernels.adamw8bit import adamw8bit_update   # AdamW8bit's step in one pass (CUDA)
+    from minidb.kernels.adamw8bit_cpu import adamw8bit_update  # the same, one C loop (fp32, CPU)
 
-Triton kernels; on CPU tensors they run under TRITON_INTERPRET=1 (set before triton is imported).
+Triton kernels, and one C loop (built on first use with the system's C compiler); the Triton
+kernels run on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
 Without triton this package still imports: supports() says why and flash_attention raises.
 """
 try:

@@ -22,7 +22,10 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
 
 On CUDA the whole update of a tensor runs as one Triton kernel (minidb.kernels.adamw8bit: every byte
 read and written once, ~14 bytes per fp32 weight instead of the ~176 the chunked torch operations
-move), the same arithmetic to rounding; `backend` picks ("auto": the kernel on CUDA, torch elsewhere).
+move), the same arithmetic to rounding. On CPU, fp32 tensors get the same single pass as one C loop
+(minidb.kernels.adamw8bit_cpu, built on first use by the system's C compiler; 2.3 ns per weight at
+SD size on 2 cores against the torch path's 6.3). `backend` picks ("auto": the kernel on CUDA, the C
+loop for fp32 CPU tensors where it builds, the torch operations below for the rest).
 
 Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep fp32 moments, as
 bitsandbytes does: they are cheap, and their few values get no help from blocks. Rounding error:
@@ -135,7 +138,8 @@ class AdamW8bit(torch.optim.Optimizer):
     step (int), and either exp_avg/exp_avg_sq (fp32, small tensors) or exp_avg_codes/exp_avg_absmax/
     exp_avg_sq_codes/exp_avg_sq_absmax (8-bit). backend: "torch" (the chunked torch operations below),
     "triton" (minidb.kernels.adamw8bit for every 8-bit tensor; a clear error where it cannot run one),
-    "auto" (the kernel for CUDA tensors it can run, torch otherwise)."""
+    "c" (minidb.kernels.adamw8bit_cpu, likewise), "auto" (the kernel for CUDA tensors it can run, the C
+    loop for fp32 CPU tensors, torch otherwise; a warning, once, where the C loop cannot be built)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, block_size: int = 256, min_8bit_size: int = 4096,
