@@ -6,12 +6,13 @@
 Only the trained weights are stored (the UNet, and the text encoder when it trains): the frozen
 parts come from the base checkpoint again on resume, so a checkpoint is the size of what changes.
 
-Writes are atomic (`save_state`): the bytes go to `step_000200.pt.tmp`, are fsync'ed, and only then
-renamed to their final name (os.replace), so a crash or kill mid-write leaves at most a stray .tmp file and
-the newest `step_*.pt` is always a whole checkpoint. Reads use torch.load(weights_only=True): plain
+Writes are atomic (`save_state`): the bytes go to a uniquely named `step_000200.pt.<pid>-<random>.tmp`,
+are fsync'ed, and only then renamed to their final name (os.replace), so a crash or kill mid-write leaves
+at most a stray .tmp file (swept by the next prune) and the newest `step_*.pt` is always a whole checkpoint. Reads use torch.load(weights_only=True): plain
 containers and tensors, nothing that runs code.
 """
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from minidb.errors import CheckpointError
 from minidb.weights import atomic_write
+from minidb.weights.files import remove_temporaries, unpickling_refusal
 
 FORMAT = "minidb-dreambooth-state"
 VERSION = 1
@@ -47,7 +49,7 @@ def latest_checkpoint(folder) -> Path | None:
 
 def save_state(path, state: dict) -> Path:
     """torch.save(state) to path, atomically (minidb.weights.atomic_write): a crash mid-write leaves
-    at most a stray step_N.pt.tmp, never a half-written step_N.pt."""
+    at most a stray temporary file, never a half-written step_N.pt."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)
     return Path(path)
@@ -62,8 +64,11 @@ def load_state(path) -> dict:
         raise CheckpointError(f"{path}: no such training checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a foreign pickle, ...
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:  # a pickle that would run code: one line, never torch's advice
+        raise CheckpointError(unpickling_refusal(path, e)) from None
+    except Exception as e:  # a truncated zip, a flipped bit, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a minidb training checkpoint (an exported model? those are "
                               "for sampling; resume from a file in <run>/checkpoints/)")
@@ -74,12 +79,25 @@ def load_state(path) -> dict:
 
 
 def prune_checkpoints(folder, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (and stray .tmp files of killed writes)."""
+    """Delete all but the newest `keep` checkpoints (and the temporary files of killed writes: the
+    caller owns the folder, minidb.run's lock)."""
     removed = [path for _, path in list_checkpoints(folder)[:-keep]]
-    removed += [Path(folder) / n for n in os.listdir(folder) if n.endswith(".pt.tmp")] if Path(folder).is_dir() else []
     for path in removed:
         path.unlink(missing_ok=True)
-    return removed
+    return removed + remove_temporaries(folder)
+
+
+def newest_readable(folder, before: Path | None = None) -> Path | None:
+    """The newest checkpoint of folder (older than `before`, if given) that loads; None if none does."""
+    for step, path in reversed(list_checkpoints(folder)):
+        if before is not None and path == before:
+            continue
+        try:
+            load_state(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
 
 
 # ---- random number generator states --------------------------------------------------------------

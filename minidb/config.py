@@ -8,6 +8,15 @@ from dataclasses import dataclass, field
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M"}  # name -> as A1111's "Sampler:" writes it
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision -> torch dtype name
+# Seeds: numpy's generators take 32 bits, and each process or image adds its index to the seed.
+SEED_MAX = 2 ** 31 - 1
+
+
+def seed_problem(name: str, seed) -> str | None:
+    """What is wrong with a seed, or None: every seed minidb takes is checked by this one rule."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        return f"{name} must be an integer from 0 to {SEED_MAX}, got {seed}"
+    return None
 
 
 @dataclass(frozen=True)

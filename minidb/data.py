@@ -58,7 +58,14 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
         raise DataError(f"{what} images: {folder} is empty: put the photos there")
 
     stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
-    files = [p for p in files if not (p.suffix.lower() == ".txt" and p.stem in stems)]
+    orphans = [p.name for p in files if p.suffix.lower() == ".txt" and p.stem not in stems]
+    files = [p for p in files if p.suffix.lower() != ".txt"]  # caption files (any case), never images
+    if not files:
+        raise DataError(f"{what} images: {folder} holds caption files only ({', '.join(orphans[:5])}): put the "
+                        "photos beside them")
+    if orphans:
+        warnings.warn(f"{what} images: {len(orphans)} caption file(s) of {folder} without an image of the same name, "
+                      f"ignored: {', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}", stacklevel=2)
     images, bad, small = [], [], []
     for path in files:
         try:

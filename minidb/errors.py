@@ -15,3 +15,11 @@ class ConfigError(MinidbError, ValueError):
 
 class DataError(MinidbError, ValueError):
     """Training images or prompts are unusable."""
+
+
+class DiskFull(MinidbError, OSError):
+    """The disk (or quota) filled up while minidb wrote a file; the message names the file and what was kept."""
+
+
+class RunFolderBusy(MinidbError):
+    """Another process is writing into the run folder (it holds the folder's lock)."""

@@ -10,21 +10,38 @@
     tensorboard/           when the tensorboard package is installed
 
 Every process holds a Run; only rank 0 writes files and prints, the others wait at the barriers.
+
+One writer at a time: rank 0 holds an advisory lock (flock) on `.lock` in the folder for the whole
+run, and the kernel drops it when the process ends, however it ends. A second run into a live folder
+is refused in one line naming the holder's process and host, before it touches anything. The lock's
+holder sweeps the temporary files a killed writer left (minidb.weights.atomic_write).
+
+Branches: resuming from a state older than the folder's newest moves the newer states (and the model
+and validation grids made after that step) into checkpoints/abandoned-<step>-<time>/, so nothing is
+deleted and `--resume latest` follows the new branch.
 """
+import contextlib
+import errno
+import fcntl
 import json
+import os
+import socket
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_state, prune_checkpoints,
-                               rng_state, save_state)
+from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_state, newest_readable,
+                               prune_checkpoints, rng_state, save_state)
 from minidb.distributed import Dist
-from minidb.errors import CheckpointError, ConfigError
+from minidb.errors import CheckpointError, ConfigError, DiskFull, RunFolderBusy
 from minidb.train_config import differences, dump_toml, from_dict, load_config, resolved, to_dict
 from minidb.weights import atomic_write
+from minidb.weights.files import atomic_write_text, remove_temporaries
 
 # Changing these between a checkpoint and its resume would not continue the same training.
 MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer", "model.lora_rank",
@@ -40,6 +57,7 @@ class Run:
         self.model_path = self.folder / "model.safetensors"
         self.lora_path = self.folder / "lora.safetensors"
         self.metrics_file = self.tb = self.bar = None
+        self._lock = None  # the file descriptor holding the folder's lock (rank 0)
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"train.output_dir: {self.folder} is a file, not a folder: choose another "
                               "train.output_dir")
@@ -54,6 +72,52 @@ class Run:
         if self.dist.is_main:
             print(message, flush=True)
 
+    # ---- one writer per folder ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, dist: Dist):
+        """The run's lifetime: a folder that already exists is locked now, before anything is read
+        for the resume; a new one in prepare(), once it is made. The lock is released at the end."""
+        self.dist = dist
+        try:
+            if self.folder.is_dir():
+                self.lock()
+            yield self
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # closing the descriptor releases the flock
+                self._lock = None
+
+    def lock(self) -> None:
+        """Take the folder's lock (rank 0), or raise RunFolderBusy on every rank."""
+        refusal = None
+        if self.dist.is_main and self._lock is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode("utf-8", "replace").split()
+                os.close(fd)
+                who = f"process {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+                refusal = (f"{self.folder} is in use by another minidb train ({who}): wait for it to end or stop "
+                           "it, or choose another train.output_dir")
+            except OSError as e:  # a file system without locks (some network mounts): run, but say so
+                os.close(fd)
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                warnings.warn(f"{self.folder}: this file system cannot lock files ({e.strerror}): nothing stops a "
+                              "second run from writing into the same folder", stacklevel=2)
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                self._lock = fd
+                for folder in (self.folder, self.checkpoints, self.folder / "samples"):
+                    remove_temporaries(folder)  # of writers killed mid-write: this process owns the folder now
+        refusal = self.dist.gather_object(refusal)[0]
+        if refusal is not None:
+            raise RunFolderBusy(refusal)
+
     # ---- resume ---------------------------------------------------------------------------------
 
     def find_state(self, resume) -> dict | None:
@@ -61,6 +125,7 @@ class Run:
         this folder) or a checkpoint path, or another run folder (its newest checkpoint)."""
         if resume is None:
             return None
+        newest = resume == "latest" or Path(resume).is_dir()
         if resume == "latest":
             path = latest_checkpoint(self.checkpoints)
             if path is None:
@@ -71,7 +136,15 @@ class Run:
                 path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
                 if path is None:
                     raise CheckpointError(f"--resume {resume}: no checkpoint in that folder")
-        state = load_state(path)
+        try:
+            state = load_state(path)
+        except CheckpointError as e:
+            if not newest:
+                raise
+            good = newest_readable(path.parent, before=path)  # a torn or damaged newest file: name the one before
+            raise CheckpointError(f"{e}; " + (f"the newest readable checkpoint is {good}: continue from it with "
+                                              f"--resume {good}" if good else "no older checkpoint is readable")
+                                  ) from None
         state["path"] = path
         return state
 
@@ -85,8 +158,10 @@ class Run:
         return model if model.stat().st_mtime >= Path(state["path"]).stat().st_mtime else None
 
     def prepare(self, state) -> None:
-        """Refuse a folder that holds another run (unless resuming), then write config.toml."""
+        """Lock the folder, refuse it if it holds another run (unless resuming), set aside the states
+        of an abandoned branch, then write config.toml."""
         cfg, run, config_file = self.cfg, self.folder, self.folder / "config.toml"
+        self.lock()  # a new folder is made here; an existing one was locked when the run began (writer)
         if state is not None:
             changed = differences(resolved(from_dict(state["config"])), cfg)
             fatal = [c for c in changed if c.split(":")[0] in MUST_MATCH_ON_RESUME]
@@ -109,9 +184,28 @@ class Run:
                                                     "lora.safetensors")):
             raise ConfigError(f"{run} holds files of a run without its config.toml: choose another train.output_dir")
         if self.dist.is_main:
-            with atomic_write(config_file) as tmp:
-                tmp.write_text(dump_toml(cfg), encoding="utf-8")
+            if state is not None:
+                self.set_aside_after(state["step"])
+            atomic_write_text(config_file, dump_toml(cfg))
         self.dist.barrier()
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Resuming from `step` when the folder holds later states starts a new branch: the later
+        states, the model written at their end and the validation grids past `step` move into
+        checkpoints/abandoned-<step>-<time>/ (nothing is deleted), and `latest` follows the new branch."""
+        later = [path for s, path in list_checkpoints(self.checkpoints) if s > step]
+        if not later:
+            return None
+        aside = self.checkpoints / f"abandoned-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        grids = sorted((self.folder / "samples").glob("step_*.png"))
+        moved = later + [p for p in (self.model_path, self.lora_path) if p.is_file()] + [
+            p for p in grids if p.stem.removeprefix("step_").isdigit() and int(p.stem.removeprefix("step_")) > step]
+        for path in moved:
+            os.replace(path, aside / (path.name if path.parent != self.folder / "samples" else "samples-" + path.name))
+        self.log(f"resuming from step {step}, before the folder's newest state (step {list_checkpoints(aside)[-1][0]}): "
+                 f"a new branch; the later states, model and grids moved to {aside}")
+        return aside
 
     # ---- training-state files -------------------------------------------------------------------
 
@@ -123,8 +217,13 @@ class Run:
         rngs = self.dist.gather_object(rng_state())
         path = checkpoint_path(self.checkpoints, step)
         if self.dist.is_main:
-            save_state(path, {"step": step, **state, "rng": rngs, "world_size": self.dist.world_size,
-                              "config": to_dict(self.cfg)})
+            try:
+                save_state(path, {"step": step, **state, "rng": rngs, "world_size": self.dist.world_size,
+                                  "config": to_dict(self.cfg)})
+            except DiskFull as e:
+                newest = self.latest_state()
+                raise DiskFull(f"{e}; the newest complete checkpoint is " + (
+                    f"{newest}: free some space, then continue with --resume latest" if newest else "none")) from None
             prune_checkpoints(self.checkpoints, self.cfg.train.keep_checkpoints)
         self.dist.barrier()
         return path
@@ -134,13 +233,11 @@ class Run:
     def open(self, step: int) -> "Run":
         """Start logging at `step`: metrics.jsonl loses the lines of steps past it (a resume)."""
         if self.dist.is_main:
-            path = self.folder / "metrics.jsonl"
+            path = self.metrics_path = self.folder / "metrics.jsonl"
             if step == 0:
                 path.unlink(missing_ok=True)
             elif path.is_file():
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= step]
-                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                atomic_write_text(path, "".join(line + "\n" for line in self.metrics_until(path, step)))
             self.metrics_file = open(path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -151,20 +248,51 @@ class Run:
                         dynamic_ncols=True)
         return self
 
+    def metrics_until(self, path: Path, step: int) -> list[str]:
+        """The lines of metrics.jsonl up to `step`. A line a kill, power cut or full disk cut short
+        (or any that is not a JSON object) is dropped, with a warning."""
+        kept, torn = [], []
+        for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError
+            except ValueError:
+                torn.append(number)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            self.log(f"warning: {path}: dropped {len(torn)} unreadable line(s) ({', '.join(map(str, torn[:5]))}"
+                     f"{', ...' if len(torn) > 5 else ''}), cut short by a kill, power cut or full disk")
+        return kept
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         for thing in (self.bar, self.metrics_file, self.tb):
             if thing is not None:
-                thing.close()
+                try:
+                    thing.close()
+                except OSError:  # the full disk already reported; a torn last line is dropped on resume
+                    if exc[0] is None:
+                        raise
         self.metrics_file = self.tb = self.bar = None
 
     def log_metrics(self, metrics: dict) -> None:
         if not self.dist.is_main:
             return
-        self.metrics_file.write(json.dumps(metrics) + "\n")
-        self.metrics_file.flush()
+        try:
+            self.metrics_file.write(json.dumps(metrics) + "\n")
+            self.metrics_file.flush()
+        except OSError as e:  # a full disk: one line naming the file; a torn last line is dropped on resume
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFull(f"{self.metrics_path}: {e.strerror}; the lines of earlier steps are kept, the newest "
+                           f"complete checkpoint is {self.latest_state()}") from None
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
@@ -195,8 +323,8 @@ class Run:
                 m.train(training[name])
         grid = image_grid(images, min(4, len(images)))
         path = self.folder / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        grid.save(path)
+        with atomic_write(path, hidden=True) as tmp:
+            grid.save(tmp, format="PNG")
         if self.tb is not None:
             self.tb.add_image("validation", torch.from_numpy(np.array(grid)).permute(2, 0, 1), step)
         self.dist.barrier()

@@ -27,6 +27,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from minidb.run import Run
 from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
 from minidb.train_config import (DreamBoothConfig, ModelConfig, OptimConfig, TrainConfig, check_prompts, resolved,
                                  resolved_memory, validate)
-from minidb.train_options import EMA, caption_for, min_snr_weights, scaled_lr, weighted_mse
+from minidb.train_options import EMA, caption_file_of, caption_for, min_snr_weights, scaled_lr, weighted_mse
 
 
 class TrainingDiverged(MinidbError):
@@ -81,8 +82,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
     if finished is None:
         cfg, base_config = check_base(cfg)
         run.cfg = cfg
-    with Dist.from_env(cfg.train.dist_timeout_s) as dist:  # a lost peer leaves as a one-line PeerLost
-        run.dist = dist
+    # one writer per run folder: an existing folder is locked now, a new one once it is made (minidb.run)
+    with Dist.from_env(cfg.train.dist_timeout_s) as dist, run.writer(dist):  # a lost peer: a one-line PeerLost
         dist.hint = lambda: f"continue the run with --resume latest (newest checkpoint: {run.latest_state() or 'none'})"
         if finished is not None:  # nothing to train, nothing to write
             lora = cfg.model.lora_rank > 0
@@ -109,6 +110,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         prior = bool(cfg.prior.class_prompt)
         check_prompts(cfg.data.instance_prompt, cfg.prior.class_prompt or None)
         prompts, prompt_rows = prompt_table(cfg, instance_images)
+        warn_long_prompts(cfg, instance_images)
         run.prepare(state)
         run.log(f"loading {cfg.model.base} ({device}, {precision})")
         sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
@@ -403,6 +405,29 @@ def prompt_table(cfg: DreamBoothConfig, instance_images) -> tuple[list[str], lis
                 for path, _ in instance_images]
     prompts = list(dict.fromkeys(captions))
     return prompts + ([cfg.prior.class_prompt] if cfg.prior.class_prompt else []), [prompts.index(c) for c in captions]
+
+
+def warn_long_prompts(cfg: DreamBoothConfig, instance_images) -> None:
+    """A warning for each prompt the tokenizer will cut to CLIP's 77 tokens, naming where it came
+    from (an option or a caption file), as `minidb sample` warns for its prompts."""
+    from minidb.sampling import truncated_prompts
+    from minidb.tokenizer import CLIPTokenizer
+    sources = {}  # prompt -> where it is written
+    if cfg.data.captions:
+        for path, _ in instance_images:
+            caption_file = caption_file_of(path)
+            if caption_file is not None:
+                sources.setdefault(caption_for(path, ""), f"caption file {caption_file}")
+    sources.setdefault(cfg.data.instance_prompt, "data.instance_prompt")
+    if cfg.prior.class_prompt:
+        sources.setdefault(cfg.prior.class_prompt, "prior.class_prompt")
+    for prompt in cfg.validation.prompts:
+        sources.setdefault(prompt, "validation.prompts")
+    tokenizer = CLIPTokenizer()
+    for prompt in truncated_prompts(tokenizer, list(sources)):
+        warnings.warn(f"{sources[prompt]}: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(prompt) + 2} "
+                      f"with start and end), the rest is ignored: {prompt[:57] + '...' if len(prompt) > 60 else prompt!r}",
+                      stacklevel=2)
 
 
 def prompt_context(text_encoder, prompt_ids, fixed_context, rows: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import tokenize
 import warnings
 from dataclasses import dataclass, field
 
-from minidb.config import DTYPES, SAMPLER_NAMES
+from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
 from minidb.errors import ConfigError, DataError
 
 if sys.version_info >= (3, 11):
@@ -161,9 +161,9 @@ def load_config(path=None, overrides=()) -> DreamBoothConfig:
     check every value. Raises ConfigError on anything wrong."""
     values = {}
     if path is not None:
+        from minidb.weights.files import read_text
         try:
-            with open(path, "rb") as f:
-                values = tomllib.load(f)
+            values = tomllib.loads(read_text(path, ConfigError))  # UTF-8, an editor's BOM dropped
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
@@ -306,8 +306,12 @@ def validate(cfg: DreamBoothConfig) -> None:
         guidance = getattr(cfg, section).guidance
         if not (math.isfinite(guidance) and guidance >= 0):
             problems.append(f"{section}.guidance must be a finite number >= 0, got {guidance}")
-    if cfg.prior.class_prompt and cfg.prior.loss_weight < 0:
-        problems.append(f"prior.loss_weight must be >= 0, got {cfg.prior.loss_weight}")
+    if not (math.isfinite(cfg.prior.loss_weight) and cfg.prior.loss_weight >= 0):
+        problems.append(f"prior.loss_weight must be a finite number >= 0, got {cfg.prior.loss_weight}")
+    for section in ("train", "validation"):
+        problem = seed_problem(f"{section}.seed", getattr(cfg, section).seed)
+        if problem:
+            problems.append(problem)
     if cfg.prior.class_prompt and cfg.prior.num_class_images < 1:
         problems.append("prior.num_class_images must be at least 1 with a class_prompt (or set class_prompt "
                         '= "" to train without prior preservation)')

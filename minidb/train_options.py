@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from minidb.errors import DataError
+from minidb.weights.files import read_text
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, parameterization: str = "eps") -> torch.Tensor:
@@ -92,12 +93,28 @@ class EMA:
             self.shadow[name].copy_(t)
 
 
+def caption_file_of(image: Path) -> Path | None:
+    """The caption file beside `image`: photo.png -> photo.txt, or photo.TXT (any case), or None."""
+    image = Path(image)
+    exact = image.with_suffix(".txt")
+    if exact.is_file():
+        return exact
+    found = sorted(p for p in image.parent.glob(glob_escape(image.stem) + ".*")
+                   if p.stem == image.stem and p.suffix.lower() == ".txt" and p.is_file())
+    return found[0] if found else None
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)  # glob.escape, for a file name's stem
+
+
 def caption_for(image: Path, default: str) -> str:
-    """The text of the caption file beside `image` (photo.png -> photo.txt), else `default`."""
-    caption_file = Path(image).with_suffix(".txt")
-    if not caption_file.is_file():
+    """The text of the caption file beside `image` (photo.png -> photo.txt), else `default`.
+    UTF-8, a byte-order mark dropped; another encoding is a DataError naming the file."""
+    caption_file = caption_file_of(image)
+    if caption_file is None:
         return default
-    text = " ".join(caption_file.read_text(encoding="utf-8").split())
+    text = " ".join(read_text(caption_file, DataError).split())
     if not text:
         raise DataError(f"{caption_file}: empty caption file; write the caption, or delete it to use the "
                         "instance prompt")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minidb import checkpoint as ck
-from minidb.errors import CheckpointError
+from minidb.errors import CheckpointError, DiskFull
 
 
 def _state(step, n=1000):
@@ -60,7 +60,7 @@ def test_error_inside_write_keeps_previous(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")  # ... when the disk fills up
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiskFull, match="step_000002.pt: No space left on device; no step_000002.pt was written"):
         ck.save_state(ck.checkpoint_path(tmp_path, 2), _state(2))
     monkeypatch.undo()
     assert ck.latest_checkpoint(tmp_path) == good
@@ -91,11 +91,12 @@ def test_process_killed_mid_write_keeps_previous(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    assert (tmp_path / "step_000002.pt.tmp").stat().st_size > 800000  # the half-made file exists ...
+    half, = tmp_path.glob("step_000002.pt.*.tmp")                      # a uniquely named temporary file
+    assert half.stat().st_size > 800000                                 # the half-made file exists ...
     assert ck.latest_checkpoint(tmp_path).name == "step_000001.pt"     # ... but is not the latest
     assert ck.load_state(ck.latest_checkpoint(tmp_path))["step"] == 1
     ck.prune_checkpoints(tmp_path, keep=1)
-    assert not (tmp_path / "step_000002.pt.tmp").exists()
+    assert not half.exists()
 
 
 def test_foreign_and_broken_files(tmp_path):

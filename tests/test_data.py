@@ -126,7 +126,7 @@ def test_bad_files_are_named_and_skipped_when_a_good_one_remains(tmp_path):
 
 def test_caption_files_are_not_images(tmp_path):
     """photo.txt beside photo.png is a caption (minidb.train_options.caption_for), not a bad image;
-    a .txt file without an image of its name is still named as junk."""
+    a .txt file without an image of its name is reported as what it is, an orphan caption file."""
     folder = tmp_path / "captioned"
     good = save(quadrant_image(16, 16), folder, "dog.png")
     (folder / "dog.txt").write_text("a photo of sks dog on a beach")
@@ -134,8 +134,10 @@ def test_caption_files_are_not_images(tmp_path):
         warnings.simplefilter("error")
         assert [p for p, _ in load_image_folder(folder)] == [good]
     (folder / "notes.txt").write_text("not a caption")
-    with pytest.warns(UserWarning, match=r"notes.txt \(not an image\)"):
-        load_image_folder(folder)
+    (folder / "Cat.TXT").write_text("a caption whose image is missing")
+    with pytest.warns(UserWarning, match=r"2 caption file\(s\) of .* without an image of the same name, ignored: "
+                                         r"Cat.TXT, notes.txt$"):
+        assert [p for p, _ in load_image_folder(folder)] == [good]
 
 
 def test_missing_empty_and_non_folders(tmp_path):

@@ -15,11 +15,13 @@ fsync, os.replace.
 import codecs
 import contextlib
 import ctypes
+import errno
 import json
 import mmap
 import os
 import pickle
 import re
+import secrets
 import struct
 import sys
 import zipfile
@@ -29,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minidb.errors import CheckpointError
+from minidb.errors import CheckpointError, DiskFull, MinidbError
 
 CONFIG_KEY = "minidb_config"
 
@@ -158,6 +160,20 @@ _OPAQUE_GLOBALS = [(_Opaque, name) for name in [
 ]]
 
 
+def unpickling_refusal(path, e: pickle.UnpicklingError, advice: str = "") -> str:
+    """One line for a file torch.load(weights_only=True) would not unpickle: the code-running global
+    it asks for, or the reason in torch's words. torch's own text is several lines and advises
+    weights_only=False, the unsafe path; no minidb message does."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    if found:
+        return (f"{path}: refused to unpickle: it asks for {found.group(1)}, which could run arbitrary code. "
+                "minidb loads only tensors and plain containers" + (f"; {advice}" if advice else ""))
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "weights_only" not in line
+             and "documentation" not in line]
+    return (f"{path}: is corrupt, or holds objects other than tensors and plain containers, which minidb does "
+            "not unpickle" + (f" ({lines[-1].removeprefix('WeightsUnpickler error: ')})" if lines else ""))
+
+
 class TorchFile(CheckpointFile):
     def __init__(self, path: str):
         self.path = path
@@ -171,15 +187,8 @@ class TorchFile(CheckpointFile):
             with torch.serialization.safe_globals(_OPAQUE_GLOBALS):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            if found:
-                raise CheckpointError(
-                    f"{path}: refused to unpickle: it asks for {found.group(1)}, which could run arbitrary "
-                    "code. minidb loads only tensors and plain containers from .ckpt files; if you trust "
-                    "the file, convert it to .safetensors with a tool that unpickles it.") from None
-            reason = [line for line in str(e).splitlines() if line.strip() and "documentation" not in line][-1]
-            raise CheckpointError(f"{path}: is corrupt, or holds objects other than tensors and plain "
-                                  f"containers, which minidb does not unpickle ({reason.strip()})") from None
+            raise CheckpointError(unpickling_refusal(path, e, "if you trust the file, convert it to "
+                                                              ".safetensors with a tool that unpickles it")) from None
         except Exception as e:  # torch reports broken zips as RuntimeError, bad records as others
             raise CheckpointError(f"{path}: is truncated or corrupt ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
@@ -238,19 +247,28 @@ def write_tensors(path, tensors: dict, config: dict | None = None, dtype: torch.
 @contextlib.contextmanager
 def atomic_write(path, hidden: bool = False):
     """`with atomic_write(path) as tmp: write(tmp)`: the writer fills a temporary file in the same
-    folder (`NAME.tmp`; hidden: `.NAME.tmp`, which folder scans skip); only a complete, fsync'ed file is renamed to `path` (os.replace, atomic), and the
-    rename itself is made durable. A crash or kill mid-write leaves the old file, or none, never half
-    of one; an exception removes the temporary file. Every file minidb writes goes through here."""
+    folder; only a complete, fsync'ed file is renamed to `path` (os.replace, atomic), and the rename
+    itself is made durable. A crash or kill mid-write leaves the old file, or none, never half of
+    one; an exception removes the temporary file. Every file minidb writes goes through here.
+
+    The temporary name is unique (`NAME.<pid>-<random>.tmp`; hidden: `.NAME...`, which folder scans
+    skip), so two writers never fill one file; `remove_temporaries` sweeps those of dead writers.
+    The file gets the mode a plain open() would (0644 under the usual umask), whatever the writer
+    made it. A full disk is one line (DiskFull) naming the file and what was kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(("." if hidden else "") + path.name + ".tmp")
+    tmp = path.with_name(f"{'.' if hidden else ''}{path.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())          # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _disk_full(e):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise DiskFull(f"{path}: No space left on device; {kept}, and no partial file left") from None
         raise
     if os.name == "posix":                # ... and the rename itself survives a power cut
         fd = os.open(path.parent, os.O_RDONLY)
@@ -258,6 +276,74 @@ def atomic_write(path, hidden: bool = False):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """`text` into `path` as UTF-8, through atomic_write: for config files, JSON results, logs."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+_TEMPORARY = re.compile(r"^\.?.+\.\d+-[0-9a-f]{6}\.tmp$|^\.?.+\.(pt|safetensors|ckpt|png|json|jsonl|toml)\.tmp$")
+
+
+def remove_temporaries(folder) -> list[Path]:
+    """Delete the temporary files atomic_write leaves when its process is killed mid-write (and the
+    `NAME.tmp` ones of older minidb versions). Only for a folder whose writer owns it (the run
+    folder's lock): another live writer's temporaries would go too."""
+    folder = Path(folder)
+    found = [folder / n for n in os.listdir(folder) if _TEMPORARY.match(n)] if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def read_text(path, error=MinidbError) -> str:
+    """A text file the user wrote (a caption, a config, a prompt list) as UTF-8, with the byte-order
+    mark older editors put first removed. Anything else raises `error`, one line naming the file and
+    saying to save it as UTF-8, instead of decoding it into wrong characters."""
+    data = Path(path).read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise error(f"{path}: is UTF-16 text; minidb reads UTF-8: save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, perhaps "
+                    "Latin-1 or another legacy encoding): save it as UTF-8") from None
+    if "\0" in text:
+        raise error(f"{path}: holds NUL bytes (UTF-16 without a byte-order mark?): save it as UTF-8")
+    return text
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Is a full disk (or quota) behind this error? torch's zip writer reports it as a RuntimeError
+    ("unexpected pos") with the OSError chained, safetensors as a SafetensorError's text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if re.search(r"No space left on device|Disk quota exceeded|StorageFull|os error 28\b", str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it) where Linux says it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:

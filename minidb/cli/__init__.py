@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     if unknown:  # said by the subcommand, whose --help lists what it takes
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        check_text_arguments(args)
         from minidb.attention import get_backend
         get_backend()  # a bad MINIDB_ATTENTION fails now, not after the model has loaded
         return modules[args.command].run(args) or 0
@@ -94,6 +95,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"minidb {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def check_text_arguments(args) -> None:
+    """Prompts and --set values are text: bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) would fail deep inside the tokenizer or a PNG's text chunk. File paths may hold any bytes."""
+    for name in ("prompt", "negative_prompt", "set"):
+        values = getattr(args, name, None)
+        for value in [values] if isinstance(values, str) else values or []:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                raise MinidbError(f"--{name.replace('_', '-')} {shown!r} holds bytes that are not UTF-8 text "
+                                  f"(position {e.start}): pass it as UTF-8") from None
 
 
 def error(command: str, message: str) -> int:

@@ -26,7 +26,8 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
-from minidb.config import DTYPES, SAMPLER_NAMES
+from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
+from minidb.weights.files import atomic_write, read_text
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -95,7 +96,7 @@ def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     try:
-        lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
+        lines = read_text(args.from_file).splitlines()  # UTF-8, an editor's BOM dropped
     except OSError as e:
         raise MinidbError(f"cannot read prompts from {args.from_file}: {e.strerror}") from None
     prompts = [line.strip() for line in lines if line.strip()]
@@ -139,6 +140,8 @@ def check_args(args):
                           "prompt; to steer away from something, put it in --negative-prompt")
     if not (math.isfinite(args.eta) and args.eta >= 0) or (args.eta > 0 and args.sampler != "ddim"):
         raise MinidbError(f"--eta must be >= 0, and 0 for --sampler {args.sampler} (got {args.eta})")
+    if args.seed is not None and seed_problem("--seed", args.seed):
+        raise MinidbError(seed_problem("--seed", args.seed))
     outdir = Path(args.outdir)
     for folder in (outdir, outdir / "samples"):
         if folder.exists() and not folder.is_dir():
@@ -253,12 +256,15 @@ def run(args) -> int:
                                   height=args.H, width=args.W, seed=image_seed, progress=not args.no_progress)
             for image in images:
                 info = png_info(prompt, args.negative_prompt, image_seed, args, model_hash, ckpt.name)
-                image.save(samples / f"{index:05}.png", pnginfo=info)
+                with atomic_write(samples / f"{index:05}.png", hidden=True) as tmp:  # a full disk: no 0-byte PNG
+                    image.save(tmp, format="PNG", pnginfo=info)
                 index, image_seed = index + 1, image_seed + 1
             rows.append(images)
         grid_path = outdir / f"grid-{grid_index:04}.png"
-        image_grid([image for row in rows for image in row], args.n_samples).save(grid_path, pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args,
-                                                         model_hash, ckpt.name))
+        grid = image_grid([image for row in rows for image in row], args.n_samples)
+        with atomic_write(grid_path, hidden=True) as tmp:
+            grid.save(tmp, format="PNG", pnginfo=png_info(prompt, args.negative_prompt, prompt_seed, args, model_hash,
+                                                          ckpt.name))
         grid_index += 1
         n = len(rows) * args.n_samples
         print(f"{n} image{'s' if n != 1 else ''} of {prompt[:60]!r} -> {samples}/, grid {grid_path}",
