@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state,
                                save_state, set_rng_state)
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from minidb.world import World, _seed
+from minidb.world import Attributes, World, _seed
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -93,6 +93,23 @@ class PretrainConfig:
     ema: float = 0.999              # with the usual warm-up: decay = min(ema, (1 + n) / (10 + n))
     checkpoint_every: int = 100
     sample_every: int = 500
+    # where the UNet's training samples fall (see timestep_weights): "uniform" over the timesteps, or
+    # "logsnr": log-SNR ~ Normal(t_mean, t_std), with a share t_uniform still drawn uniformly
+    t_sampling: str = "uniform"
+    t_mean: float = -1.0
+    t_std: float = 2.0
+    t_uniform: float = 0.1
+    mask_weight: float = 0.0        # the shape's latent pixels weigh 1 + mask_weight in the UNet's loss
+    unet_channels: int = 32         # the UNet's model_channels
+    curve_every: int = 0            # every N UNet steps: prompt fidelity of the EMA on the tuning prompts
+    unet_from: str = ""             # a world model file whose UNet and text encoder stage 2 continues (probes)
+    rotation: float = 180.0         # the world's rotation in the stage-2 images (minidb.world.render)
+    vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
+
+
+def world_config(cfg: PretrainConfig) -> SDConfig:
+    """WORLD_CONFIG with the recipe's UNet width."""
+    return dataclasses.replace(WORLD_CONFIG, unet=dataclasses.replace(WORLD_CONFIG.unet, model_channels=cfg.unet_channels))
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -182,27 +199,33 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
 
 @torch.no_grad()
 def encode_pool(sd, cfg: PretrainConfig, out: Path):
-    """The stage-2 images: `pool` renders (drawn from World(seed + 2)), their attributes, and the
-    VAE posterior (mean, std) of each. Cached in pool.pt, which is keyed by what made it."""
+    """The stage-2 images: `pool` renders (drawn from World(seed + 2)), their attributes, the VAE
+    posterior (mean, std) of each and the shape's mask at latent resolution. Cached in pool.pt,
+    keyed by what made it, and read back as tensors and strings only (weights_only)."""
     path = out / "pool.pt"
-    key = {"seed": cfg.seed, "pool": cfg.pool, "vae": _state_hash(sd.vae)}
+    key = {"seed": cfg.seed, "pool": cfg.pool, "vae": _state_hash(sd.vae), "rotation": cfg.rotation, "version": 2}
     if path.is_file():
-        cached = torch.load(path, weights_only=False)
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception:  # a pool of an older version, or torn: it is only a cache
+            cached = {"key": None}
         if cached["key"] == key:
-            return cached["mean"], cached["std"], cached["items"]
-    world = World(cfg.seed + 2)
+            return cached["mean"], cached["std"], cached["mask"], [Attributes(*a) for a in cached["items"]]
+    world = World(cfg.seed + 2, rotation=cfg.rotation)
     items = [world.attributes(i)[0] for i in range(cfg.pool)]
-    means, stds = [], []
+    means, stds, masks = [], [], []
     for start in tqdm(range(0, cfg.pool, 64), desc="encoding images", leave=False):
-        images, _ = world.batch(start, min(64, cfg.pool - start))
-        posterior = sd.vae.encode(images_to_tensor(images))
+        x = images_to_tensor(world.batch(start, min(64, cfg.pool - start))[0])
+        posterior = sd.vae.encode(x)
         means.append(posterior.mean)
         stds.append(posterior.std)
-    mean, std = torch.cat(means), torch.cat(stds)
+        masks.append(F.adaptive_avg_pool2d(foreground(x), posterior.mean.shape[-2:]))  # [B, 1, h, w]
+    mean, std, mask = torch.cat(means), torch.cat(stds), torch.cat(masks)
     tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "mean": mean, "std": std, "items": items}, tmp)
+    torch.save({"key": key, "mean": mean, "std": std, "mask": mask,
+                "items": [[a.shape, a.color, a.size, a.position, a.background] for a in items]}, tmp)
     tmp.replace(path)
-    return mean, std, items
+    return mean, std, mask, items
 
 
 def _state_hash(module) -> float:
@@ -220,7 +243,8 @@ def lr_at(step: int, total: int, peak: float, cfg: PretrainConfig) -> float:
 def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     """Trains sd.unet and sd.text_encoder together; returns the EMA weights {"unet.*", "text_encoder.*"}."""
     from minidb.world import ATTRIBUTES, caption
-    mean, std, items = encode_pool(sd, cfg, out)
+    mean, std, mask, items = encode_pool(sd, cfg, out)
+    weights = timestep_weights(sd.schedule, cfg)
     stage = Stage(out, "unet", cfg.unet_steps)
     models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
     for m in models.values():
@@ -250,11 +274,12 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
             prompts.append("" if rng.random() < world.drop_all else caption(items[i], keep))
         latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)) * sd.config.scale_factor
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sd.config.timesteps, (cfg.unet_batch,), generator=g)
+        t = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g)
         context = sd.text_encoder(sd.tokenizer(prompts))
         pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
         target = noise if sd.config.parameterization == "eps" else sd.schedule.velocity(latents, noise, t)
-        loss = F.mse_loss(pred, target)
+        w = 1.0 + cfg.mask_weight * mask[index]  # [B, 1, h, w]: the shape is few pixels and all of the meaning
+        loss = (w * (pred - target).pow(2)).mean() / w.mean()
         lr = lr_at(step, cfg.unet_steps, cfg.lr, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -275,8 +300,62 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
                               "optimizer": opt.state_dict()})
         if step % cfg.sample_every == 0 or step == cfg.unet_steps:
             preview(sd, ema, out / "samples" / f"unet_step_{step:06d}.png")
+        if cfg.curve_every and (step % cfg.curve_every == 0 or step == cfg.unet_steps):
+            stage.log(step, curve=fidelity_probe(sd, ema))
     bar.close()
     return ema
+
+
+def timestep_weights(schedule, cfg: PretrainConfig) -> torch.Tensor:
+    """[T] probabilities of drawing each training timestep. "logsnr": the density of
+    Normal(t_mean, t_std) over log-SNR, carried to the timesteps (times each one's share of the
+    log-SNR axis), mixed with a t_uniform share of uniform draws. It moves the samples from the
+    near-pure-noise and near-clean ends, where the caption changes little, to the middle, where the
+    shape is decided (benchmarks/RESULTS.md, the diagnosis)."""
+    T = schedule.timesteps
+    uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
+    if cfg.t_sampling == "uniform":
+        return uniform
+    if cfg.t_sampling != "logsnr":
+        raise ValueError(f't_sampling must be "uniform" or "logsnr", got {cfg.t_sampling!r}')
+    a = schedule.alphas_cumprod
+    lam = (a / (1 - a)).log()                                   # [T] decreasing
+    width = torch.gradient(lam)[0].abs()                        # each timestep's share of the axis
+    density = torch.exp(-0.5 * ((lam - cfg.t_mean) / cfg.t_std) ** 2) * width
+    return (1 - cfg.t_uniform) * density / density.sum() + cfg.t_uniform * uniform
+
+
+def tuning_prompts(n: int = 48) -> list:
+    """Held-out combinations the final evaluation never uses (it takes the first 200 of
+    minidb.eval.held_out_prompts' seed-0 order; these come from its end), for the learning curve
+    and the recipe's choices, so that nothing is tuned on the evaluation prompts."""
+    from minidb.eval import held_out_prompts
+    from minidb.world import combinations
+    order = held_out_prompts(len(combinations(held=True)), seed=0)
+    return order[::-1][:n]
+
+
+@torch.no_grad()
+def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance: float = 7.5) -> dict:
+    """The learning curve's point: prompt fidelity per attribute of `weights` (the EMA) on n tuning
+    prompts, and the shape read on class-only prompts ("a photo of a star", per_shape each), read by
+    the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's)."""
+    from minidb.eval import Reader, prompt_fidelity
+    from minidb.pipeline import StableDiffusion
+    from minidb.world import SHAPES, caption
+    copy = StableDiffusion(sd.config)
+    load_trained(copy, weights, sd.vae)
+    wanted = tuning_prompts(n)
+    prompts = [caption(a) for a in wanted] + [f"a photo of {'an' if s[0] in 'aeiou' else 'a'} {s}"
+                                              for s in SHAPES for _ in range(per_shape)]
+    size = sd.config.image_size
+    images = copy.generate(prompts, steps=20, guidance=guidance, height=size, width=size,
+                           seed=[50000 + i for i in range(len(prompts))], progress=False)
+    reads = Reader.load().read_all(images)
+    out = prompt_fidelity(reads[:n], wanted)
+    classes = [s for s in SHAPES for _ in range(per_shape)]
+    out["class_shape"] = float(np.mean([r["shape"] == s for r, s in zip(reads[n:], classes)]))
+    return {k: round(v, 4) for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -336,7 +415,7 @@ def plot_losses(metrics_file: Path, path: Path) -> Path:
     image = Image.new("RGB", (W * len(stages), H), "white")
     draw = ImageDraw.Draw(image)
     for k, name in enumerate(stages):
-        last = {r["step"]: r["loss"] for r in rows if r["stage"] == name}  # a resumed step: its last value
+        last = {r["step"]: r["loss"] for r in rows if r["stage"] == name and "loss" in r}  # a resumed step: its last value
         steps = sorted(last)
         losses = np.log10(np.maximum([last[s] for s in steps], 1e-8))
         smooth = np.convolve(losses, np.ones(25) / 25, mode="valid") if len(losses) >= 25 else losses
@@ -356,6 +435,51 @@ def plot_losses(metrics_file: Path, path: Path) -> Path:
     return path
 
 
+CURVE_COLORS = {"shape": (200, 30, 30), "class_shape": (240, 140, 0), "color": (40, 160, 40),
+                "background": (120, 120, 120), "position": (30, 90, 240), "size": (140, 40, 200), "all": (0, 0, 0)}
+
+
+def plot_curve(metrics_file: Path, path: Path) -> Path | None:
+    """curve.png: the learning curve, prompt fidelity per attribute of the EMA against UNet steps
+    and minutes of stage 2, 0-100%, drawn with PIL. None when the run logged no curve points."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    points = {r["step"]: r["curve"] for r in rows if "curve" in r}  # a resumed step: its last value
+    if not points:
+        return None
+    start = min(r["time"] for r in rows if r.get("stage") == "unet")
+    minutes = {r["step"]: (r["time"] - start) / 60 for r in rows if "curve" in r}
+    steps = sorted(points)
+    W, H, pad, key = 640, 360, 48, 130
+    image = Image.new("RGB", (W + key, H), "white")
+    draw = ImageDraw.Draw(image)
+    last = max(steps[-1], 1)
+
+    def xy(step, v):
+        return pad + (W - 2 * pad) * step / last, H - pad - (H - 2 * pad) * v
+    for level in (0.25, 0.5, 0.75, 0.9, 1.0):
+        draw.line([xy(0, level), xy(last, level)], fill=(225, 225, 225))
+        draw.text((4, xy(0, level)[1] - 6), f"{level:.0%}", fill="black")
+    draw.line([xy(0, 1 / 6), xy(last, 1 / 6)], fill=(200, 160, 160))  # chance for shape
+    for k, (name, color) in enumerate(CURVE_COLORS.items()):
+        line = [xy(s, points[s][name]) for s in steps if name in points[s]]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=2)
+        for x, y in line:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        label = "class prompts: shape" if name == "class_shape" else name
+        draw.rectangle([W + 4, pad + 18 * k, W + 16, pad + 18 * k + 10], fill=color)
+        draw.text((W + 20, pad + 18 * k - 1), label, fill="black")
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    draw.text((pad, 10), "prompt fidelity of the EMA on held-out tuning prompts (chance for shape: pink line)",
+              fill="black")
+    for s in (steps[0], steps[len(steps) // 2], steps[-1]):
+        x, _ = xy(s, 0)
+        draw.text((x - 20, H - pad + 6), f"{s} ({minutes[s]:.0f} min)", fill="black")
+    draw.text((W // 2 - 60, H - 16), "UNet steps (minutes of stage 2)", fill="black")
+    image.save(path)
+    return path
+
+
 def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) -> Path:
     """The whole recipe; resumes from out/checkpoints when they are there. Returns the model path."""
     from minidb.pipeline import StableDiffusion
@@ -366,12 +490,23 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
         raise SystemExit(f"{out} holds a pretraining run with other settings: choose another --out")
     settings.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
-    sd = StableDiffusion(WORLD_CONFIG)  # random init, seeded
+    sd = StableDiffusion(world_config(cfg))  # random init, seeded
     t0 = time.time()
-    scale_factor = train_vae(sd, cfg, out)
+    if cfg.vae_from:  # stage 1 done before: its VAE and scale factor
+        trained = StableDiffusion.from_checkpoint(cfg.vae_from)
+        sd.vae.load_state_dict(trained.vae.state_dict())
+        sd.vae.eval().requires_grad_(False)
+        scale_factor = trained.config.scale_factor
+    else:
+        scale_factor = train_vae(sd, cfg, out)
+    if cfg.unet_from:
+        trained = StableDiffusion.from_checkpoint(cfg.unet_from, dtype=torch.float32)
+        sd.unet.load_state_dict(trained.unet.state_dict())
+        sd.text_encoder.load_state_dict(trained.text_encoder.state_dict())
     sd.config = dataclasses.replace(sd.config, scale_factor=round(scale_factor, 5))
     ema = train_unet(sd, cfg, out)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
+    plot_curve(out / "metrics.jsonl", out / "curve.png")
     model = StableDiffusion(sd.config)
     load_trained(model, ema, sd.vae)
     path = out / "model.safetensors"

@@ -38,6 +38,7 @@ BACKGROUNDS = {  # darker or paler than the shape colors of the same name, so th
 SIZES = {"small": 0.15, "large": 0.26}  # circumradius as a fraction of the image side
 POSITIONS = {"top left": (0.31, 0.31), "top right": (0.69, 0.31), "bottom left": (0.31, 0.69),
              "bottom right": (0.69, 0.69), "center": (0.5, 0.5)}  # (x, y) of the centre
+ROTATION = 180.0  # degrees either way a shape may turn (bounded by half its symmetry period)
 PATTERNS = ("solid", "two-tone", "striped", "checkered", "dotted")
 ATTRIBUTES = ("shape", "color", "size", "position", "background")
 
@@ -143,14 +144,14 @@ def _pattern_mask(pattern: str, size: int, cx: float, cy: float, r: float, angle
     return np.zeros((size, size), bool)
 
 
-def render(a: Attributes, seed: int = 0, size: int = SIZE, jitter: bool = True) -> Image.Image:
+def render(a: Attributes, seed: int = 0, size: int = SIZE, jitter: bool = True, rotation: float = ROTATION) -> Image.Image:
     """The image of `a`: the same (a, seed) always gives the same pixels. jitter=False draws the
-    canonical picture (no rotation, no offsets, no noise)."""
+    canonical picture (no rotation, no offsets, no noise). The shape turns by up to `rotation`
+    degrees either way, and never by more than half its symmetry period."""
     rng = np.random.default_rng(_seed("render", seed, a))
     u = rng.random(8) if jitter else np.full(8, 0.5)
-    # rotation over each shape's symmetry period; a heart stays upright within +-15 degrees
     period = {"circle": 0.0, "ring": 0.0, "square": 90.0, "triangle": 120.0, "star": 72.0, "heart": 30.0}[a.shape]
-    angle = math.radians((u[0] - 0.5) * period)
+    angle = math.radians((u[0] - 0.5) * min(period, 2 * rotation))
     r = SIZES[a.size] * size * (0.92 + 0.16 * u[1])
     px, py = POSITIONS[a.position]
     cx, cy = (px + (u[2] - 0.5) * 0.06) * size, (py + (u[3] - 0.5) * 0.06) * size
@@ -187,8 +188,9 @@ class World:
     `drop` (independently), and the whole caption with probability `drop_all` (the empty prompt
     that classifier-free guidance learns as "unconditional")."""
 
-    def __init__(self, seed: int = 0, size: int = SIZE, drop: float = 0.3, drop_all: float = 0.1):
-        self.seed, self.size, self.drop, self.drop_all = seed, size, drop, drop_all
+    def __init__(self, seed: int = 0, size: int = SIZE, drop: float = 0.3, drop_all: float = 0.1,
+                 rotation: float = ROTATION):
+        self.seed, self.size, self.drop, self.drop_all, self.rotation = seed, size, drop, drop_all, rotation
         self.allowed = combinations(held=False)
 
     def attributes(self, index: int) -> tuple[Attributes, tuple[str, ...]]:
@@ -199,7 +201,8 @@ class World:
 
     def sample(self, index: int) -> tuple[Image.Image, str, Attributes]:
         a, keep = self.attributes(index)
-        return render(a, seed=_seed("image", self.seed, index), size=self.size), (caption(a, keep) if keep else ""), a
+        image = render(a, seed=_seed("image", self.seed, index), size=self.size, rotation=self.rotation)
+        return image, (caption(a, keep) if keep else ""), a
 
     def batch(self, start: int, n: int) -> tuple[np.ndarray, list[str]]:
         """Items start .. start+n-1 as uint8 [n, size, size, 3] and their captions."""

@@ -1,0 +1,110 @@
+"""Why the world model does or does not draw shapes: the diagnosis of issue #27, from images and losses.
+
+    python -m benchmarks.world_diagnose --model minidb/data/world.safetensors --out benchmarks/world_diagnosis.json
+    python -m benchmarks.world_diagnose --state runs/world/checkpoints/unet/step_005000.pt ...  # EMA vs raw
+
+Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tuning_prompts):
+- classifier: the diffusion classifier of Li et al. 2023 (arXiv 2303.16203). The same noisy latent of a
+  render is denoised with its full caption and with the caption's shape word swapped for each other
+  shape; per timestep band, how often the right word gives the lowest loss (chance 1/6), and the
+  wrong words' mean loss over the right word's. If the model knows shape, some band says so, and
+  that band is where shape is decided.
+- guidance: shape fidelity of samples against the guidance scale.
+- seen: shape fidelity on training combinations against held-out ones.
+- ema: with a training state, the EMA weights against the raw ones.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minidb.eval import Reader, prompt_fidelity
+from minidb.pipeline import StableDiffusion
+from minidb.pretrain import images_to_tensor, load_trained, tuning_prompts
+from minidb.world import SHAPES, Attributes, _seed, caption, combinations, render
+
+BANDS = tuple(range(50, 1000, 100))  # timesteps at the band centres
+
+
+@torch.no_grad()
+def classifier(sd, n: int = 60, seed: int = 0) -> list[dict]:
+    wanted = tuning_prompts(n)
+    x = images_to_tensor(np.stack([np.asarray(render(a, seed=_seed("diagnose", seed, i))) for i, a in enumerate(wanted)]))
+    latents = sd.vae.encode(x).mean * sd.config.scale_factor
+    captions = [[caption(Attributes(s, a.color, a.size, a.position, a.background)) for s in SHAPES] for a in wanted]
+    context = sd.text_encoder(sd.tokenizer([c for row in captions for c in row])).view(n, len(SHAPES), -1, sd.config.clip.width)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t_mid in BANDS:
+        t = torch.randint(t_mid - 50, t_mid + 50, (n,), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        x_t = sd.schedule.add_noise(latents, noise, t)
+        target = sd.schedule.velocity(latents, noise, t)
+        losses = torch.stack([(sd.unet(x_t, t, context[:, k]) - target).pow(2).flatten(1).mean(1)
+                              for k in range(len(SHAPES))], 1)  # [n, shapes]
+        right = torch.tensor([SHAPES.index(a.shape) for a in wanted])
+        a = sd.schedule.alphas_cumprod[t_mid]
+        r = losses[torch.arange(n), right]
+        wrong = (losses.sum(1) - r) / (len(SHAPES) - 1)
+        rows.append({"t": t_mid, "log_snr": round(float((a / (1 - a)).log()), 2),
+                     "accuracy": float((losses.argmin(1) == right).float().mean()),
+                     "wrong_over_right": float((wrong / r).mean()), "loss": float(r.mean())})
+    return rows
+
+
+def fidelity(sd, reader, wanted: list, guidance: float, seed: int) -> dict:
+    size = sd.config.image_size
+    images = sd.generate([caption(a) for a in wanted], steps=20, guidance=guidance, height=size, width=size,
+                         seed=[seed + i for i in range(len(wanted))], progress=False)
+    return prompt_fidelity(reader.read_all(images), wanted)
+
+
+def class_shape(sd, reader, guidance: float, per_shape: int = 4, seed: int = 70000) -> float:
+    prompts = [f"a photo of {'an' if s[0] in 'aeiou' else 'a'} {s}" for s in SHAPES for _ in range(per_shape)]
+    size = sd.config.image_size
+    images = sd.generate(prompts, steps=20, guidance=guidance, height=size, width=size,
+                         seed=[seed + i for i in range(len(prompts))], progress=False)
+    return float(np.mean([r["shape"] == s for r, s in zip(reader.read_all(images), [s for s in SHAPES for _ in range(per_shape)])]))
+
+
+def diagnose(sd, n: int = 48, scales=(1.0, 3.0, 5.0, 7.5, 9.0), raw: dict | None = None) -> dict:
+    reader = Reader.load()
+    held = tuning_prompts(n)
+    train = [combinations(held=False)[i] for i in np.random.default_rng(_seed("diagnose-train")).permutation(2444)[:n]]
+    t0 = time.time()
+    out = {"classifier": classifier(sd)}
+    out["guidance"] = {g: {**fidelity(sd, reader, held, g, 60000), "class_shape": class_shape(sd, reader, g)} for g in scales}
+    out["seen"] = {"held-out": out["guidance"][7.5], "training": fidelity(sd, reader, train, 7.5, 60000)}
+    if raw is not None:
+        copy = StableDiffusion(sd.config)
+        load_trained(copy, raw, sd.vae)
+        out["ema"] = {"ema": out["guidance"][7.5], "raw": {**fidelity(copy, reader, held, 7.5, 60000),
+                                                            "class_shape": class_shape(copy, reader, 7.5)}}
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a world model file (default: the shipped one)")
+    p.add_argument("--state", default=None, help="a pretraining state (checkpoints/unet/step_N.pt): EMA vs raw")
+    p.add_argument("--out", default="benchmarks/world_diagnosis.json")
+    p.add_argument("--classifier-only", action="store_true")
+    args = p.parse_args(argv)
+    from minidb.pretrain import SHIPPED
+    sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
+    raw = None
+    if args.state:
+        from minidb.checkpoint import load_state
+        raw = load_state(args.state)["weights"]
+    result = {"classifier": classifier(sd)} if args.classifier_only else diagnose(sd, raw=raw)
+    result["model"] = str(args.model or SHIPPED)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
