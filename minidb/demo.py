@@ -13,6 +13,10 @@ then samples the subject in new contexts before and after, and measures it as th
     PRES               similarity of plain "a photo of a star" samples to the subject (lower: the class
                        has not collapsed onto the subject)
     DIV                mean pairwise distance between samples of the same prompt
+    subject shape      share of subject samples the reader reads as a two-tone star: the subject's form
+                       and colors, not its colors alone (the base model: its share of stars with the
+                       class noun in the same prompts)
+    class stars        share of "a photo of a star" samples read as a star: what prior preservation keeps
 
     minidb demo                        # writes demo/before_after.png, demo/metrics.json
     minidb demo --ablation --seeds 3   # with and without prior preservation, 3 seeds each
@@ -82,25 +86,35 @@ def sample_all(sd, samples: int, steps: int, guidance: float, seed: int = 0):
     return subject, classes
 
 
-def class_fidelity(sd, reader, samples, steps, guidance, seed=0) -> float:
-    """The base model's prompt fidelity (background, position, size) on the subject prompts with
-    the class noun instead of the identifier: the bar the subject prompts are held to."""
-    reads, checks = [], []
+def class_fidelity(sd, reader, samples, steps, guidance, seed=0) -> tuple[float, float]:
+    """The base model on the subject prompts with the class noun instead of the identifier: its
+    prompt fidelity (background, position, size), the bar the subject prompts are held to, and
+    its share of samples read as the subject's shape."""
+    checks, shapes = [], []
     size = sd.config.image_size
     for a, keep in subject_prompts():
         images = sd.generate([caption(Attributes(a.shape, "red", a.size, a.position, a.background), keep)] * samples,
                              steps=steps, guidance=guidance, height=size, width=size, seed=seed, progress=False)
         for r in reader.read_all(images):
             checks.append(np.mean([r[n] == getattr(a, n) for n in ("background", "position", "size")]))
-    return float(np.mean(checks))
+            shapes.append(r["shape"] == a.shape)
+    return float(np.mean(checks)), float(np.mean(shapes))
 
 
-def before_after(base_samples, tuned_samples, path: Path, columns: int = 3) -> Path:
-    """One row per prompt: `columns` base images, a gap, `columns` fine-tuned images."""
+def read_share(reader, images, **wanted) -> float:
+    """Share of images whose reads match every one of `wanted` (shape="star", pattern="two-tone")."""
+    return float(np.mean([all(r[k] == v for k, v in wanted.items()) for r in reader.read_all(list(images))]))
+
+
+def before_after(base_samples, tuned_samples, path: Path, columns: int = 3, scale: int = 4) -> Path:
+    """One row per prompt: `columns` base images, a gap, `columns` fine-tuned images, each shown
+    `scale` times its size (nearest neighbour: a 64x64 sample is a thumbnail on a screen)."""
     from PIL import Image, ImageDraw
     rows = list(base_samples)
     columns = min(columns, *(len(v) for v in base_samples.values()))
-    w = h = base_samples[rows[0]][0].size[0]
+    w = h = base_samples[rows[0]][0].size[0] * scale
+    base_samples = {k: [im.resize((w, h), Image.NEAREST) for im in v[:columns]] for k, v in base_samples.items()}
+    tuned_samples = {k: [im.resize((w, h), Image.NEAREST) for im in v[:columns]] for k, v in tuned_samples.items()}
     label = 360
     grid = Image.new("RGB", (label + w * (2 * columns) + 16, 20 + h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
@@ -143,13 +157,24 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
         tuned.load_lora(result.lora_path)
     base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=1000)
     tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=1000)
+    class_prompt_fidelity, class_noun_stars = class_fidelity(base, reader, samples, eval_steps, guidance, seed=1000)
+
+    def subject_shape(subject):
+        return read_share(reader, [im for v in subject.values() for im in v], shape=SUBJECT["shape"],
+                          pattern=SUBJECT["pattern"])
     metrics = {"base": subject_metrics(reader, real, base_s, base_c),
                "dreambooth": subject_metrics(reader, real, tuned_s, tuned_c),
-               "base_class_prompt_fidelity": class_fidelity(base, reader, samples, eval_steps, guidance, seed=1000),
+               "base_class_prompt_fidelity": class_prompt_fidelity,
+               "subject_shape": {"base": subject_shape(base_s), "dreambooth": subject_shape(tuned_s),
+                                 "base_with_class_noun": class_noun_stars},
+               "class_stars": {"base": read_share(reader, base_c[CLASS_PROMPTS[0]], shape=SUBJECT["shape"]),
+                               "dreambooth": read_share(reader, tuned_c[CLASS_PROMPTS[0]], shape=SUBJECT["shape"])},
                "prior_preservation": prior, "seed": seed, "steps": cfg.train.steps,
                "seconds": round(time.perf_counter() - t0, 1)}
     if grid:
-        metrics["grid"] = str(before_after({**base_s, **base_c}, {**tuned_s, **tuned_c}, out / "before_after.png"))
+        both = ({**base_s, **base_c}, {**tuned_s, **tuned_c})
+        metrics["grid"] = str(before_after(*both, out / "before_after.png"))
+        before_after(*both, out / "before_after_1x.png", scale=1)  # the samples as they are
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -162,6 +187,12 @@ def format_metrics(m: dict) -> str:
                      f"{r['pres']:.3f} | {r['div']:.3f} |")
     lines.append(f"\nbase model's prompt fidelity on the same prompts with the class noun: "
                  f"{100 * m['base_class_prompt_fidelity']:.1f}%")
+    shape, stars = m["subject_shape"], m["class_stars"]
+    lines.append(f"subject samples read as a two-tone star: {100 * shape['base']:.1f}% (base) -> "
+                 f"{100 * shape['dreambooth']:.1f}% (DreamBooth); the base model draws a star with the class noun "
+                 f"{100 * shape['base_with_class_noun']:.1f}% of the time")
+    lines.append(f'"{CLASS_PROMPTS[0]}" read as a star: {100 * stars["base"]:.1f}% (base) -> '
+                 f'{100 * stars["dreambooth"]:.1f}% (DreamBooth)')
     return "\n".join(lines)
 
 
@@ -171,12 +202,15 @@ def ablation(out="demo/ablation", seeds: int = 3, **kwargs) -> str:
     for prior in (True, False):
         for seed in range(seeds):
             rows[prior].append(run_demo(out, prior=prior, seed=seed, grid=False, **kwargs))
-    keys = ["subject_fidelity", "prompt_fidelity", "pres", "div"]
+    keys = ["subject_fidelity", "prompt_fidelity", "pres", "div", "subject_shape", "class_stars"]
+
+    def values(r, model):
+        return {**r[model], "subject_shape": r["subject_shape"][model], "class_stars": r["class_stars"][model]}
     lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    base = rows[True][0]["base"]
+    base = values(rows[True][0], "base")
     lines.append("| base model | " + " | ".join(f"{base[k]:.3f}" for k in keys) + " |")
     for prior in (True, False):
-        vals = {k: [r["dreambooth"][k] for r in rows[prior]] for k in keys}
+        vals = {k: [values(r, "dreambooth")[k] for r in rows[prior]] for k in keys}
         name = "with prior preservation" if prior else "without prior preservation"
         lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in vals.values()) + " |")
     table = "\n".join(lines)

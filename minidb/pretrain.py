@@ -381,10 +381,14 @@ def load_trained(sd, weights: dict, vae=None) -> None:
         m.eval().requires_grad_(False)
 
 
-def save_grid(images, columns: int, path: Path) -> Path:
+def save_grid(images, columns: int, path: Path, scale: int = 4) -> Path:
+    """The grid at `scale` times its size (nearest neighbour: 64x64 samples are thumbnails on a
+    screen) as `path`, and as it is beside it (NAME_1x.png)."""
     from minidb.sampling import image_grid
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, columns).save(path)
+    grid = image_grid(images, columns)
+    grid.save(path.with_name(path.stem + "_1x.png"))
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
     return path
 
 
@@ -394,7 +398,7 @@ def sample_sheet(sd, path: Path, prompts=PREVIEW_PROMPTS, n: int = 4, steps: int
     size = sd.config.image_size
     images = sd.generate([p for p in prompts for _ in range(n)], steps=steps, guidance=guidance, height=size,
                          width=size, seed=[i for _ in prompts for i in range(n)], progress=False)
-    label, scale = 300, 2  # 64x64 images shown at 128x128
+    label, scale = 300, 4  # 64x64 images shown at 256x256
     sheet = Image.new("RGB", (label + n * size * scale, len(prompts) * size * scale), "white")
     draw = ImageDraw.Draw(sheet)
     for row, prompt in enumerate(prompts):
