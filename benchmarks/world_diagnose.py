@@ -12,6 +12,7 @@ Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tu
 - guidance: shape fidelity of samples against the guidance scale.
 - seen: shape fidelity on training combinations against held-out ones.
 - ema: with a training state, the EMA weights against the raw ones.
+- samplers (--samplers): stochastic DDIM and more steps, so that the sampler can be ruled in or out.
 """
 import argparse
 import json
@@ -62,6 +63,17 @@ def fidelity(sd, reader, wanted: list, guidance: float, seed: int) -> dict:
     return prompt_fidelity(reader.read_all(images), wanted)
 
 
+def samplers(sd, reader, n: int = 48) -> dict:
+    """Shape fidelity at guidance 7.5 with stochastic DDIM (eta 1) and with more steps."""
+    held, size = tuning_prompts(n), sd.config.image_size
+    out = {}
+    for eta, steps in ((1.0, 20), (0.0, 50), (1.0, 50)):
+        images = sd.generate([caption(a) for a in held], steps=steps, guidance=7.5, eta=eta, height=size, width=size,
+                             seed=[60000 + i for i in range(n)], progress=False)
+        out[f"eta {eta:g}, {steps} steps"] = prompt_fidelity(reader.read_all(images), held)
+    return out
+
+
 def class_shape(sd, reader, guidance: float, per_shape: int = 4, seed: int = 70000) -> float:
     prompts = [f"a photo of {'an' if s[0] in 'aeiou' else 'a'} {s}" for s in SHAPES for _ in range(per_shape)]
     size = sd.config.image_size
@@ -70,13 +82,16 @@ def class_shape(sd, reader, guidance: float, per_shape: int = 4, seed: int = 700
     return float(np.mean([r["shape"] == s for r, s in zip(reader.read_all(images), [s for s in SHAPES for _ in range(per_shape)])]))
 
 
-def diagnose(sd, n: int = 48, scales=(1.0, 3.0, 5.0, 7.5, 9.0), raw: dict | None = None) -> dict:
+def diagnose(sd, n: int = 48, scales=(1.0, 3.0, 5.0, 7.5, 9.0), raw: dict | None = None,
+             with_samplers: bool = False) -> dict:
     reader = Reader.load()
     held = tuning_prompts(n)
     train = [combinations(held=False)[i] for i in np.random.default_rng(_seed("diagnose-train")).permutation(2444)[:n]]
     t0 = time.time()
     out = {"classifier": classifier(sd)}
     out["guidance"] = {g: {**fidelity(sd, reader, held, g, 60000), "class_shape": class_shape(sd, reader, g)} for g in scales}
+    if with_samplers:
+        out["samplers"] = samplers(sd, reader, n)
     out["seen"] = {"held-out": out["guidance"][7.5], "training": fidelity(sd, reader, train, 7.5, 60000)}
     if raw is not None:
         copy = StableDiffusion(sd.config)
@@ -93,6 +108,7 @@ def main(argv=None):
     p.add_argument("--state", default=None, help="a pretraining state (checkpoints/unet/step_N.pt): EMA vs raw")
     p.add_argument("--out", default="benchmarks/world_diagnosis.json")
     p.add_argument("--classifier-only", action="store_true")
+    p.add_argument("--samplers", action="store_true", help="also eta 1 and 50 steps (~3 more minutes)")
     args = p.parse_args(argv)
     from minidb.pretrain import SHIPPED
     sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
@@ -100,7 +116,7 @@ def main(argv=None):
     if args.state:
         from minidb.checkpoint import load_state
         raw = load_state(args.state)["weights"]
-    result = {"classifier": classifier(sd)} if args.classifier_only else diagnose(sd, raw=raw)
+    result = {"classifier": classifier(sd)} if args.classifier_only else diagnose(sd, raw=raw, with_samplers=args.samplers)
     result["model"] = str(args.model or SHIPPED)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
