@@ -66,6 +66,12 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
     if orphans:
         warnings.warn(f"{what} images: {len(orphans)} caption file(s) of {folder} without an image of the same name, "
                       f"ignored: {', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}", stacklevel=2)
+    return open_images(files, what, folder, resolution)
+
+
+def open_images(files, what: str, folder, resolution: int | None = None) -> list[tuple[Path, Image.Image]]:
+    """The readable images of `files` (load_image_folder's rules); unreadable ones are named and
+    skipped with a warning, or a DataError when none is left."""
     images, bad, small = [], [], []
     for path in files:
         try:
@@ -83,7 +89,7 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
         raise DataError(f"{what} images: no usable image in {folder}: {', '.join(bad)}")
     if bad:
         warnings.warn(f"{what} images: skipping {len(bad)} file(s) of {folder} that are not readable images: "
-                      f"{', '.join(bad)}", stacklevel=2)
+                      f"{', '.join(bad)}", stacklevel=3)
     if small:
         _warn_small(what, small, resolution)
     return images

@@ -37,7 +37,7 @@ import torch
 from minidb.adamw8bit import AdamW8bit
 from minidb.checkpoint import set_rng_state
 from minidb.config import DTYPES, SDConfig
-from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_rgb
+from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
 from minidb.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.fused_step import FusedBackwardStep, check_supported
@@ -122,7 +122,7 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                                         sampler=p.sampler, resolution=cfg.data.resolution, rank=dist.rank,
                                         world_size=W, progress=dist.is_main)
             dist.barrier()
-            class_images = [(path, open_rgb(path, cfg.data.resolution)) for path in paths]
+            class_images = open_images(paths, "class", p.class_dir, cfg.data.resolution)  # junk named, skipped
         dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                     cfg.data.hflip, seed)
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from minidb.errors import MinidbError
+from minidb.weights.files import atomic_write_text
 
 
 def add_arguments(p):
@@ -69,9 +70,8 @@ def run(args) -> int:
         if i == 0 and args.grid:
             save_grid(r["images"][:32], 8, Path(args.grid))
     print(format_table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"images": args.images, "steps": args.steps, "seed": args.seed, "sampler": "ddim",
-                               "prompts": "held-out full captions", "rows": results}, indent=1))
+    out = atomic_write_text(args.out, json.dumps({"images": args.images, "steps": args.steps, "seed": args.seed,
+                                                  "sampler": "ddim", "prompts": "held-out full captions",
+                                                  "rows": results}, indent=1))
     print(f"written to {out}", file=sys.stderr)
     return 0
