@@ -83,18 +83,36 @@ def measure(image: Image.Image) -> dict:
     return out
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a [H, W] bool mask (each pixel takes the largest index
+    among its neighbours until nothing changes; then the most common index wins)."""
+    keep = torch.from_numpy(mask)
+    labels = torch.where(keep, torch.arange(1, keep.numel() + 1, dtype=torch.float32).view(keep.shape), 0.0)
+    while True:
+        grown = torch.where(keep, F.max_pool2d(labels[None], 3, stride=1, padding=1)[0], 0.0)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    counts = torch.bincount(labels.long().flatten())
+    counts[0] = 0
+    return (labels == counts.argmax()).numpy()
+
+
 def crop(image: Image.Image, m: dict | None = None) -> torch.Tensor:
-    """The reader's input [3, CROP, CROP]: the blob centred, scaled so that its circumradius is
-    0.4 CROP, the background replaced by 0 (the mid-grey of [-1, 1])."""
+    """The reader's input [3, CROP, CROP]: the blob (the mask's largest connected region) centred,
+    scaled so that its circumradius is 0.4 CROP, everything else replaced by 0 (the mid-grey of
+    [-1, 1]). A VAE round trip leaves stray pixels past the threshold far from the shape; counted
+    in, one of them would set the radius and shrink the shape to a few pixels."""
     m = m or measure(image)
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    x = x * torch.from_numpy(m["mask"]).float()  # [3, H, W], background 0
     if m["area"] == 0:
         return torch.zeros(3, CROP, CROP)
-    ys, xs = np.nonzero(m["mask"])
-    cx, cy = m["centre"]
+    blob = largest_component(m["mask"])
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    x = x * torch.from_numpy(blob).float()  # [3, H, W], background 0
+    ys, xs = np.nonzero(blob)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     radius = max(2.0, float(np.sqrt(((xs + 0.5 - cx) ** 2 + (ys + 0.5 - cy) ** 2).max())))
-    h, w = m["mask"].shape
+    h, w = blob.shape
     scale = radius / (0.4 * CROP)  # source pixels per crop pixel
     # affine_grid maps crop coordinates in [-1, 1] to source coordinates in [-1, 1]
     theta = torch.tensor([[scale * CROP / w, 0, 2 * cx / w - 1], [0, scale * CROP / h, 2 * cy / h - 1]],
@@ -235,7 +253,8 @@ def rendered_set(n: int, seed: int, degrade: bool = True, vae=None):
 
 def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64, seed: int = 0, vae=None) -> Path:
     """Train the reader on n renders, half of them blurred and noised, half (with a vae: the
-    shipped world model's) passed through the VAE, as every generated image is."""
+    shipped world model's) passed through the VAE, as every generated image is. No flips: the
+    shapes are not all mirror-symmetric."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
@@ -251,10 +270,7 @@ def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64,
     bar = tqdm(range(steps), desc="training the reader")
     for step in bar:
         idx = torch.randint(0, n, (batch,), generator=g)
-        xb = x[idx]
-        flip = torch.rand(batch, generator=g) < 0.0  # shapes are not mirror-symmetric in general: no flips
-        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        _, logits = net(xb)
+        _, logits = net(x[idx])
         loss = sum(F.cross_entropy(logits[k], targets[k][idx]) for k in logits)
         for group in opt.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))

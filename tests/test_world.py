@@ -70,17 +70,18 @@ def test_measured_attributes_follow_the_pixels():
 def test_reader_is_accurate_on_fresh_renders():
     """>= 98% per attribute on renders it never saw (with blur and noise of the kind generated
     images have). 240 images: one error in 240 is 0.4%, so the bound is not on a knife edge.
-    On the world VAE's reconstructions of the same renders, which is what a generated image
-    is at best, a reader trained on blurred renders only read 28% of shapes right on the first VAE's
-    and the shipped one 65% there; on the shipped (fourth-session) VAE's 82.7% (600 images). 240
-    images here measure 0.85 (pattern 0.90), so >= 0.5 keeps a wide margin while failing a reader
-    that never saw a decoded image."""
+    The world VAE's reconstructions of the same renders are what a generated image is at best;
+    there the reader, trained on such reconstructions and cropping the largest connected blob,
+    reads shape and size within a few errors in 100 (benchmarks/RESULTS.md, "The world reader on
+    VAE round trips"). >= 0.9 leaves several times the errors measured here, yet fails the
+    previous reader with its previous crop (well under 0.9 on these images)."""
     from minidb.eval import world_vae
     acc = reader_accuracy(Reader.load(), n=240, seed=777, vae=world_vae())
     for name in ATTRIBUTES:
         assert acc[name] >= 0.98, (name, acc)
     assert acc["pattern"] >= 0.85, acc
-    assert acc["decoded"]["shape"] >= 0.5 and acc["decoded"]["color"] >= 0.95, acc
+    assert acc["decoded"]["shape"] >= 0.9 and acc["decoded"]["size"] >= 0.9, acc
+    assert acc["decoded"]["color"] >= 0.95, acc
 
 
 @shipped
