@@ -45,3 +45,30 @@ def test_pretraining_refuses_a_folder_of_other_settings(tmp_path):
     (tmp_path / "pretrain.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(SystemExit, match="other settings"):
         pretrain.pretrain(tmp_path, TINY)
+
+
+def test_timestep_weights_move_the_samples_to_the_middle_noise_levels():
+    from minidb.schedule import NoiseSchedule
+    schedule = NoiseSchedule(0.003, 0.02)
+    uniform = pretrain.timestep_weights(schedule, pretrain.PretrainConfig())
+    assert torch.allclose(uniform, torch.full((1000,), 1e-3, dtype=torch.float64))
+    cfg = pretrain.PretrainConfig(t_sampling="logsnr", t_mean=-2.0, t_std=1.0, t_uniform=0.1)
+    w = pretrain.timestep_weights(schedule, cfg)
+    a = schedule.alphas_cumprod
+    lam = (a / (1 - a)).log()
+    assert abs(float(w.sum()) - 1) < 1e-9 and bool((w > 0).all())
+    band = (lam > -4) & (lam < 0)  # two standard deviations either side of the mean
+    assert float(w[band].sum()) > 0.8 > float(uniform[band].sum())
+    with pytest.raises(ValueError, match="t_sampling"):
+        pretrain.timestep_weights(schedule, pretrain.PretrainConfig(t_sampling="lognormal"))
+
+
+def test_learning_curve_is_drawn_from_metrics(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    point = {"shape": 0.2, "color": 0.9, "size": 0.7, "position": 0.5, "background": 1.0, "all": 0.1, "class_shape": 0.3}
+    rows = [{"stage": "unet", "step": s, "loss": 0.1, "time": 100.0 + s} for s in (1, 2, 3, 4)]
+    rows += [{"stage": "unet", "step": s, "curve": point, "time": 100.0 + s} for s in (2, 4)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pretrain.plot_curve(metrics, tmp_path / "curve.png").stat().st_size > 0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    assert pretrain.plot_curve(metrics, tmp_path / "none.png") is None
