@@ -72,6 +72,11 @@ def test_shortened_demo_learns_the_subject(tmp_path):
     assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.15, m
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 150
+    # the shape measures are shares of read images (their bounds wait for a world model that draws shapes: #27)
+    for share in (*m["subject_shape"].values(), *m["class_stars"].values()):
+        assert 0.0 <= share <= 1.0
+    assert set(m["subject_shape"]) == {"base", "dreambooth", "base_with_class_noun"}
+    assert (tmp_path / "before_after_1x.png").is_file()
 
 
 @shipped
