@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from minidb.world import Attributes, caption, render
+from minidb.weights.files import atomic_write_text
 
 DATA = Path(__file__).parent / "data"
 DEMO_TOML = DATA / "demo.toml"
@@ -175,7 +176,7 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
         both = ({**base_s, **base_c}, {**tuned_s, **tuned_c})
         metrics["grid"] = str(before_after(*both, out / "before_after.png"))
         before_after(*both, out / "before_after_1x.png", scale=1)  # the samples as they are
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -215,6 +216,6 @@ def ablation(out="demo/ablation", seeds: int = 3, **kwargs) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{np.mean(v):.3f} ± {np.std(v):.3f}" for v in vals.values()) + " |")
     table = "\n".join(lines)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "ablation.json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=1))
-    (Path(out) / "ablation.md").write_text(table + "\n")
+    atomic_write_text(Path(out) / "ablation.json", json.dumps({str(k): v for k, v in rows.items()}, indent=1))
+    atomic_write_text(Path(out) / "ablation.md", table + "\n")
     return table

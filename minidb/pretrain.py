@@ -39,6 +39,7 @@ from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, p
                                save_state, set_rng_state)
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.world import Attributes, World, _seed
+from minidb.weights.files import atomic_write_text
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -492,7 +493,7 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
     settings = out / "pretrain.json"
     if settings.is_file() and json.loads(settings.read_text()) != dataclasses.asdict(cfg):
         raise SystemExit(f"{out} holds a pretraining run with other settings: choose another --out")
-    settings.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    atomic_write_text(settings, json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     sd = StableDiffusion(world_config(cfg))  # random init, seeded
     t0 = time.time()
