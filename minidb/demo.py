@@ -146,8 +146,8 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
     sets = [f"train.output_dir={run}", f"train.seed={seed}"] + ([] if prior else ['prior.class_prompt=""'])
     cfg = load_config(DEMO_TOML, sets + list(overrides))
     result = train(cfg)
-    if result.interrupted:
-        raise SystemExit(130)
+    if result.interrupted:  # the command line says "interrupted" and exits 130
+        raise KeyboardInterrupt
     reader = Reader.load()
     real = subject_images()
     base = StableDiffusion.from_checkpoint(resolved(cfg).model.base)

@@ -308,26 +308,41 @@ def held_out_prompts(n: int, seed: int = 0) -> list[Attributes]:
     return [held[order[i % len(held)]] for i in range(n)]
 
 
+def class_prompts(per_shape: int) -> tuple[list[str], list[str]]:
+    """("a photo of a star", ...) per_shape times for each shape, and the shape each one names."""
+    shapes = [s for s in SHAPES for _ in range(per_shape)]
+    return [caption(Attributes(s, "red"), keep=("shape",)) for s in shapes], shapes
+
+
 def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float = 7.5, seed: int = 0, reader=None,
-                   batch: int = 50, progress: bool = True) -> dict:
-    """Prompt fidelity of `sd` on n held-out full captions (image i: seed + i)."""
+                   batch: int = 50, progress: bool = True, per_shape: int = 0) -> dict:
+    """Prompt fidelity of `sd` on n held-out full captions (image i: seed + i) and, with
+    per_shape, the share of class-only prompts ("a photo of a star") read as the named shape
+    ("class_shape"; image j of those: seed + n + j)."""
     from tqdm.auto import tqdm
     reader = reader or Reader.load()
     wanted = held_out_prompts(n, seed)
-    prompts = [caption(a) for a in wanted]
+    classes, shapes = class_prompts(per_shape)
+    prompts = [caption(a) for a in wanted] + classes
     images = []
     size = sd.config.image_size
-    for s in tqdm(range(0, n, batch), desc=f"sampling (guidance {guidance:g})", disable=not progress, leave=False):
+    for s in tqdm(range(0, len(prompts), batch), desc=f"sampling (guidance {guidance:g})", disable=not progress,
+                  leave=False):
         images += sd.generate(prompts[s:s + batch], steps=steps, guidance=guidance, height=size, width=size,
                               seed=seed + s, progress=False)
-    return {"fidelity": prompt_fidelity(reader.read_all(images), wanted), "images": images, "prompts": prompts}
+    reads = reader.read_all(images)
+    fidelity = prompt_fidelity(reads[:n], wanted)
+    if per_shape:
+        fidelity["class_shape"] = float(np.mean([r["shape"] == s for r, s in zip(reads[n:], shapes)]))
+    return {"fidelity": fidelity, "images": images[:n], "prompts": prompts[:n], "class_images": images[n:]}
 
 
 def format_table(rows: dict) -> str:
-    cols = list(ATTRIBUTES) + ["all"]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    cols = list(ATTRIBUTES) + ["all"] + (["class_shape"] if any("class_shape" in f for f in rows.values()) else [])
+    head = [c if c != "class_shape" else "class prompts: shape" for c in cols]
+    lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
     for name, f in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * f[c]:.1f}%" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * f[c]:.1f}%" if c in f else "" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -344,9 +359,6 @@ def main(argv=None) -> int:
         print(json.dumps(reader_accuracy(Reader.load(), vae=world_vae()), indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ---- DreamBooth's metrics (Ruiz et al. 2022, section 4.1), on the reader's embedding ------------
@@ -389,3 +401,7 @@ def subject_metrics(reader: Reader, subject_images, subject_samples: dict, class
             "prompt_fidelity": float(np.mean([np.mean(c) for c in checks])),
             "pres": mean_similarity(class_embeddings, real),
             "div": diversity(groups)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state,
                                save_state, set_rng_state)
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from minidb.errors import ConfigError, MinidbError
 from minidb.world import Attributes, World, _seed
 from minidb.weights.files import atomic_write_text
 
@@ -341,21 +342,19 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     """The learning curve's point: prompt fidelity per attribute of `weights` (the EMA) on n tuning
     prompts, and the shape read on class-only prompts ("a photo of a star", per_shape each), read by
     the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's)."""
-    from minidb.eval import Reader, prompt_fidelity
+    from minidb.eval import Reader, class_prompts, prompt_fidelity
     from minidb.pipeline import StableDiffusion
-    from minidb.world import SHAPES, caption
+    from minidb.world import caption
     copy = StableDiffusion(sd.config)
     load_trained(copy, weights, sd.vae)
     wanted = tuning_prompts(n)
-    prompts = [caption(a) for a in wanted] + [f"a photo of {'an' if s[0] in 'aeiou' else 'a'} {s}"
-                                              for s in SHAPES for _ in range(per_shape)]
+    classes, shapes = class_prompts(per_shape)
     size = sd.config.image_size
-    images = copy.generate(prompts, steps=20, guidance=guidance, height=size, width=size,
-                           seed=[50000 + i for i in range(len(prompts))], progress=False)
+    images = copy.generate([caption(a) for a in wanted] + classes, steps=20, guidance=guidance, height=size,
+                           width=size, seed=[50000 + i for i in range(n + len(classes))], progress=False)
     reads = Reader.load().read_all(images)
     out = prompt_fidelity(reads[:n], wanted)
-    classes = [s for s in SHAPES for _ in range(per_shape)]
-    out["class_shape"] = float(np.mean([r["shape"] == s for r, s in zip(reads[n:], classes)]))
+    out["class_shape"] = float(np.mean([r["shape"] == s for r, s in zip(reads[n:], shapes)]))
     return {k: round(v, 4) for k, v in out.items()}
 
 
@@ -492,7 +491,7 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "pretrain.json"
     if settings.is_file() and json.loads(settings.read_text()) != dataclasses.asdict(cfg):
-        raise SystemExit(f"{out} holds a pretraining run with other settings: choose another --out")
+        raise ConfigError(f"{out} holds a pretraining run with other settings: choose another --out")
     atomic_write_text(settings, json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     sd = StableDiffusion(world_config(cfg))  # random init, seeded
@@ -540,7 +539,10 @@ def main(argv=None):
         print(sample_sheet(StableDiffusion.from_checkpoint(SHIPPED), Path(args.sheet)))
         return
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
-    pretrain(args.out, cfg, args.ship)
+    try:
+        pretrain(args.out, cfg, args.ship)
+    except MinidbError as e:  # bad input: one line, as minidb's commands say it
+        sys.exit(f"python -m minidb.pretrain: {e}")
 
 
 if __name__ == "__main__":

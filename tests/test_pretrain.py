@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minidb import pretrain
+from minidb.errors import ConfigError
 from minidb.pipeline import StableDiffusion
 
 TINY = pretrain.PretrainConfig(vae_steps=4, vae_batch=2, pool=8, unet_steps=4, unet_batch=2, warmup=2,
@@ -43,7 +44,7 @@ def test_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch
 
 def test_pretraining_refuses_a_folder_of_other_settings(tmp_path):
     (tmp_path / "pretrain.json").write_text(json.dumps({"seed": 1}))
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         pretrain.pretrain(tmp_path, TINY)
 
 
