@@ -17,12 +17,12 @@ Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tu
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from minidb.eval import Reader, prompt_fidelity
+from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.pretrain import images_to_tensor, load_trained, tuning_prompts
 from minidb.world import SHAPES, Attributes, _seed, caption, combinations, render
@@ -118,7 +118,7 @@ def main(argv=None):
         raw = load_state(args.state)["weights"]
     result = {"classifier": classifier(sd)} if args.classifier_only else diagnose(sd, raw=raw, with_samplers=args.samplers)
     result["model"] = str(args.model or SHIPPED)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
 

@@ -20,10 +20,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from minidb.files import atomic_write
 
 SOURCE = Path(__file__).with_name("adamw8bit_cpu.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
@@ -54,16 +55,13 @@ def _build() -> ctypes.CDLL:
                                                           cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"adamw8bit_cpu-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: another
-            built = Path(tmp) / target.name                          # process never loads half a file
+        with atomic_write(target) as built:  # built aside, then renamed: another process never loads half a file
             for flags in ([*FLAGS, NATIVE], FLAGS):
                 run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
                 if run.returncode == 0:
                     break
             else:
                 raise OSError(f"{compiler} failed to build {SOURCE.name}: {run.stderr.strip()[-500:]}")
-            os.replace(built, target)
     library = ctypes.CDLL(str(target))
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.adamw8bit_step.argtypes = [p] * 10 + [i64] * 2 + [f32] * 8 + [ctypes.c_int]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from minidb.errors import CheckpointError
-from minidb.weights import atomic_write
-from minidb.weights.files import remove_temporaries, unpickling_refusal
+from minidb.files import atomic_write, remove_temporaries
+from minidb.weights.files import unpickling_refusal
 
 FORMAT = "minidb-dreambooth-state"
 VERSION = 1
@@ -48,7 +48,7 @@ def latest_checkpoint(folder) -> Path | None:
 
 
 def save_state(path, state: dict) -> Path:
-    """torch.save(state) to path, atomically (minidb.weights.atomic_write): a crash mid-write leaves
+    """torch.save(state) to path, atomically (minidb.files.atomic_write): a crash mid-write leaves
     at most a stray temporary file, never a half-written step_N.pt."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format": FORMAT, "version": VERSION, **state}, f)

@@ -39,7 +39,7 @@ from torch import nn
 
 from minidb.config import SDConfig, UNetConfig
 from minidb.errors import CheckpointError
-from minidb.weights import atomic_write
+from minidb.files import atomic_write
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora.py
 UNET_TRANSFORMER = UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")  # kohya's LoRA

@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from minidb.errors import DataError
-from minidb.weights import atomic_write
+from minidb.files import atomic_write
 
 CLASS_IMAGE = re.compile(r"class-(\d{5,})\.png")
 

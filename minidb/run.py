@@ -14,7 +14,7 @@ Every process holds a Run; only rank 0 writes files and prints, the others wait 
 One writer at a time: rank 0 holds an advisory lock (flock) on `.lock` in the folder for the whole
 run, and the kernel drops it when the process ends, however it ends. A second run into a live folder
 is refused in one line naming the holder's process and host, before it touches anything. The lock's
-holder sweeps the temporary files a killed writer left (minidb.weights.atomic_write).
+holder sweeps the temporary files a killed writer left (minidb.files.atomic_write).
 
 Branches: resuming from a state older than the folder's newest moves the newer states (and the model
 and validation grids made after that step) into checkpoints/abandoned-<step>-<time>/, so nothing is
@@ -39,9 +39,8 @@ from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoi
                                prune_checkpoints, rng_state, save_state)
 from minidb.distributed import Dist
 from minidb.errors import CheckpointError, ConfigError, DiskFull, RunFolderBusy
+from minidb.files import atomic_write, atomic_write_text, remove_temporaries
 from minidb.train_config import differences, dump_toml, from_dict, load_config, resolved, to_dict
-from minidb.weights import atomic_write
-from minidb.weights.files import atomic_write_text, remove_temporaries
 
 # Changing these between a checkpoint and its resume would not continue the same training.
 MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer", "model.lora_rank",

@@ -161,7 +161,7 @@ def load_config(path=None, overrides=()) -> DreamBoothConfig:
     check every value. Raises ConfigError on anything wrong."""
     values = {}
     if path is not None:
-        from minidb.weights.files import read_text
+        from minidb.files import read_text
         try:
             values = tomllib.loads(read_text(path, ConfigError))  # UTF-8, an editor's BOM dropped
         except FileNotFoundError:

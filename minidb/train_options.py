@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from minidb.errors import DataError
-from minidb.weights.files import read_text
+from minidb.files import read_text
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, parameterization: str = "eps") -> torch.Tensor:

@@ -2,7 +2,6 @@
 older step, torn files, a full disk, text in foreign encodings, hostile training states, and a
 SIGKILL at any moment. User errors are typed as a user would (subprocesses) and end in one line,
 exit status 2, nothing written."""
-import errno
 import json
 import os
 import random
@@ -10,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -20,12 +18,12 @@ import torch
 
 from helpers import dreambooth_world
 from minidb import checkpoint as ck
-from minidb.errors import CheckpointError, ConfigError, DataError, DiskFull
+from minidb.errors import DataError
+from minidb.files import atomic_write, atomic_write_text, read_text
 from minidb.train import train, warn_long_prompts
 from minidb.train_config import dump_toml, load_config
 from minidb.train_options import caption_for
 from minidb.weights import write_tensors
-from minidb.weights.files import atomic_write_text, read_text
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +142,6 @@ def test_two_writers_second_is_refused_and_first_is_unharmed(world, tmp_path):
 
 
 def test_temporary_names_are_unique_and_dead_writers_are_swept(world, tmp_path):
-    from minidb.weights import atomic_write
     with atomic_write(tmp_path / "a.pt") as one, atomic_write(tmp_path / "a.pt") as two:
         assert one != two and one.name.startswith("a.pt.") and one.name.endswith(".tmp")
         one.write_bytes(b"1")

@@ -1,7 +1,7 @@
 """Reading and writing original Stable Diffusion v1 checkpoints (installed as `minidb.weights`).
 
     files.py  bytes on disk <-> named tensors (.safetensors via the safetensors library, .ckpt via a
-              safe torch.load), and `atomic_write`, which every file minidb writes goes through
+              safe torch.load), written atomically (minidb.files)
     sd1.py    the CompVis SD v1 layout: split by prefix, strict load, EMA, save_model
 
     from minidb.weights import open_checkpoint, load_models
@@ -10,9 +10,9 @@
 
 Most users want `minidb.StableDiffusion.from_checkpoint(path)`, which does exactly this.
 """
-from minidb.weights.files import CheckpointFile, atomic_write, open_checkpoint, write_tensors
+from minidb.weights.files import CheckpointFile, open_checkpoint, write_tensors
 from minidb.weights.sd1 import (EXTRA_KEYS, PREFIXES, config_from_dict, ema_key, identify, load_models,
                                 plan_load, save_model)
 
-__all__ = ["CheckpointFile", "atomic_write", "open_checkpoint", "write_tensors", "EXTRA_KEYS", "PREFIXES",
+__all__ = ["CheckpointFile", "open_checkpoint", "write_tensors", "EXTRA_KEYS", "PREFIXES",
            "config_from_dict", "ema_key", "identify", "load_models", "plan_load", "save_model"]

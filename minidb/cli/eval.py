@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from minidb.errors import MinidbError
-from minidb.weights.files import atomic_write_text
+from minidb.files import atomic_write_text
 
 
 def add_arguments(p):

@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
 from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
-from minidb.weights.files import atomic_write, read_text
+from minidb.files import atomic_write, read_text
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
