@@ -4,12 +4,11 @@
 
 Why: on CPU, AdamW8bit's torch path is ~20 whole-chunk operations, and its code lookups (gathers)
 run on one core. The C loop reads and writes each byte once and splits the blocks between torch's
-threads: at SD v1 size on 2 cores 2.33 ns per weight, against the torch path's 6.29 and torch's fused
-fp32 AdamW's 0.68 (`python -m benchmarks.bench_optimizer`, benchmarks/RESULTS.md).
+threads (`python -m benchmarks.bench_optimizer` times it against the torch path and torch's fused AdamW).
 
 Why built here and not at install: a compiled extension in setup.py would need torch at build time
 (pip's build isolation then fetches an unpinned, multi-GB torch). The loop is plain C with no torch
-headers, so the system's C compiler (`cc`, or $CC) builds it in about a second, once per machine and
+headers, so the system's C compiler (`cc`, or $CC) builds it quickly, once per machine and
 source version, into $MINIDB_CACHE (default ~/.cache/minidb); ctypes loads it. Where there is no
 compiler, or MINIDB_NO_C=1, `unavailable()` says why and AdamW8bit keeps its torch path: the same
 results to rounding (tests/test_adamw8bit_kernel.py), only slower.
@@ -28,7 +27,7 @@ from minidb.files import atomic_write
 
 SOURCE = Path(__file__).with_name("adamw8bit_cpu.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-pthread"]
-NATIVE = "-march=native"  # this CPU's vector width (AVX2: ~25% faster than SSE2); dropped if refused
+NATIVE = "-march=native"  # this CPU's vector width (AVX2 where there is one, not just SSE2); dropped if refused
 _library: ctypes.CDLL | None = None
 _why_not: str | None = None  # set once building or loading has failed
 

@@ -287,16 +287,16 @@ INTERPRET = type(_fwd_kernel).__name__ == "InterpretedFunction"   # TRITON_INTER
 # expected to be fastest; time them with `python -m benchmarks.bench_attention --sweep`.
 CONFIGS = {
     # dkdv 8 warps, not 4: the same tiles, grid and shared memory, with the dK/dV accumulators
-    # over twice the threads (4 warps spilled 12-24 B at 255 registers).
+    # over twice the threads (4 warps spilled registers).
     64: dict(fwd=[(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
              dq=[(128, 32, 4, 3), (64, 32, 4, 2)],
              dkdv=[(32, 128, 8, 3), (32, 64, 4, 2)]),
     128: dict(fwd=[(128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
               dq=[(128, 32, 8, 2), (64, 32, 4, 2)],
               dkdv=[(32, 128, 8, 2), (32, 64, 4, 2), (16, 32, 4, 1)]),
-    # fwd's sm_89 fallback 8 warps, not 4: the same tiles (4 spilled at 255 registers), and twice
+    # fwd's sm_89 fallback 8 warps, not 4: the same tiles (4 spilled registers), and twice
     # the warps per SM, where its 68 KB of shared memory allow one program per SM.
-    # dkdv 32 keys per program, not 64: 64 spilled 116-176 B, in the query loop too, on sm_90. At
+    # dkdv 32 keys per program, not 64: 64 spilled registers, in the query loop too, on sm_90. At
     # D = 160 SD has at most 256 tokens and B×H = 16: 64-key blocks make 64 programs (32 for the 77
     # text keys) for 108-132 SMs, 32-key blocks twice as many. (64, 32, 8, 2) and (32, 32, 8, 3)
     # compile clean too, with the same grid and 33 KB more shared memory: the sweep may prefer them.

@@ -14,17 +14,17 @@ its state alone is 7.9 GB. Here both are stored in 8 bits, 2.03 bytes per weight
    values near 1e-6 still get one, so a block spans 7 decades where int8 would span 2.
    v is never negative, so its code spends the sign bit on one more fraction bit (`dynamic_code`).
    Rounding is a table lookup: the nearest code value for each of the 65536 fp16 numbers, indexed
-   by the fp16 bits of the normalised value (a binary search per value is 2x slower on CPU).
+   by the fp16 bits of the normalised value (a binary search per value is slower on CPU).
 3. Each step dequantises m and v to fp32 (two codes per lookup: `code_pairs`), does the AdamW
    update in fp32 with torch's own fused AdamW kernel (decoupled weight decay, bias corrections; one
-   pass instead of eight operations: ~9% of this optimizer's time on CPU), and quantises them back,
+   pass instead of eight operations; the gain is in benchmarks/RESULTS.md), and quantises them back,
    one chunk of 2**20 values (whole blocks) at a time, so the fp32 temporaries stay ~30 MB.
 
 On CUDA the whole update of a tensor runs as one Triton kernel (minidb.kernels.adamw8bit: every byte
 read and written once, ~14 bytes per fp32 weight instead of the ~176 the chunked torch operations
 move), the same arithmetic to rounding. On CPU, fp32 tensors get the same single pass as one C loop
-(minidb.kernels.adamw8bit_cpu, built on first use by the system's C compiler; 2.3 ns per weight at
-SD size on 2 cores against the torch path's 6.3). `backend` picks ("auto": the kernel on CUDA, the C
+(minidb.kernels.adamw8bit_cpu, built on first use by the system's C compiler; faster than the torch
+path: `python -m benchmarks.bench_optimizer` times both). `backend` picks ("auto": the kernel on CUDA, the C
 loop for fp32 CPU tensors where it builds, the torch operations below for the rest).
 
 Tensors under `min_8bit_size` values (biases, norms: 0.3% of SD's weights) keep fp32 moments, as
@@ -56,7 +56,7 @@ def _warn_once(why: str) -> None:
     global _warned
     _warned = True
     warnings.warn(f"AdamW8bit: the C loop for CPU tensors is unavailable ({why}); stepping with torch "
-                  f"operations instead: the same results, about 3x slower", stacklevel=3)
+                  f"operations instead: the same results, only slower", stacklevel=3)
 
 
 def dynamic_code(signed: bool) -> torch.Tensor:
@@ -110,8 +110,8 @@ def quantize(x: torch.Tensor, table: torch.Tensor, block_size: int, unsigned: bo
 def code_pairs(code: torch.Tensor) -> torch.Tensor:
     """The values of every two consecutive codes, for each of the 65536 values two uint8s can hold
     side by side: 65536 fp64 words, each the two fp32 code values in memory order. Dequantising looks
-    up two codes at once through it (half the lookups, and half the index conversions: 0.5 s of
-    the 6.6 s an SD-size step took on CPU)."""
+    up two codes at once through it: half the lookups, and half the index conversions (the time saved:
+    benchmarks/RESULTS.md, "Dequantising looks two codes up at once")."""
     two_bytes = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.uint8)  # each uint16's bytes
     return code.index_select(0, two_bytes.int()).view(torch.float64)
 

@@ -171,7 +171,7 @@ def export_checkpoint(checkpoint, path=None, dtype=torch.float16) -> Path:
 def _no_init():
     """Module constructors without their random init (torch.nn.init's in-place functions do nothing).
     Why: on the meta device nn.Embedding's normal_ runs through torch._refs, whose first call imports
-    torch._dynamo, ~2 s of every load (measured: minidb sample's start-up) for values never used."""
+    torch._dynamo: a slow import on every load (it showed in minidb sample's start-up), for values never used."""
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(torch.nn.init, n) for n in names}
     for n in names:

@@ -512,8 +512,8 @@ def optimizer_step(masters: MasterWeights, optimizer, scaler: DynamicLossScaler 
 
 def make_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     """optim.optimizer: torch's AdamW, or minidb's with 8-bit moments (the same update, a quarter of the state).
-    torch's is its fused implementation (one kernel for all tensors) where it has one: on CPU it steps SD v1's
-    trained weights in 0.64 s where the default (foreach) takes 2.14 s (benchmarks/RESULTS.md)."""
+    torch's is its fused implementation (one kernel for all tensors) where it has one: on CPU several times
+    faster than its default (foreach) implementation (benchmarks/RESULTS.md, "The default optimizer")."""
     hyper = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
     if o.optimizer == "adamw8bit":
         return AdamW8bit(params, **hyper, kahan=o.master_weights == "kahan")

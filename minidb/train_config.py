@@ -107,11 +107,9 @@ class TrainConfig:
                                       # is complete (minidb.fused_step), so no full set of gradients is held;
                                       # clipping by this step's norm (exact: two backward passes) or the last
                                       # step's (lagged: one; not with fp16). One process, grad_accum = 1 only
-    low_memory: bool = False          # under half of diffusers' memory: optimizer adamw8bit, fused_backward lagged
-                                      # (exact in fp16; off where unsupported), gradient_checkpointing on. SD v1
-                                      # at 256x256, fp32, CPU (python -m benchmarks.bench_train, one run): 7.08 GiB
-                                      # and 23.2 s a step; minidb's default 15.87 GiB, 18.3 s; diffusers' 16.85
-                                      # GiB, 32.9 s: 0.42x its memory, 1.26x (4 runs: 1.24-1.40x) our default's time
+    low_memory: bool = False          # much less memory for slower steps: optimizer adamw8bit, fused_backward
+                                      # lagged (exact in fp16; off where unsupported), gradient_checkpointing on
+                                      # (memory and step time against the default and diffusers: benchmarks/RESULTS.md)
     min_snr_gamma: float = 0.0        # min-SNR loss weighting (Hang et al. 2023), 5 is typical; 0 = off
     noise_offset: float = 0.0         # offset noise: + this x a per-channel constant (learns brightness), ~0.05; 0 = off
     ema_decay: float = 0.0            # an fp32 moving average of the trained weights, e.g. 0.999; 0 = off

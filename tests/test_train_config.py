@@ -149,10 +149,11 @@ def test_low_memory_resolves_to_what_the_run_supports(sets, precision, world_siz
 
 def test_memory_options_documented():
     """The doc comments of the memory switches, continued over several lines, read as one; low_memory's
-    states what it was measured to do."""
+    points to where what it was measured to do is written (figures live in benchmarks/RESULTS.md only)."""
     doc = explanations()
-    assert "7.08 GiB" in doc[("train", "low_memory")] and "0.42x its memory" in doc[("train", "low_memory")]
-    assert "diffusers' 16.85 GiB, 32.9 s" in doc[("train", "low_memory")]
+    low_memory = doc[("train", "low_memory")]
+    assert "fused_backward lagged (exact in fp16" in low_memory and "gradient_checkpointing on (memory" in low_memory
+    assert low_memory.endswith("benchmarks/RESULTS.md)")
     assert doc[("model", "gradient_checkpointing")].startswith("recompute the UNet's and text encoder's")
     assert doc[("train", "fused_backward")].endswith("One process, grad_accum = 1 only")
     assert doc[("optim", "optimizer")].endswith("2 bytes of state per weight instead of 8)")

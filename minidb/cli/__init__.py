@@ -34,16 +34,16 @@ class Parser(argparse.ArgumentParser):
 
 # On Linux, glibc's malloc hands big freed blocks back to the kernel (mmap'd ones from 128 KiB up, and the
 # heap it trims) and maps fresh ones for the next allocation, which the kernel zero-fills page by page again:
-# every training step re-faulted its gradients and activations. At SD v1 size a step faulted ~3-4 million
-# 4 KiB pages (~16 GB), ~8 s of kernel time in the UNet's backward alone. The command keeps freed memory in
-# the process instead, so no page is faulted after the first steps (benchmarks/RESULTS.md: 18.7 s a step,
-# against diffusers' 29.0 s as its script runs and 17.7 s with the same setting; peak memory unchanged).
+# every training step re-faulted its gradients and activations, and the kernel's zero-filling was a large
+# part of the UNet's backward. The command keeps freed memory in the process instead, so no page is faulted
+# after the first steps, and peak memory stays as it was.
 # The low-memory training modes (train.low_memory, train.fused_backward) get a bounded version: their many
-# short-lived blocks of changing sizes fragment a heap that is never trimmed (7.3 -> 11.1 GiB at SD v1
-# size), so there at most 1 GiB of free heap is kept, and only blocks under 256 MiB come from the heap
-# (every gradient and activation of an SD v1 step at 256x256: the largest, the token embedding's gradient,
-# is 152 MB). With blocks up to 32 MiB only, a low_memory step still faulted 1.1-1.7 million pages (its
-# larger gradients) and varied 27-34 s; with 256 MiB, none, 7.0 GiB peak (benchmarks/RESULTS.md).
+# short-lived blocks of changing sizes fragment a heap that is never trimmed, which raised their peak, so
+# there at most 1 GiB of free heap is kept, and only blocks under 256 MiB come from the heap (every gradient
+# and activation of an SD v1 step at 256x256: the largest, the token embedding's gradient, is 152 MB). With
+# a 32 MiB threshold the larger gradients were still mapped afresh every step.
+# The step times, page faults and peaks behind each choice: benchmarks/RESULTS.md ("Page faults", and "The
+# bounded allocator setting keeps blocks under 256 MiB").
 # Memory freed is not returned to the system until the process exits (bounded: beyond 1 GiB it is).
 # `import minidb` changes nothing. Opt out: MINIDB_KEEP_FREED_MEMORY=0.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt(3) parameters

@@ -1,6 +1,6 @@
 """DreamBooth on the shipped miniature world, end to end: train, sample, measure (see minidb.demo).
 
-    minidb demo                          # ~2 minutes on 2 CPU cores; writes demo/before_after.png
+    minidb demo                          # minutes on a CPU (benchmarks/RESULTS.md); writes demo/before_after.png
     minidb demo --out elsewhere --seed 1
     minidb demo --ablation --seeds 3     # with and without prior preservation, 3 seeds each
 
