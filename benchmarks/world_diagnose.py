@@ -13,10 +13,17 @@ Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tu
 - seen: shape fidelity on training combinations against held-out ones.
 - ema: with a training state, the EMA weights against the raw ones.
 - samplers (--samplers): stochastic DDIM and more steps, so that the sampler can be ruled in or out.
+- x0 (--x0 PNG): a picture of what the model predicts at each noise level. Rows are noise levels;
+  each row shows four renders' noisy latents x_t (decoded), then the model's clean prediction x0
+  from them. It shows at which noise level the object's position and shape appear in the
+  prediction, and what the model draws where it cannot yet see the object.
+
+    python -m benchmarks.world_diagnose --model runs/world/model.safetensors --x0 benchmarks/world_x0.png
 """
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +61,30 @@ def classifier(sd, n: int = 60, seed: int = 0) -> list[dict]:
                      "accuracy": float((losses.argmin(1) == right).float().mean()),
                      "wrong_over_right": float((wrong / r).mean()), "loss": float(r.mean())})
     return rows
+
+
+@torch.no_grad()
+def x0_sheet(sd, path, n: int = 4, timesteps=(100, 250, 400, 550, 700, 850), seed: int = 0):
+    """The picture described in the module docstring, written to `path` (4x and 1x)."""
+    from minidb.pretrain import save_grid
+    from minidb.sampling import decode
+    wanted = []
+    for a in tuning_prompts(48):  # n different shapes
+        if len(wanted) < n and a.shape not in {w.shape for w in wanted}:
+            wanted.append(a)
+    x = images_to_tensor(np.stack([np.asarray(render(a, seed=_seed("x0", seed, i))) for i, a in enumerate(wanted)]))
+    latents = sd.vae.encode(x).mean * sd.config.scale_factor
+    context = sd.text_encoder(sd.tokenizer([caption(a) for a in wanted]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    cells, snr = [], []
+    for step in timesteps:
+        t = torch.full((n,), step)
+        x_t = sd.schedule.add_noise(latents, noise, t)
+        a = sd.schedule.alphas_cumprod[step]
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * sd.unet(x_t, t, context)  # v-prediction's clean image
+        cells += decode(sd, x_t) + decode(sd, x0)
+        snr.append(round(float((a / (1 - a)).log()), 2))
+    return save_grid(cells, 2 * n, Path(path)), {"timesteps": list(timesteps), "log_snr": snr, "prompts": [caption(a) for a in wanted]}
 
 
 def fidelity(sd, reader, wanted: list, guidance: float, seed: int) -> dict:
@@ -109,9 +140,15 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/world_diagnosis.json")
     p.add_argument("--classifier-only", action="store_true")
     p.add_argument("--samplers", action="store_true", help="also eta 1 and 50 steps (~3 more minutes)")
+    p.add_argument("--x0", metavar="PNG", help="only draw the x0-prediction sheet to PNG")
     args = p.parse_args(argv)
     from minidb.pretrain import SHIPPED
     sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
+    if args.x0:
+        assert sd.config.parameterization == "v", "the sheet reads x0 from a v-prediction"
+        path, info = x0_sheet(sd, args.x0)
+        print(json.dumps({"sheet": str(path), **info}, indent=1))
+        return
     raw = None
     if args.state:
         from minidb.checkpoint import load_state

@@ -4,8 +4,8 @@
     minidb eval --model runs/world/model.safetensors --scale 7.5 --scale 1 --untrained
     minidb eval --reader-accuracy                 # how well the attribute reader reads fresh renders
 
-Prompts are full captions of attribute combinations that pretraining never drew ("held out").
-Image i uses seed + i. Prints a table and writes it as JSON (--out).
+Prompts are full captions of attribute combinations that pretraining never drew ("held out"),
+then class-only prompts ("a photo of a star", --per-shape of each shape). Image i uses seed + i. Prints a table and writes it as JSON (--out).
 """
 import argparse
 import json
@@ -23,6 +23,8 @@ def add_arguments(p):
     p.add_argument("--images", type=int, default=200, help="held-out prompts, one image each (default 200)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--scale", type=float, action="append", help="guidance scale, repeatable (default 7.5)")
+    p.add_argument("--per-shape", type=int, default=10,
+                   help='class-only prompts ("a photo of a star") per shape, one image each (default 10; 0: none)')
     p.add_argument("--untrained", action="store_true", help="add a row for the same architecture, untrained")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (default 0)")
     p.add_argument("--out", default="outputs/eval.json", help="JSON results (default outputs/eval.json)")
@@ -33,8 +35,8 @@ def add_arguments(p):
 def run(args) -> int:
     import math
     scales = args.scale or [7.5]
-    if args.images < 1 or args.steps < 1 or args.steps > 1000:
-        raise MinidbError("--images must be >= 1 and --steps in 1..1000")
+    if args.images < 1 or args.per_shape < 0 or args.steps < 1 or args.steps > 1000:
+        raise MinidbError("--images must be >= 1, --per-shape >= 0 and --steps in 1..1000")
     if any(not math.isfinite(s) or s < 1 for s in scales):
         raise MinidbError(f"--scale must be a finite number >= 1, got {scales}")
     import torch
@@ -63,7 +65,7 @@ def run(args) -> int:
     rows, results = {}, []
     for i, (name, model, scale) in enumerate(runs):
         t0 = time.perf_counter()
-        r = evaluate_model(model, args.images, args.steps, scale, args.seed, reader)
+        r = evaluate_model(model, args.images, args.steps, scale, args.seed, reader, per_shape=args.per_shape)
         rows[name] = r["fidelity"]
         results.append({"model": name, "guidance": scale, "fidelity": r["fidelity"],
                         "seconds": round(time.perf_counter() - t0, 1)})
@@ -72,6 +74,7 @@ def run(args) -> int:
     print(format_table(rows))
     out = atomic_write_text(args.out, json.dumps({"images": args.images, "steps": args.steps, "seed": args.seed,
                                                   "sampler": "ddim", "prompts": "held-out full captions",
+                                                  "class_prompts_per_shape": args.per_shape,
                                                   "rows": results}, indent=1))
     print(f"written to {out}", file=sys.stderr)
     return 0
