@@ -128,6 +128,41 @@ def test_shipped_model_follows_prompts_far_better_than_an_untrained_one():
     assert trained["color"] >= random["color"] + 8 / 16, (trained, random)
 
 
+class _Drawer:
+    """A stand-in model that draws what a prompt names: held-out captions exactly, class-only
+    prompts as the named shape, or every shape as `always` when set."""
+
+    def __init__(self, always=None):
+        from minidb.config import SDConfig
+        self.config, self.always = SDConfig(image_size=64), always
+
+    def generate(self, prompts, seed=0, **kwargs):
+        from minidb.eval import held_out_prompts
+        wanted = {caption(a): a for a in held_out_prompts(40)}
+        out = []
+        for i, p in enumerate(prompts):
+            a = wanted.get(p) or Attributes(p.split()[-1], "red", "large", "center", "white")
+            out.append(render(dataclasses.replace(a, shape=self.always or a.shape), seed=seed + i))
+        return out
+
+
+def test_class_prompts_are_scored_by_the_shape_they_name():
+    """minidb eval's class-prompt column: "a photo of a star" per shape, read as the named shape. A
+    model that draws what it is asked scores 1 (the reader reads renders of these at >= 99%); one that
+    always draws circles scores 1/6."""
+    from minidb.eval import class_prompts, evaluate_model, format_table
+    prompts, shapes = class_prompts(2)
+    assert prompts[:2] == ["a photo of a circle"] * 2 and shapes == [s for s in SHAPES for _ in range(2)]
+    reader = Reader.load()
+    right = evaluate_model(_Drawer(), n=4, per_shape=2, reader=reader, batch=5, progress=False)
+    circles = evaluate_model(_Drawer("circle"), n=4, per_shape=2, reader=reader, batch=5, progress=False)
+    assert right["fidelity"]["class_shape"] == 1.0 and right["fidelity"]["shape"] == 1.0
+    assert circles["fidelity"]["class_shape"] == pytest.approx(1 / 6)
+    assert len(right["images"]) == 4 and len(right["class_images"]) == 12
+    assert "class prompts: shape" in format_table({"m": right["fidelity"]})
+    assert "class" not in format_table({"m": evaluate_model(_Drawer(), n=2, reader=reader, progress=False)["fidelity"]})
+
+
 def test_prompt_fidelity_counts_per_attribute():
     a = Attributes("star", "red", "small", "top left", "blue")
     reads = [dict(a.__dict__), dict(a.__dict__, color="green"), dict(a.__dict__, shape=None)]
