@@ -19,6 +19,10 @@ Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tu
   prediction, and what the model draws where it cannot yet see the object.
 
     python -m benchmarks.world_diagnose --model runs/world/model.safetensors --x0 benchmarks/world_x0.png
+- means (--means PNG): what a perfect model would predict from pure noise for "a photo of a large red
+  <shape> on a white background, center": the mean of 64 renders' latents, decoded (first row: no
+  rotation; second: the world's rotation), and the mean of the renders' pixels (rows 3-4). Compare
+  with the bottom rows of the x0 sheet.
 """
 import argparse
 import json
@@ -87,6 +91,23 @@ def x0_sheet(sd, path, n: int = 4, timesteps=(100, 250, 400, 550, 700, 850), see
     return save_grid(cells, 2 * n, Path(path)), {"timesteps": list(timesteps), "log_snr": snr, "prompts": [caption(a) for a in wanted]}
 
 
+@torch.no_grad()
+def mean_sheet(sd, path, n: int = 64):
+    from PIL import Image
+
+    from minidb.pretrain import save_grid
+    from minidb.sampling import decode
+    from minidb.world import ROTATION
+    cells, pixels = [], []
+    for rotation in (0.0, ROTATION):
+        for shape in SHAPES:
+            a = Attributes(shape, "red", "large", "center", "white")
+            x = np.stack([np.asarray(render(a, seed=_seed("means", i), rotation=rotation)) for i in range(n)])
+            cells += decode(sd, sd.vae.encode(images_to_tensor(x)).mean.mean(0, keepdim=True) * sd.config.scale_factor)
+            pixels.append(Image.fromarray(x.astype(np.float32).mean(0).round().astype(np.uint8)))
+    return save_grid(cells + pixels, len(SHAPES), Path(path))
+
+
 def fidelity(sd, reader, wanted: list, guidance: float, seed: int) -> dict:
     size = sd.config.image_size
     images = sd.generate([caption(a) for a in wanted], steps=20, guidance=guidance, height=size, width=size,
@@ -141,9 +162,13 @@ def main(argv=None):
     p.add_argument("--classifier-only", action="store_true")
     p.add_argument("--samplers", action="store_true", help="also eta 1 and 50 steps (~3 more minutes)")
     p.add_argument("--x0", metavar="PNG", help="only draw the x0-prediction sheet to PNG")
+    p.add_argument("--means", metavar="PNG", help="only draw the conditional means of renders to PNG")
     args = p.parse_args(argv)
     from minidb.pretrain import SHIPPED
     sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
+    if args.means:
+        print(mean_sheet(sd, args.means))
+        return
     if args.x0:
         assert sd.config.parameterization == "v", "the sheet reads x0 from a v-prediction"
         path, info = x0_sheet(sd, args.x0)
