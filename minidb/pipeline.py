@@ -186,4 +186,4 @@ def _no_init():
 def _stored_config(ckpt) -> SDConfig:
     """The config minidb stored in the file (fields it lacks take their defaults: image_size 512 in
     files written before it existed); SD v1's for files from elsewhere."""
-    return weights.config_from_dict(ckpt.config) if ckpt.config else SDConfig()
+    return weights.config_from_dict(ckpt.config, ckpt.path) if ckpt.config is not None else SDConfig()

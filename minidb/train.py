@@ -113,7 +113,14 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
         warn_long_prompts(cfg, instance_images)
         run.prepare(state)
         run.log(f"loading {cfg.model.base} ({device}, {precision})")
-        sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
+        try:
+            sd = StableDiffusion.from_checkpoint(cfg.model.base, config=base_config, device=device, dtype=dtype)
+        except CheckpointError:
+            # what only the tensors can show (NaN weights): a new run's folder goes back to holding no run,
+            # so that the command with another model.base runs
+            if state is None and dist.is_main:
+                (run.folder / "config.toml").unlink(missing_ok=True)
+            raise
         class_images = None
         if prior:  # missing class images are generated from the base model, each rank its share
             p = cfg.prior

@@ -193,6 +193,11 @@ class TorchFile(CheckpointFile):
             raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
         state_dict = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
         self._tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        not_names = [k for k in self._tensors if not isinstance(k, str)]
+        if not_names:  # tensors are found by name: any other key is a damaged or foreign file
+            raise CheckpointError(f"{path}: holds tensors under keys that are not names ({len(not_names)}, e.g. "
+                                  f"{not_names[0]!r} of type {type(not_names[0]).__name__}); a checkpoint "
+                                  "maps tensor names to tensors")
         self.shapes = {k: (v.shape, v.dtype) for k, v in self._tensors.items()}
         self.config = obj.get(CONFIG_KEY) if isinstance(obj.get(CONFIG_KEY), dict) else None
 

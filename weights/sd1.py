@@ -10,7 +10,9 @@ and the only other keys are the few small buffers in EXTRA_KEYS, kept as they ar
 writes them back, plus the EMA copy of the UNet (`model_ema.*`), used when asked for.
 """
 import dataclasses
+import math
 import os
+import typing
 
 import torch
 from tqdm import tqdm
@@ -110,7 +112,7 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
     for name, model in models.items():
         to_file = ema_key if ema and name == "unet" else (lambda k, prefix=PREFIXES[name]: prefix + k)
         plan[name] = {k: to_file(k) for k in model.state_dict()}
-        expected.update({to_file(k): (name, t.shape) for k, t in model.state_dict().items()})
+        expected.update({to_file(k): (name, t.shape, t.dtype) for k, t in model.state_dict().items()})
 
     problems = []
     for name in models:
@@ -130,12 +132,24 @@ def plan_load(ckpt: CheckpointFile, models: dict, ema: bool = False) -> dict:
         raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems) + ". " + CONFIG_HINT)
 
     mismatched = [f"{k} is {list(ckpt.shapes[k][0])} in the file, {list(shape)} in the model"
-                  for k, (name, shape) in expected.items() if ckpt.shapes[k][0] != shape]
+                  for k, (name, shape, _) in expected.items() if ckpt.shapes[k][0] != shape]
     if mismatched:
         raise CheckpointError(
             f"{ckpt.path}: {_tensors(len(mismatched))} do not fit the config: "
             f"{_listing(mismatched, 3, '; ')}. " + CONFIG_HINT)
+    # A weight stored as integers or booleans would be converted silently and break a convolution,
+    # or requires_grad, long after this point: the file is damaged or not what it claims.
+    wrong_dtype = [f"{k} is {_dtype_name(ckpt.shapes[k][1])}" for k, (_, _, dtype) in expected.items()
+                   if ckpt.shapes[k][1].is_floating_point != dtype.is_floating_point]
+    if wrong_dtype:
+        raise CheckpointError(
+            f"{ckpt.path}: {_tensors(len(wrong_dtype))} of the wrong dtype: {_listing(wrong_dtype, 3, '; ')}; "
+            "model weights are floating point (float16, bfloat16 or float32)")
     return plan
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = None,
@@ -146,6 +160,7 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
     plan = plan_load(ckpt, models, ema)
     nbytes = sum(ckpt.shapes[k][0].numel() * ckpt.shapes[k][1].itemsize
                  for keys in plan.values() for k in keys.values())
+    finite = []  # (file key, 0-d bool tensor): read back once at the end, not one device sync per tensor
     with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(ckpt.path)}",
               disable=None, leave=False) as bar:
         for name, model in models.items():
@@ -153,14 +168,31 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
             for key, file_key in plan[name].items():
                 stored = ckpt.shapes[file_key][1]
                 state[key] = ckpt.get(file_key, dtype if stored.is_floating_point else None).to(device)
+                if state[key].is_floating_point():
+                    finite.append((file_key, torch.isfinite(state[key]).all()))
                 bar.update(state[key].numel() * stored.itemsize)
             model.load_state_dict(state, strict=True, assign=True)
             del state
             still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
             if still_meta:  # a non-persistent buffer: the model must compute it, not keep it
                 raise RuntimeError(f"{LABELS[name]}: {_listing(still_meta)} not in its state dict")
+    flags = torch.stack([ok for _, ok in finite]).tolist() if finite else []
+    _check_finite(ckpt, [k for (k, _), ok in zip(finite, flags) if not ok], dtype)
     loaded = {k for keys in plan.values() for k in keys.values()}
     return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS and k not in loaded}
+
+
+def _check_finite(ckpt: CheckpointFile, bad: list, dtype: torch.dtype | None):
+    """NaN or inf in a weight gives black or noise images and NaN losses with no word of why: name the
+    tensors (`bad`, file keys), and say whether it is the file or the conversion to `dtype` (a float32
+    value beyond float16's range becomes inf)."""
+    if not bad:
+        return
+    overflow = dtype is not None and all(ckpt.shapes[k][1] != dtype and torch.isfinite(ckpt.get(k)).all() for k in bad)
+    raise CheckpointError(
+        f"{ckpt.path}: NaN or infinite values in {_tensors(len(bad))}: {_listing(bad, 3)}; "
+        + (f"they are finite in the file but exceed {_dtype_name(dtype)}'s range: load it in float32"
+           if overflow else "the file is damaged, or was saved from a training run that diverged"))
 
 
 def save_model(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict | None = None,
@@ -175,22 +207,95 @@ def save_model(path, *, unet: dict, vae: dict, text_encoder: dict, extras: dict 
     write_tensors(path, tensors, dataclasses.asdict(config) if config else None, dtype)
 
 
-def config_from_dict(values: dict) -> SDConfig:
-    """Rebuild the (nested, frozen) config that save_model stored."""
+# The ranges a stored config's fields must be in (ints not named here: 1 to WIDTH). The upper bounds are
+# far beyond any SD-family model: they only keep a damaged or hand-edited file from building millions of
+# modules or allocating terabytes before the shape check could refuse it.
+WIDTH, COUNT, LEVELS = 1 << 16, 256, 8
+INT_RANGES = {
+    "num_res_blocks": (1, COUNT), "transformer_depth": (1, COUNT), "layers": (1, COUNT),
+    "channel_mult": (1, COUNT), "ch_mult": (1, COUNT), "attention_resolutions": (1, 1 << LEVELS),
+    "vocab_size": (1, 1 << 24), "timesteps": (2, 1 << 20),
+    # the default size for sampling and training; the size actually used is checked against memory
+    # (minidb.sampling.check_memory), this only bounds what a file can ask for
+    "image_size": (8, 16384),
+}
+FLOAT_RANGES = {"scale_factor": (0, math.inf), "linear_start": (0, 1), "linear_end": (0, 1)}  # exclusive
+CHOICES = {"parameterization": ("eps", "v")}
+
+
+def config_from_dict(values, path=None) -> SDConfig:
+    """Rebuild the (nested, frozen) config that save_model stored. Every field is checked first, type
+    and range, and then what the models need of them together (widths divisible by heads and groups):
+    a bad value is one CheckpointError naming the field, not a TypeError, a division by zero or a huge
+    allocation later on. path: the file, for the message."""
     try:
-        return _dataclass_from_dict(SDConfig, values)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"the minidb config stored in the checkpoint is invalid: {e}") from None
+        config = _dataclass_from_dict(SDConfig, values, "")
+        _check_structure(config)
+    except ValueError as e:
+        where = f"{path}: " if path else ""
+        raise CheckpointError(f"{where}the minidb config stored in the file is invalid: {e}") from None
+    return config
 
 
-def _dataclass_from_dict(cls, values: dict):
+def _dataclass_from_dict(cls, values, prefix: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'it'} must be a table of fields, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+    unknown = [prefix + k for k in values if k not in fields]
     if unknown:
-        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        raise ValueError(f"{', '.join(map(str, unknown))}: no such field")
     kwargs = {}
     for name, v in values.items():
-        if dataclasses.is_dataclass(fields[name].type):
-            v = _dataclass_from_dict(fields[name].type, v)
-        kwargs[name] = tuple(v) if isinstance(v, list) else v
+        kind = fields[name].type
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _dataclass_from_dict(kind, v, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _field_value(prefix + name, name, kind, v)
     return cls(**kwargs)
+
+
+def _field_value(key: str, name: str, kind, v):
+    """v checked against the field's type annotation (int, float, str, tuple[int, ...]) and range."""
+    if kind is str:
+        if v not in CHOICES[name]:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, CHOICES[name]))}, got {v!r}")
+        return v
+    if kind is float:
+        low, high = FLOAT_RANGES[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v < high:
+            between = f"above {low}" if high == math.inf else f"between {low} and {high}, exclusive"
+            raise ValueError(f"{key} must be a number {between}, got {v!r}")
+        return float(v)
+    low, high = INT_RANGES.get(name, (1, WIDTH))
+    if typing.get_origin(kind) is tuple:
+        levels = name != "attention_resolutions"  # one entry per level: at least one, at most LEVELS
+        if (not isinstance(v, (list, tuple)) or not all(_int_in(x, low, high) for x in v)
+                or (levels and not 1 <= len(v) <= LEVELS) or len(v) > COUNT):
+            count = f"1 to {LEVELS} integers" if levels else "a list of integers"
+            raise ValueError(f"{key} must be {count}, each from {low} to {high}, got {v!r}")
+        return tuple(v)
+    if not _int_in(v, low, high):
+        raise ValueError(f"{key} must be an integer from {low} to {high}, got {v!r}")
+    return v
+
+
+def _int_in(v, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _check_structure(c: SDConfig):
+    """What the models need of the fields together (UNetModel, AutoencoderKL and CLIPTextModel check
+    it too, but without naming the file)."""
+    for m in c.unet.channel_mult:
+        width = c.unet.model_channels * m
+        if width % c.unet.norm_groups or width % c.unet.num_heads:
+            raise ValueError(f"the UNet width unet.model_channels x {m} = {width} must be a multiple of "
+                             f"unet.norm_groups ({c.unet.norm_groups}) and unet.num_heads ({c.unet.num_heads})")
+    if c.vae.ch % c.vae.norm_groups:
+        raise ValueError(f"vae.ch ({c.vae.ch}) must be a multiple of vae.norm_groups ({c.vae.norm_groups})")
+    if c.clip.width % c.clip.heads:
+        raise ValueError(f"clip.width ({c.clip.width}) must be a multiple of clip.heads ({c.clip.heads})")
+    if c.linear_start > c.linear_end:
+        raise ValueError(f"linear_start ({c.linear_start}) must not exceed linear_end ({c.linear_end})")
+    if c.image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8, got {c.image_size}")
