@@ -14,6 +14,7 @@ rounding: another batch size, thread count or device sums the matrix products in
 so in fp32 the final latents agree to ~1e-6 relative error and the images to 1/255.
 """
 import math
+import os
 import warnings
 
 import numpy as np
@@ -39,6 +40,53 @@ def check_size(config, height: int, width: int) -> tuple[int, int]:
             raise MinidbError(f"{name} must be a multiple of {multiple} for this model "
                               f"(its VAE downsamples by {f}, its UNet by {multiple // f} more), got {size}")
     return height // f, width // f
+
+
+def memory_floor(config, height: int, width: int, batch: int = 1, itemsize: int = 4, guided: bool = True) -> int:
+    """A lower bound on the bytes of activations that drawing `batch` images of height x width takes,
+    the weights aside: the larger of
+    - the VAE decoder at full resolution (decode: one image at a time), where the first ResnetBlock
+      holds its input and that input normalized, the channels the last upsampling brought up;
+    - the UNet's first level for the whole batch (twice it with guidance), whose outputs are all kept
+      for the skip connections: model_channels, then num_res_blocks maps of model_channels * channel_mult[0].
+    Real use is several times this: it serves to refuse sizes that cannot fit, never one that could."""
+    v = config.vae
+    vae = 2 * v.ch * v.ch_mult[min(1, len(v.ch_mult) - 1)] * height * width
+    u, f = config.unet, config.latent_factor
+    unet = (u.model_channels * (1 + u.num_res_blocks * u.channel_mult[0]) * (height // f) * (width // f)
+            * batch * (2 if guided else 1))
+    return max(vae, unet) * itemsize
+
+
+def machine_memory(device=None) -> tuple[int, str] | None:
+    """(bytes, what they are) of the memory `device` computes in: a CUDA device's own, else this
+    machine's RAM (None: the CPU); None where it cannot be told."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"memory on {device}"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def check_memory(config, height: int, width: int, batch: int = 1, itemsize: int = 4, guided: bool = True,
+                 device=None) -> None:
+    """A MinidbError when even memory_floor's lower bound exceeds all the memory of the device:
+    a size that cannot fit fails in one line now, not in an allocation minutes later."""
+    need, have = memory_floor(config, height, width, batch, itemsize, guided), machine_memory(device)
+    if have is not None and need > have[0]:
+        what = f"{width}x{height}" + (f" x {batch} images" if batch > 1 else "")
+        raise MinidbError(f"{what} needs at least {_bytes(need)} of memory for its activations alone, more than "
+                          f"the {_bytes(have[0])} of {have[1]} here: choose a smaller size"
+                          + (" or fewer images at once" if batch > 1 else ""))
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def truncated_prompts(tokenizer, prompts: list[str]) -> list[str]:
@@ -91,6 +139,7 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
     height, width = size if height is None else height, size if width is None else width
     h, w = check_size(sd.config, height, width)
     guided = guidance != 1.0
+    check_memory(sd.config, height, width, b, sd.dtype.itemsize, guided, sd.device)
     if negative_prompts is not None:
         negative_prompts = _as_list(negative_prompts, "negative_prompts")
         negative_prompts = negative_prompts * b if len(negative_prompts) == 1 else negative_prompts

@@ -272,7 +272,7 @@ def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
     and the checks that need its config, before anything is written. Returns the config with
     data.resolution = 0 replaced by the base model's image size, and the base model's config."""
     from minidb.pipeline import StableDiffusion
-    from minidb.sampling import check_size
+    from minidb.sampling import check_memory, check_size
     if not Path(cfg.model.base).is_file():
         raise CheckpointError(f"model.base: {cfg.model.base}: no such checkpoint file")
     base_config = StableDiffusion.inspect_checkpoint(cfg.model.base)
@@ -280,6 +280,8 @@ def check_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base_config.image_size))
     try:
         check_size(base_config, cfg.data.resolution, cfg.data.resolution)
+        # one image, the narrowest precision, this machine's RAM: a floor that refuses only sizes that cannot fit
+        check_memory(base_config, cfg.data.resolution, cfg.data.resolution, itemsize=2, guided=False)
     except MinidbError as e:
         raise ConfigError(f"data.resolution: {e}") from None
     class_dir = Path(cfg.prior.class_dir)

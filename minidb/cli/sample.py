@@ -148,11 +148,11 @@ def check_args(args):
             raise MinidbError(f"--outdir: {folder} is a file, not a folder")
 
 
-def check_model_args(args, config):
+def check_model_args(args, config, device="cpu", dtype=torch.float32):
     """The arguments that depend on the model: the step count against its schedule, the image size
-    (default: the model's own) against its downsampling."""
+    (default: the model's own) against its downsampling and against the memory of the device."""
     from minidb.samplers import check_steps
-    from minidb.sampling import check_size
+    from minidb.sampling import check_memory, check_size
     try:
         check_steps(args.steps, config.timesteps)
     except MinidbError as e:
@@ -161,6 +161,7 @@ def check_model_args(args, config):
     args.W = args.W or config.image_size
     try:
         check_size(config, args.H, args.W)
+        check_memory(config, args.H, args.W, args.n_samples, dtype.itemsize, args.scale != 1.0, device)
     except MinidbError as e:
         raise MinidbError(f"--H/--W: {e}") from None
     if args.lora:  # every check of a LoRA file against the model, on shapes only (meta device)
@@ -224,13 +225,13 @@ def run(args) -> int:
     from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
     from minidb.sampling import PromptTruncatedWarning, generate, image_grid, truncated_prompts
     from minidb.tokenizer import CLIPTokenizer
-    check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt))  # reads no tensor: fails in a second
+    dtype = getattr(torch, DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")])
+    check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt), device, dtype)  # reads no tensor: fails in a second
     tokenizer = CLIPTokenizer()
     for p in truncated_prompts(tokenizer, prompts + [args.negative_prompt]):
         short = p if len(p) <= 60 else p[:57] + "..."
         print(f"warning: prompt truncated to CLIP's 77 tokens ({tokenizer.num_tokens(p) + 2} with start and end), "
               f"the rest is ignored: {short!r}", file=sys.stderr)
-    dtype = getattr(torch, DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")])
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
 
     t0 = time.perf_counter()
