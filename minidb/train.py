@@ -243,9 +243,8 @@ def train(cfg: DreamBoothConfig, resume: str | None = None, callback=None) -> Tr
                         "scaler": scaler.state_dict() if scaler else None,
                         "fused_step": fused.state_dict() if fused else None,  # lagged clipping's last norm
                         "ema": ema.state_dict() if ema else None,           # the fp32 average, or None
-                        "lr_schedule": {"schedule": o.lr_schedule, "warmup_steps": o.warmup_steps, "lr": o.lr,
-                                        "min_lr": o.min_lr},                # lr = lr_at(step): no other state
-                        "precision": precision, "loss": loss_value})
+                        # the lr schedule keeps no state: lr = lr_at(step), from the stored config
+                        "loss": loss_value})
                 if stop_now:
                     who = stop.requested or "another process"
                     run.log(f"stopped by {who} at step {step}; checkpoint {last_checkpoint}; continue with: "

@@ -57,38 +57,31 @@ class EMA:
 
         ema = EMA(named_parameters, decay=0.9999)
         ... optimizer step ...; ema.update(named_parameters)
-        ema.copy_to(named_parameters)                # export the average instead of the raw weights
+        ema.shadow                                   # {name: fp32 average}: exported instead of the raw weights
     """
 
     def __init__(self, named_parameters, decay: float = 0.9999, device=None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.updates = 0
         self.shadow = {name: p.detach().to(device or p.device, torch.float32, copy=True)
                        for name, p in named_parameters}
 
     @torch.no_grad()
     def update(self, named_parameters):
-        self.updates += 1
         for name, p in named_parameters:
             shadow = self.shadow[name]
             shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
 
-    @torch.no_grad()
-    def copy_to(self, named_parameters):
-        for name, p in named_parameters:
-            p.copy_(self.shadow[name].to(p.device, p.dtype))
-
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "shadow": dict(self.shadow)}
 
     def load_state_dict(self, state: dict):
         if set(state["shadow"]) != set(self.shadow):
             missing, extra = set(self.shadow) - set(state["shadow"]), set(state["shadow"]) - set(self.shadow)
             raise ValueError(f"EMA state does not match the trained parameters: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}")
-        self.decay, self.updates = state["decay"], state["updates"]
+        self.decay = state["decay"]  # states before this version also hold an unused "updates" count
         for name, t in state["shadow"].items():
             self.shadow[name].copy_(t)
 

@@ -17,7 +17,6 @@ values, those one code apart (a value on a rounding midpoint); absmax 1e-6 relat
 of the weight plus 8 ulp of lr per step (an update's size is about lr); bf16 weights 1 bf16 ulp (a
 last-bit fp32 difference can cross a bf16 rounding tie) on at most 1% of values.
 """
-import math
 
 import pytest
 import torch

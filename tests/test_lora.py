@@ -6,7 +6,7 @@ import struct
 import pytest
 import safetensors.torch
 import torch
-from helpers import perturb_, rel_err
+from helpers import rel_err
 from test_weights import tiny_models
 
 from minidb import lora

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +246,6 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
         assert a["fused_step"] is None and b["fused_step"] is None
     assert (a["ema"] is None) == ("train.ema_decay=0.9" not in sets)
     if a["ema"] is not None:
-        assert a["ema"]["updates"] == b["ema"]["updates"] == 4
         for k in a["ema"]["shadow"]:
             assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
     lines = [[json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
@@ -391,7 +389,7 @@ def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_pat
     w0 = {f"unet.{k}": v for k, v in StableDiffusion.from_checkpoint(world / "base.safetensors").unet.state_dict().items()}
     w1, w2 = (saved_weights(ck.checkpoint_path(result.run_dir / "checkpoints", s)) for s in (1, 2))
     ema = ck.load_state(result.checkpoint)["ema"]
-    assert ema["updates"] == 2 and ema["decay"] == d and ema["shadow"].keys() == w2.keys()
+    assert ema["decay"] == d and ema["shadow"].keys() == w2.keys()
     for k, shadow in ema["shadow"].items():
         expected = d * d * w0[k] + d * (1 - d) * w1[k] + (1 - d) * w2[k]
         torch.testing.assert_close(shadow, expected, rtol=1e-5, atol=1e-6)

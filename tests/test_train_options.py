@@ -59,10 +59,6 @@ def test_ema_fp32_average_moves_where_fp16_would_not():
     # the same average kept in fp16 rounds back to 1 every step
     assert torch.tensor(1.0, dtype=torch.float16) * 0.9999 + torch.tensor(2.0, dtype=torch.float16) * 1e-4 == 1.0
 
-    target = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
-    ema.copy_to([("w", target)])
-    assert target.dtype == torch.float16 and target[0].item() == pytest.approx(expected, rel=1e-3)
-
 
 def test_ema_state_dict_round_trip_and_cpu():
     p = torch.nn.Parameter(torch.randn(3))
@@ -71,7 +67,8 @@ def test_ema_state_dict_round_trip_and_cpu():
     state = ema.state_dict()
     other = EMA([("w", torch.nn.Parameter(torch.zeros(3)))], decay=0.9)
     other.load_state_dict(state)
-    assert other.decay == 0.5 and other.updates == 1 and torch.equal(other.shadow["w"], ema.shadow["w"])
+    assert other.decay == 0.5 and torch.equal(other.shadow["w"], ema.shadow["w"])
+    other.load_state_dict({**state, "updates": 1})  # as saved before the unused count was dropped
     with pytest.raises(ValueError, match="missing"):
         EMA([("v", p)]).load_state_dict(state)
     with pytest.raises(ValueError, match="decay"):
