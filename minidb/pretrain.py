@@ -87,7 +87,7 @@ class PretrainConfig:
     vae_lr: float = 1e-3            # cosine decay to min_lr, as the UNet's
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 8192                # images rendered and encoded once for stage 2 (captions re-drawn each step)
-    unet_steps: int = 5000
+    unet_steps: int = 7000
     unet_batch: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4            # cosine decay to this at the last step
@@ -101,11 +101,14 @@ class PretrainConfig:
     t_mean: float = -1.0
     t_std: float = 2.0
     t_uniform: float = 0.1
-    mask_weight: float = 0.0        # the shape's latent pixels weigh 1 + mask_weight in the UNet's loss
+    mask_weight: float = 3.0        # the shape's latent pixels weigh 1 + mask_weight in the UNet's loss
     unet_channels: int = 32         # the UNet's model_channels
     curve_every: int = 0            # every N UNet steps: prompt fidelity of the EMA on the tuning prompts
     unet_from: str = ""             # a world model file whose UNet and text encoder stage 2 continues (probes)
-    rotation: float = 180.0         # the world's rotation in the stage-2 images (minidb.world.render)
+    # the shapes' rotation in the stage-2 images (minidb.world.render; the VAE sees the world's own).
+    # Upright: from pure noise the UNet must paint each shape's mean, and over every rotation the
+    # mean of a star is a disk (benchmarks/RESULTS.md, issue #27)
+    rotation: float = 0.0
     vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
 
 
