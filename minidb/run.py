@@ -127,7 +127,11 @@ class Run:
         newest = resume == "latest" or Path(resume).is_dir()
         if resume == "latest":
             path = latest_checkpoint(self.checkpoints)
-            if path is None:
+            if path is None and self.started_without_checkpoint():
+                self.log(f"--resume latest: {self.folder} holds this run, stopped before its first checkpoint: "
+                         "starting it from step 0")
+                return None
+            if path is None:  # an empty or mistyped folder: say so rather than start a run there
                 raise CheckpointError(f"--resume latest: no checkpoint in {self.checkpoints}")
         else:
             path = Path(resume)
@@ -146,6 +150,13 @@ class Run:
                                   ) from None
         state["path"] = path
         return state
+
+    def started_without_checkpoint(self) -> bool:
+        """The folder holds this very run's config.toml and no training state: a run stopped (killed,
+        interrupted) before it wrote its first checkpoint."""
+        config_file = self.folder / "config.toml"
+        return (config_file.is_file() and not list_checkpoints(self.checkpoints)
+                and not differences(load_config(config_file), self.cfg))
 
     def finished_model(self, state) -> Path | None:
         """The run's model (a LoRA run's: its lora.safetensors) when a resume finds nothing left to do:

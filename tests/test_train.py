@@ -594,6 +594,28 @@ def test_bad_inputs_fail_before_training(world, tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
 
 
+def test_resume_latest_of_a_run_stopped_before_its_first_checkpoint_starts_it_over(world, tmp_path, capsys):
+    """A run killed after it wrote config.toml and before its first checkpoint: `--resume latest`
+    starts it from step 0 with a note (an empty or mistyped folder is still refused, above), and the
+    run then ends as an uninterrupted one does: its model, one metrics line per step."""
+    out = tmp_path / "run"
+    train(config(world, out, "train.steps=2"))
+    for path in (out / "checkpoints").glob("step_*.pt"):
+        path.unlink()
+    (out / "model.safetensors").unlink()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a step the killed run logged
+    capsys.readouterr()
+    result = train(config(world, out, "train.steps=2"), resume="latest")
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert result.step == 2 and (out / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    with pytest.raises(CheckpointError, match="no checkpoint"):  # not when the folder holds another run
+        for path in (out / "checkpoints").glob("step_*.pt"):
+            path.unlink()
+        train(config(world, out, "train.steps=3"), resume="latest")
+
+
 def test_resolution_defaults_to_the_base_models_and_exact_size_images_cache_latents(world, tmp_path, monkeypatch,
                                                                                      capsys):
     """data.resolution = 0: the base model's image_size (32 for the tiny model), written into the run's
