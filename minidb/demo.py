@@ -22,15 +22,13 @@ then samples the subject in new contexts before and after, and measures it as th
     minidb demo --ablation --seeds 3   # with and without prior preservation, 3 seeds each
 """
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from minidb.world import Attributes, caption, render
-from minidb.weights.files import atomic_write_text
+from minidb.files import atomic_write_text
 
 DATA = Path(__file__).parent / "data"
 DEMO_TOML = DATA / "demo.toml"

@@ -4,7 +4,7 @@ they follow their prompts, and how alike they are.
     reader = Reader.load()                        # the shipped shape/pattern network
     reader.read(image)      # {"shape": "star", "color": "red", "size": "small", "position": ..., "background": ...}
     reader.embed(images)    # [n, 128] L2-normalised features: the world's analog of DINO / CLIP-I
-    prompt_fidelity(reader, images, attributes)   # share of images whose attributes match, per attribute
+    prompt_fidelity(reader.read_all(images), attributes)   # share of images right, per attribute
 
     minidb eval --model M.safetensors --images 200 --out eval.json
 

@@ -40,7 +40,7 @@ from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, p
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError, MinidbError
 from minidb.world import Attributes, World, _seed
-from minidb.weights.files import atomic_write_text
+from minidb.files import atomic_write_text
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -125,8 +125,8 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 class Stage:
     """What both stages share: their checkpoint folder, metrics.jsonl, progress bar."""
 
-    def __init__(self, out: Path, name: str, total: int):
-        self.out, self.name, self.total = out, name, total
+    def __init__(self, out: Path, name: str):
+        self.out, self.name = out, name
         self.ckpt_dir = out / "checkpoints" / name
         self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
@@ -156,7 +156,7 @@ def foreground(x: torch.Tensor) -> torch.Tensor:
 
 def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     """Trains sd.vae in place; returns the latent scale factor."""
-    stage = Stage(out, "vae", cfg.vae_steps)
+    stage = Stage(out, "vae")
     vae = sd.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=True)
     world = World(cfg.seed, drop=0.0, drop_all=0.0)
@@ -250,7 +250,7 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     from minidb.world import ATTRIBUTES, caption
     mean, std, mask, items = encode_pool(sd, cfg, out)
     weights = timestep_weights(sd.schedule, cfg)
-    stage = Stage(out, "unet", cfg.unet_steps)
+    stage = Stage(out, "unet")
     models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
     for m in models.values():
         m.train().requires_grad_(True)

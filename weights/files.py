@@ -27,8 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minidb.errors import CheckpointError
-# atomic_write_text: re-exported until pretrain.py and demo.py import it from minidb.files.
-from minidb.files import atomic_write, atomic_write_text  # noqa: F401
+from minidb.files import atomic_write
 
 CONFIG_KEY = "minidb_config"
 
