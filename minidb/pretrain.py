@@ -40,7 +40,7 @@ from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, p
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError, MinidbError
 from minidb.world import Attributes, World, _seed
-from minidb.files import atomic_write_text
+from minidb.files import atomic_write, atomic_write_text
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -226,10 +226,9 @@ def encode_pool(sd, cfg: PretrainConfig, out: Path):
         stds.append(posterior.std)
         masks.append(F.adaptive_avg_pool2d(foreground(x), posterior.mean.shape[-2:]))  # [B, 1, h, w]
     mean, std, mask = torch.cat(means), torch.cat(stds), torch.cat(masks)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "mean": mean, "std": std, "mask": mask,
-                "items": [[a.shape, a.color, a.size, a.position, a.background] for a in items]}, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        torch.save({"key": key, "mean": mean, "std": std, "mask": mask,
+                    "items": [[a.shape, a.color, a.size, a.position, a.background] for a in items]}, tmp)
     return mean, std, mask, items
 
 
@@ -384,14 +383,19 @@ def load_trained(sd, weights: dict, vae=None) -> None:
         m.eval().requires_grad_(False)
 
 
+def save_png(image, path: Path) -> None:
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
 def save_grid(images, columns: int, path: Path, scale: int = 4) -> Path:
     """The grid at `scale` times its size (nearest neighbour: 64x64 samples are thumbnails on a
     screen) as `path`, and as it is beside it (NAME_1x.png)."""
     from minidb.sampling import image_grid
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(images, columns)
-    grid.save(path.with_name(path.stem + "_1x.png"))
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
+    save_png(grid, path.with_name(path.stem + "_1x.png"))
+    save_png(grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), path)
     return path
 
 
@@ -410,7 +414,7 @@ def sample_sheet(sd, path: Path, prompts=PREVIEW_PROMPTS, n: int = 4, steps: int
             image = images[row * n + col].resize((size * scale,) * 2, Image.NEAREST)
             sheet.paste(image, (label + col * size * scale, row * size * scale))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    save_png(sheet, path)
     return path
 
 
@@ -438,7 +442,7 @@ def plot_losses(metrics_file: Path, path: Path) -> Path:
         draw.text((x0 + pad, 10), f"{name} loss (log10), steps 1-{steps[-1]}", fill="black")
         draw.text((x0 + 2, pad - 6), f"{hi:.2f}", fill="black")
         draw.text((x0 + 2, H - pad - 6), f"{lo:.2f}", fill="black")
-    image.save(path)
+    save_png(image, path)
     return path
 
 
@@ -483,7 +487,7 @@ def plot_curve(metrics_file: Path, path: Path) -> Path | None:
         x, _ = xy(s, 0)
         draw.text((x - 20, H - pad + 6), f"{s} ({minutes[s]:.0f} min)", fill="black")
     draw.text((W // 2 - 60, H - 16), "UNet steps (minutes of stage 2)", fill="black")
-    image.save(path)
+    save_png(image, path)
     return path
 
 
@@ -521,7 +525,8 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
     print(f"pretrained in {(time.time() - t0) / 60:.1f} min (this session); model {path} "
           f"({path.stat().st_size / 2 ** 20:.1f} MiB), scale factor {sd.config.scale_factor}", file=sys.stderr)
     if ship:
-        shutil.copyfile(path, SHIPPED)
+        with atomic_write(SHIPPED) as tmp:
+            shutil.copyfile(path, tmp)
         print(f"installed as {SHIPPED}", file=sys.stderr)
     return path
 
