@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidb.eval import Reader, prompt_fidelity
+from minidb.eval import Reader, class_prompts, prompt_fidelity
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.pretrain import images_to_tensor, load_trained, tuning_prompts
@@ -127,11 +127,11 @@ def samplers(sd, reader, n: int = 48) -> dict:
 
 
 def class_shape(sd, reader, guidance: float, per_shape: int = 4, seed: int = 70000) -> float:
-    prompts = [f"a photo of {'an' if s[0] in 'aeiou' else 'a'} {s}" for s in SHAPES for _ in range(per_shape)]
+    prompts, shapes = class_prompts(per_shape)
     size = sd.config.image_size
     images = sd.generate(prompts, steps=20, guidance=guidance, height=size, width=size,
                          seed=[seed + i for i in range(len(prompts))], progress=False)
-    return float(np.mean([r["shape"] == s for r, s in zip(reader.read_all(images), [s for s in SHAPES for _ in range(per_shape)])]))
+    return float(np.mean([r["shape"] == s for r, s in zip(reader.read_all(images), shapes)]))
 
 
 def diagnose(sd, n: int = 48, scales=(1.0, 3.0, 5.0, 7.5, 9.0), raw: dict | None = None,

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from minidb.world import Attributes, caption, render
-from minidb.files import atomic_write_text
+from minidb.files import atomic_write, atomic_write_text
 
 DATA = Path(__file__).parent / "data"
 DEMO_TOML = DATA / "demo.toml"
@@ -55,17 +55,6 @@ def subject_captions() -> list[str]:
     blue background, top left" (shipped as sks_star_N.txt beside sks_star_N.png)."""
     return [caption(Attributes(size=z, position=p, background=b, **SUBJECT), KEEP, subject="sks")
             for z, p, b in INSTANCES]
-
-
-def write_subject(folder=SUBJECT_DIR) -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (image, text) in enumerate(zip(subject_images(), subject_captions())):
-        paths.append(folder / f"sks_star_{i}.png")
-        image.save(paths[-1])
-        paths[-1].with_suffix(".txt").write_text(text + "\n")
-    return paths
 
 
 def subject_prompts() -> list[tuple[Attributes, tuple]]:
@@ -125,8 +114,8 @@ def before_after(base_samples, tuned_samples, path: Path, columns: int = 3, scal
         for j in range(columns):
             grid.paste(base_samples[key][j], (label + j * w, 20 + i * h))
             grid.paste(tuned_samples[key][j], (label + (columns + j) * w + 16, 20 + i * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_write(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from minidb.files import atomic_write
 from minidb.world import (ATTRIBUTES, BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZE, SIZES, Attributes,
                           _outline, _seed, caption, combinations, render)
 
@@ -278,7 +279,8 @@ def train_reader(out=READER, n: int = 10000, steps: int = 2000, batch: int = 64,
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
+    with atomic_write(out) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
     return Path(out)
 
 
@@ -358,7 +360,6 @@ def main(argv=None) -> int:
     if args.reader_accuracy or args.train_reader:
         print(json.dumps(reader_accuracy(Reader.load(), vae=world_vae()), indent=1))
     return 0
-
 
 
 # ---- DreamBooth's metrics (Ruiz et al. 2022, section 4.1), on the reader's embedding ------------

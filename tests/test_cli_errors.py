@@ -154,6 +154,12 @@ def test_train_resume_of_a_missing_folder(tmp_path):
                                                                           "train")
 
 
+
+def test_eval_negative_per_shape(tmp_path):
+    proc = minidb("eval", "--per-shape", "-1", "--out", tmp_path / "eval.json")
+    assert one_line_error(proc, "eval") == "--images must be >= 1, --per-shape >= 0 and --steps in 1..1000"
+    assert not (tmp_path / "eval.json").exists()
+
 FAULTS = """
 import resource, sys, torch
 import minidb, minidb.pipeline, minidb.cli

@@ -5,7 +5,8 @@
     minidb eval --reader-accuracy                 # how well the attribute reader reads fresh renders
 
 Prompts are full captions of attribute combinations that pretraining never drew ("held out"),
-then class-only prompts ("a photo of a star", --per-shape of each shape). Image i uses seed + i. Prints a table and writes it as JSON (--out).
+then class-only prompts ("a photo of a star", --per-shape of each shape). Image i uses seed + i.
+Prints a table and writes it as JSON (--out).
 """
 import argparse
 import json
