@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "train": "minidb.cli.train",    # DreamBooth fine-tuning
     "demo": "minidb.cli.demo",      # DreamBooth on the shipped miniature world, measured
     "eval": "minidb.cli.eval",      # prompt fidelity of a miniature-world model, read from its images
+    "explain": "minidb.cli.explain",  # inside one sample: trajectory, a heat map per word, guidance
 }
 
 
