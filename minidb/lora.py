@@ -298,7 +298,9 @@ def load_lora(path, models: dict, multiplier: float = 1.0) -> LoRANetwork:
         down = state[f"{name}.lora_down.weight"]
         alpha = state.get(f"{name}.alpha")
         adapter = LoRAModule(base, down.shape[0], None if alpha is None else alpha.float().item())
-        adapter = adapter.requires_grad_(False).to(base.weight.device, base.weight.dtype)
+        # a model on the meta device (the streaming export's): the adapters still hold the file's weights
+        device = "cpu" if base.weight.is_meta else base.weight.device
+        adapter = adapter.requires_grad_(False).to(device, base.weight.dtype)
         with torch.no_grad():
             adapter.lora_down.weight.copy_(down)
             adapter.lora_up.weight.copy_(state[f"{name}.lora_up.weight"])

@@ -11,6 +11,7 @@ Models come back in eval mode with requires_grad off: inference is the default, 
 trainer turns on what it trains.
 """
 import contextlib
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -128,24 +129,63 @@ class StableDiffusion:
 
 def export_model(base, trained: dict, path, dtype=torch.float16, lora=None) -> Path:
     """A fine-tuned model as an original-layout SD v1 checkpoint: the trained weights ("unet.*",
-    "text_encoder.*", fp32) over a fresh fp32 load of the base checkpoint, which supplies the frozen
-    parts exactly as they were (not rounded through the training dtype). lora: a LoRA file merged in
-    after that, as `sd.load_lora(lora); sd.merge_lora()` would."""
-    sd = StableDiffusion.from_checkpoint(base, device="cpu", dtype=torch.float32)
-    for name, module in sd.models.items():
-        part = {k[len(name) + 1:]: v for k, v in trained.items() if k.startswith(name + ".")}
-        if part:
-            full = module.state_dict()
-            unknown = sorted(set(part) - set(full))
+    "text_encoder.*", fp32) over the base checkpoint, which supplies the frozen parts exactly as they
+    were (not rounded through the training dtype). lora: a LoRA file merged in, as
+    `sd.load_lora(lora); sd.merge_lora()` would.
+
+    The file is written one tensor at a time (weights.write_tensors): each trained one from memory,
+    each frozen one read from `base` for its turn, merged and converted on its way out; no copy of
+    the model is made, so an export costs one tensor beyond what the caller already holds."""
+    with weights.open_checkpoint(base) as ckpt:
+        sd = StableDiffusion.__new__(StableDiffusion)
+        sd._build(_stored_config(ckpt), "meta")  # shapes only: the plan's checks, and LoRA's targets
+        plan = weights.plan_load(ckpt, sd.models)
+        for name, module in sd.models.items():
+            unknown = sorted(k[len(name) + 1:] for k in trained if k.startswith(name + ".")
+                             and k[len(name) + 1:] not in plan[name])
             if unknown:
                 raise CheckpointError(f"trained weights not in the {name}: {unknown[:5]}")
-            full.update({k: v.to("cpu", torch.float32) for k, v in part.items()})
-            module.load_state_dict(full, strict=True)
-    if lora is not None:
-        sd.load_lora(lora)
-        sd.merge_lora()
-    sd.save(path, dtype=dtype)
+        deltas = _lora_deltas(lora, sd.models) if lora is not None else {}
+        loaded = {k for keys in plan.values() for k in keys.values()}
+        # the order of StableDiffusion.save: extras, then the UNet, VAE and text encoder
+        tensors = {k: weights.Deferred(*ckpt.shapes[k], functools.partial(ckpt.get, k))
+                   for k in ckpt.shapes if k in weights.EXTRA_KEYS and k not in loaded}
+        for name in ("unet", "vae", "text_encoder"):
+            for key, file_key in plan[name].items():
+                tensors[weights.PREFIXES[name] + key] = _deferred(ckpt, file_key, trained.get(f"{name}.{key}"),
+                                                                  deltas.get((name, key)))
+        weights.write_tensors(path, tensors, dataclasses.asdict(sd.config), dtype)
     return Path(path)
+
+
+def _deferred(ckpt, file_key: str, trained: torch.Tensor | None, delta=None) -> weights.Deferred:
+    """One tensor of the export, read when written: the trained value, else the base file's, as
+    fp32 (what the export used to load) for a floating-point weight; plus a LoRA delta, merged in fp32."""
+    shape, stored = ckpt.shapes[file_key]
+    floating = stored.is_floating_point
+
+    def read() -> torch.Tensor:
+        if trained is not None:
+            t = trained.detach().to("cpu", torch.float32)
+        else:
+            t = ckpt.get(file_key, torch.float32 if floating else None)
+            if floating and not torch.isfinite(t).all():  # what the full load checked, tensor by tensor
+                weights.check_finite(ckpt, [file_key], torch.float32)
+        if delta is not None:  # LoRANetwork.merge_'s sum, on this one weight
+            t = (t.float() + delta()).to(t.dtype)
+        return t
+
+    return weights.Deferred(shape, torch.float32 if floating or trained is not None else stored, read)
+
+
+def _lora_deltas(path, meta_models: dict) -> dict:
+    """{(model name, weight key): a function giving the LoRA file's fp32 update of that weight}: the
+    adapters of `minidb.lora.load_lora` (which checks the file against the models) on the meta models."""
+    from minidb.lora import load_lora
+    network = load_lora(path, meta_models)
+    paths = {id(module): (name, f"{module_path}.weight") for name, model in meta_models.items()
+             for module_path, module in model.named_modules()}
+    return {paths[id(network._bases[name])]: adapter.delta_weight for name, adapter in network.named_children()}
 
 
 def export_checkpoint(checkpoint, path=None, dtype=torch.float16) -> Path:

@@ -10,9 +10,9 @@
 
 Most users want `minidb.StableDiffusion.from_checkpoint(path)`, which does exactly this.
 """
-from minidb.weights.files import CheckpointFile, open_checkpoint, write_tensors
-from minidb.weights.sd1 import (EXTRA_KEYS, PREFIXES, config_from_dict, ema_key, identify, load_models,
+from minidb.weights.files import CheckpointFile, Deferred, open_checkpoint, write_tensors
+from minidb.weights.sd1 import (EXTRA_KEYS, PREFIXES, check_finite, config_from_dict, ema_key, identify, load_models,
                                 plan_load, save_model)
 
-__all__ = ["CheckpointFile", "open_checkpoint", "write_tensors", "EXTRA_KEYS", "PREFIXES",
+__all__ = ["CheckpointFile", "Deferred", "open_checkpoint", "check_finite", "write_tensors", "EXTRA_KEYS", "PREFIXES",
            "config_from_dict", "ema_key", "identify", "load_models", "plan_load", "save_model"]

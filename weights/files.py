@@ -2,17 +2,23 @@
 
 - `.safetensors`: a JSON header (dtype, shape and byte range of every tensor, plus a
   `__metadata__` dict of strings), then the raw bytes; read and written by the safetensors
-  library (`safe_open`: the header first, then one tensor at a time; `save_file`).
+  library (`safe_open`: the header first, then one tensor at a time) and written here, one tensor
+  at a time, as the library's `save_file` would.
 - `.ckpt`: a `torch.save` zip. It is unpickled only by `torch.load(weights_only=True, mmap=True)`,
   which builds tensors and plain containers and refuses anything that would run code. Tensors
   stay in the mapped file until asked for; each is then copied out and its pages handed back.
 
 Both give a `CheckpointFile`: `.shapes` (key -> (shape, dtype), read without touching the
 data), `.config` (the dict minidb stored, or None) and `.get(key, dtype)`, one tensor at a time.
-Writing (`write_tensors`) is atomic, through minidb.files.atomic_write.
+Writing (`write_tensors`) is atomic, through minidb.files.atomic_write, and streams: a tensor is
+converted and written, then dropped, so a save costs one tensor beyond what the caller holds (and
+`Deferred` tensors, read from another file for their turn, cost nothing before it).
 """
 import codecs
+import collections
 import ctypes
+import dataclasses
+import io
 import json
 import mmap
 import os
@@ -20,11 +26,11 @@ import pickle
 import re
 import struct
 import sys
+import typing
 import zipfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from minidb.errors import CheckpointError
 from minidb.files import atomic_write
@@ -226,29 +232,129 @@ def _give_back_pages(tensor: torch.Tensor):
         _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+    """A tensor to write whose values are read only when its turn comes (`read()`), one at a time:
+    its shape and dtype are known before (a safetensors header lists every tensor first)."""
+    shape: torch.Size
+    dtype: torch.dtype
+    read: typing.Callable[[], torch.Tensor]
+
+
 def write_tensors(path, tensors: dict, config: dict | None = None, dtype: torch.dtype | None = None):
     """Write tensors (converting floating-point ones to dtype, if given) to a .safetensors or
-    .ckpt file, chosen by the file name, atomically. `config` goes in the file's metadata."""
+    .ckpt file, chosen by the file name, atomically. `config` goes in the file's metadata.
+    The file is written one tensor at a time, each converted on its way out, so writing costs one
+    tensor's memory beyond what `tensors` holds; a Deferred value is read only for its turn."""
     path = os.fspath(path)
     if not path.endswith((".safetensors", ".ckpt")):
         raise CheckpointError(f"{path}: the file name must end in .safetensors or .ckpt")
-    tensors = {k: t.detach().to("cpu", _out_dtype(t, dtype)).contiguous() for k, t in tensors.items()}
-    unknown = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in DTYPES.values()]
+    specs = {k: (torch.Size(t.shape), _out_dtype(t, dtype)) for k, t in tensors.items()}
+    unknown = [f"{k} ({d})" for k, (_, d) in specs.items() if d not in DTYPES.values()]
     if unknown:
         raise KeyError(f"no dtype SD checkpoints use: {', '.join(unknown)}")
-    if path.endswith(".safetensors"):
-        metadata = {"format": "pt", **({CONFIG_KEY: json.dumps(config)} if config is not None else {})}
-        with atomic_write(path, hidden=True) as tmp:
-            save_file(tensors, tmp, metadata)
-    else:
-        with atomic_write(path, hidden=True) as tmp:
-            torch.save({"state_dict": {k: _own_storage(t) for k, t in tensors.items()}, CONFIG_KEY: config}, tmp)
+
+    def prepared(key: str) -> torch.Tensor:
+        t = tensors[key]
+        t = _converted(t.read() if isinstance(t, Deferred) else t, specs[key][1])
+        if t.shape != specs[key][0]:
+            raise RuntimeError(f"{key}: read as {list(t.shape)}, announced as {list(specs[key][0])}")
+        return t
+
+    with atomic_write(path, hidden=True) as tmp:
+        if path.endswith(".safetensors"):
+            metadata = {"format": "pt", **({CONFIG_KEY: json.dumps(config)} if config is not None else {})}
+            _write_safetensors(tmp, specs, prepared, metadata)
+        else:
+            _write_torch(tmp, specs, prepared, {CONFIG_KEY: config})
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
-    # torch.save writes a view's whole storage: copy views so the file holds only the tensor.
-    return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t on the CPU, in dtype, contiguous: a copy only where one of those changes it."""
+    return t.detach().to("cpu", dtype).contiguous()
+
+
+def _data(t: torch.Tensor):
+    """The tensor's bytes, as a buffer (no copy) for file.write."""
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+# safetensors' save_file orders the data by dtype (the order of its Rust enum, descending), then by name
+SAFETENSORS_ORDER = ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16",
+                     "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
+NAMES = {d: n for n, d in DTYPES.items()}
+
+
+def _write_safetensors(tmp, specs: dict, prepared, metadata: dict):
+    """The format (github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header length,
+    the JSON header (each tensor's dtype, shape and byte range in the data, plus `__metadata__`),
+    padded with spaces to a multiple of 8, then the data. Every range is known from the shapes, so
+    the header goes first and the data follows one tensor at a time, in save_file's order."""
+    order = sorted(specs, key=lambda k: (SAFETENSORS_ORDER.index(NAMES[specs[k][1]]), k))
+    header, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        shape, dtype = specs[key]
+        size = shape.numel() * dtype.itemsize
+        header[key] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            f.write(_data(prepared(key)))
+
+
+def _write_torch(tmp, specs: dict, prepared, extra: dict):
+    """torch.save({"state_dict": tensors, **extra}) written one tensor at a time: torch.save pickles the
+    object first, naming each tensor's storage (data/0, data/1, ... in the order met), then writes the
+    storages. The pickle needs only shapes and dtypes, so each storage's bytes are read for its record.
+    The records are torch.serialization._save's, through torch's own zip writer (torch._C.PyTorchFileWriter)."""
+    buffer = io.BytesIO()
+    _TorchPickler(buffer, protocol=2).dump(  # torch.save's default protocol
+        {"state_dict": {k: _PlannedTensor(str(i), *specs[k]) for i, k in enumerate(specs)}, **extra})
+    writer = torch._C.PyTorchFileWriter(os.fspath(tmp), torch.serialization.get_crc32_options(),
+                                        torch.serialization._get_storage_alignment())
+    pickled = buffer.getvalue()
+    writer.write_record("data.pkl", pickled, len(pickled))
+    writer.write_record(".format_version", "1", 1)
+    alignment = str(torch.serialization._get_storage_alignment())
+    writer.write_record(".storage_alignment", alignment, len(alignment))
+    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    for i, key in enumerate(specs):
+        t = prepared(key)
+        if t.untyped_storage().nbytes() != t.nbytes:  # a view: its storage holds more than the tensor
+            t = t.clone()
+        writer.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
+        del t
+    writer.write_end_of_file()
+
+
+class _PlannedStorage:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _PlannedTensor:
+    """Pickles as torch pickles a contiguous CPU tensor (Tensor.__reduce_ex__: _rebuild_tensor_v2 of its
+    storage), without the tensor existing."""
+    def __init__(self, key: str, shape: torch.Size, dtype: torch.dtype):
+        self.key, self.shape, self.dtype = key, shape, dtype
+
+    def __reduce_ex__(self, protocol):
+        stride = tuple(int(torch.Size(self.shape[i + 1:]).numel()) for i in range(len(self.shape)))
+        storage = _PlannedStorage(self.key, self.dtype, self.shape.numel())
+        return torch._utils._rebuild_tensor_v2, (storage, 0, tuple(self.shape), stride, False,
+                                                 collections.OrderedDict())
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj):  # torch.serialization._save's, for a TypedStorage on the CPU
+        if isinstance(obj, _PlannedStorage):
+            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])  # torch.HalfStorage
+            return "storage", storage_type, obj.key, "cpu", obj.numel
+        return None
 
 
 def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return dtype if dtype is not None and t.dtype.is_floating_point else t.dtype

@@ -177,12 +177,12 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
             if still_meta:  # a non-persistent buffer: the model must compute it, not keep it
                 raise RuntimeError(f"{LABELS[name]}: {_listing(still_meta)} not in its state dict")
     flags = torch.stack([ok for _, ok in finite]).tolist() if finite else []
-    _check_finite(ckpt, [k for (k, _), ok in zip(finite, flags) if not ok], dtype)
+    check_finite(ckpt, [k for (k, _), ok in zip(finite, flags) if not ok], dtype)
     loaded = {k for keys in plan.values() for k in keys.values()}
     return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS and k not in loaded}
 
 
-def _check_finite(ckpt: CheckpointFile, bad: list, dtype: torch.dtype | None):
+def check_finite(ckpt: CheckpointFile, bad: list, dtype: torch.dtype | None):
     """NaN or inf in a weight gives black or noise images and NaN losses with no word of why: name the
     tensors (`bad`, file keys), and say whether it is the file or the conversion to `dtype` (a float32
     value beyond float16's range becomes inf)."""
