@@ -332,8 +332,8 @@ def main(argv=None):
         print(f"{name}: peak {max(m for _, m in r['samples']) / GIB:.2f} GiB, {r['total_s']:.0f} s, "
               f"stages {json.dumps({k: round(v / GIB, 2) for k, v in stage_peaks(r).items()})}", flush=True)
         (HERE / f"run_memory_{args.tag}.json").write_text(json.dumps(results))
-    plot(results, HERE / f"run_memory_{args.tag}.png",
-         f"minidb train vs diffusers, whole run, SD v1, {RES}x{RES}, fp32, 1+1 images, {STEPS} steps ({args.tag})")
+        plot(results, HERE / f"run_memory_{args.tag}.png",  # after each configuration: a long run shows as it goes
+             f"minidb train vs diffusers, whole run, SD v1, {RES}x{RES}, fp32, 1+1 images, {STEPS} steps ({args.tag})")
     from benchmarks.bench_vs_diffusers import machine
     text = (f"`python -m benchmarks.bench_run_memory {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
             f"Machine: {machine('cpu')}; {datetime.date.today()}; peak resident memory (VmRSS) of the whole process "

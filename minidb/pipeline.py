@@ -11,8 +11,11 @@ Models come back in eval mode with requires_grad off: inference is the default, 
 trainer turns on what it trains.
 """
 import contextlib
+import ctypes
 import dataclasses
 import functools
+import gc
+import platform
 from pathlib import Path
 
 import torch
@@ -136,6 +139,7 @@ def export_model(base, trained: dict, path, dtype=torch.float16, lora=None) -> P
     The file is written one tensor at a time (weights.write_tensors): each trained one from memory,
     each frozen one read from `base` for its turn, merged and converted on its way out; no copy of
     the model is made, so an export costs one tensor beyond what the caller already holds."""
+    give_back_freed_memory()  # what training freed (its optimizer) leaves the process before the file is written
     with weights.open_checkpoint(base) as ckpt:
         sd = StableDiffusion.__new__(StableDiffusion)
         sd._build(_stored_config(ckpt), "meta")  # shapes only: the plan's checks, and LoRA's targets
@@ -156,6 +160,18 @@ def export_model(base, trained: dict, path, dtype=torch.float16, lora=None) -> P
                                                                   deltas.get((name, key)))
         weights.write_tensors(path, tensors, dataclasses.asdict(sd.config), dtype)
     return Path(path)
+
+
+def give_back_freed_memory() -> None:
+    """Collect garbage, then hand the allocator's free heap back to the system (glibc's malloc_trim):
+    `minidb train` keeps freed memory for the next step (minidb.cli.keep_freed_memory), which a stage
+    after the last step no longer needs."""
+    gc.collect()
+    if platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
 
 
 def _deferred(ckpt, file_key: str, trained: torch.Tensor | None, delta=None) -> weights.Deferred:
