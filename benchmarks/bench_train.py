@@ -15,11 +15,11 @@ diffusers runs its UNet2DConditionModel and transformers' CLIPTextModel holding 
 one backward over the concatenated batch, clip_grad_norm_, optimizer.step(),
 optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off).
 
-Configurations (minidb's step is minidb.train's own: set_trainable, make_optimizer, micro_batch_loss
-and optimizer_step, or the FusedBackwardStep that train() builds, so this measures what it runs):
+Configurations (minidb's step is train()'s own: set_trainable, micro_batch_loss and minidb.step.TrainStep,
+its switches those the run's plan resolves from the same config, so this measures what it runs):
   diffusers          its train_dreambooth.py step, defaults (torch's default CPU allocator)
   diffusers_tuned    the same with the allocator setting minidb's default runs with, because `minidb
-                     train` sets it: freed memory kept for reuse (minidb.cli.keep_freed_memory)
+                     train` sets it: freed memory kept for reuse (minidb.allocator.keep_freed_memory)
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
   +fused             the optimizer step inside backward, exact clipping (two backward passes)
@@ -62,19 +62,18 @@ from minidb.train_config import OptimConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-CONFIGS = {  # name: (side, adamw8bit, fused clip or None, checkpointing)
-    "diffusers": ("diffusers", False, None, False),
-    "diffusers_tuned": ("diffusers", False, None, False),  # its step with minidb's command's allocator settings
-    "minidb": ("minidb", False, None, False),
-    "+adamw8bit": ("minidb", True, None, False),
-    "+fused": ("minidb", False, "exact", False),
-    "+checkpointing": ("minidb", False, None, True),
-    "low_memory": ("minidb", True, "lagged", True),
-    "low_memory_exact": ("minidb", True, "exact", True),
-    "lora": ("minidb", False, None, False),  # rank-4 adapters on the UNet's attention and the text encoder
-    "bf16_kahan": ("minidb", True, "lagged", True),  # low_memory, bf16 weights, no fp32 masters
+CONFIGS = {  # name: (side, the config's overrides, as `minidb train --set` takes them)
+    "diffusers": ("diffusers", ()),
+    "diffusers_tuned": ("diffusers", ()),  # its step with minidb's command's allocator settings
+    "minidb": ("minidb", ()),
+    "+adamw8bit": ("minidb", ("optim.optimizer=adamw8bit",)),
+    "+fused": ("minidb", ("train.fused_backward=exact",)),
+    "+checkpointing": ("minidb", ("model.gradient_checkpointing=true",)),
+    "low_memory": ("minidb", ("train.low_memory=true",)),
+    "low_memory_exact": ("minidb", ("train.low_memory=true", "train.fused_backward=exact")),
+    "lora": ("minidb", ("model.lora_rank=4", "model.lora_text_encoder=true")),  # rank 4: kohya's and diffusers' default
+    "bf16_kahan": ("minidb", ("train.low_memory=true", "model.precision=bf16", "optim.master_weights=kahan")),
 }
-LORA_RANK = 4  # kohya's and diffusers' default rank
 OPTIM = OptimConfig(lr=5e-6, max_grad_norm=1.0)  # betas (0.9, 0.999), eps 1e-8, weight decay 1e-2: the defaults
 ADAMW = dict(lr=OPTIM.lr, betas=(OPTIM.adam_beta1, OPTIM.adam_beta2), eps=OPTIM.adam_eps,
              weight_decay=OPTIM.weight_decay)  # diffusers' torch AdamW, with the same numbers
@@ -131,29 +130,34 @@ class Stopwatch:
         return total
 
 
-def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device, lora_rank: int = 0,
-                   kahan: bool = False):
-    """train()'s step, piece by piece, on a batch that is VAE-encoded every step (as diffusers' is)."""
-    from minidb.fused_step import FusedBackwardStep
-    from minidb.scaler import MasterWeights
-    from minidb.train import add_adapters, make_optimizer, micro_batch_loss, optimizer_step, set_trainable, step_one
-    from minidb.train_config import ModelConfig
+def run_config(name: str):
+    """The configuration's config as the run's plan resolves it (train.low_memory's switches spelled
+    out for one process), and its precision."""
+    from minidb.plan import with_memory_switches
+    from minidb.train_config import load_config
+    cfg = load_config(None, CONFIGS[name][1])
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=OPTIM.lr, max_grad_norm=OPTIM.max_grad_norm))
+    precision = cfg.model.precision if cfg.model.precision != "auto" else "fp32"  # fp32 weights on both sides
+    return with_memory_switches(cfg, precision, world_size=1), precision
 
-    lora = add_adapters(sd, ModelConfig(lora_rank=lora_rank, lora_text_encoder=True), seed=0) if lora_rank else {}
+
+def minidb_step_fn(sd, cfg, precision: str, device):
+    """train()'s step, on a batch that is VAE-encoded every step (as diffusers' is)."""
+    from minidb.step import TrainStep
+    from minidb.train import add_adapters, micro_batch_loss, set_trainable
+
+    lora = add_adapters(sd, cfg.model, seed=0) if cfg.model.lora_rank else {}
     for network in lora.values():
         network.to(device)
-    masters = MasterWeights(set_trainable(sd, train_text_encoder=True, lora=lora), fp32_masters=not kahan)
-    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = checkpointing
-    optimizer = make_optimizer(masters.params, dataclasses.replace(
-        OPTIM, optimizer="adamw8bit" if adamw8bit else "adamw", master_weights="kahan" if kahan else "fp32"))
-    if adamw8bit:
-        optimizer.init_state()  # as train() does
-    dtype = sd.dtype
+    sd.unet.gradient_checkpointing = sd.text_encoder.gradient_checkpointing = cfg.model.gradient_checkpointing
+    trainer = TrainStep(set_trainable(sd, train_text_encoder=True, lora=lora), cfg.optim, cfg.train, precision)
     watch = Stopwatch()
-    fused = FusedBackwardStep(masters, watch.wrap(step_one(optimizer)), OPTIM.max_grad_norm,
-                              clip=fused_clip) if fused_clip else None
-    if fused is None:
-        optimizer.step = watch.wrap(optimizer.step)  # what optimizer_step calls
+    optimizer = trainer.optimizer
+    if trainer.fused is not None and cfg.optim.optimizer == "adamw8bit":
+        optimizer.step_param = watch.wrap(optimizer.step_param)  # what the fused step calls, per tensor
+    else:
+        optimizer.step = watch.wrap(optimizer.step)
+    dtype = sd.dtype
     scale = sd.config.scale_factor
     token_ids = sd.tokenizer(PROMPTS)
 
@@ -162,17 +166,15 @@ def minidb_step_fn(sd, adamw8bit: bool, fused_clip, checkpointing: bool, device,
         with torch.no_grad():
             posterior = sd.vae.encode(pixels.to(dtype))
             latents = (posterior.mean.float() + posterior.std.float() * latent_noise) * scale
-
-        def loss_fn():  # one UNet pass over [instance; class]: instance MSE + 1.0 * class MSE
-            return micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, sd.text_encoder(ids), 1, 1.0, dtype)[0]
-
-        if fused is not None:
-            return fused.step(loss_fn)
-        loss_fn().backward()
-        return optimizer_step(masters, optimizer, None, OPTIM.max_grad_norm)
+        trainer.begin(k)
+        # one UNet pass over [instance; class]: instance MSE + 1.0 * class MSE
+        trainer.backward(lambda: micro_batch_loss(sd.unet, sd.schedule, latents, noise, t, sd.text_encoder(ids),
+                                                  1, 1.0, dtype))
+        return trainer.step()
 
     state = lambda: nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
-    grads = max(nbytes([p]) for p in masters.params) if fused else nbytes(masters.params)
+    masters = trainer.masters
+    grads = max(nbytes([p]) for p in masters.params) if trainer.fused else nbytes(masters.params)
     return step, state, grads, watch
 
 
@@ -234,11 +236,12 @@ class PeakRSS:
 
 def run_child(args) -> dict:
     """One configuration in this (fresh) process."""
-    side, adamw8bit, fused_clip, checkpointing = CONFIGS[args._child]
-    if tuned_allocator(args._child):
-        from minidb.cli import keep_freed_memory
-        keep_freed_memory(bounded=CONFIGS[args._child][2] is not None)  # as `minidb train` does: bounded
-        # in its fused (low-memory) modes, before the models are built
+    from minidb.allocator import keep_freed_memory
+    from minidb.plan import bounded_allocator
+    side = CONFIGS[args._child][0]
+    cfg, precision = run_config(args._child)
+    if tuned_allocator(args._child):  # as `minidb train` does, before the models are built
+        keep_freed_memory(bounded=side == "minidb" and bounded_allocator(cfg))
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     baseline = rss()
@@ -253,10 +256,8 @@ def run_child(args) -> dict:
         step, state, grads, watch = diffusers_step_fn(vae, text_encoder, unet, schedule, sd_config, token_ids, device)
     else:
         models = [sd.vae, sd.text_encoder, sd.unet]
-        kahan = args._child == "bf16_kahan"
-        sd.to(device, torch.bfloat16 if kahan else None)
-        step, state, grads, watch = minidb_step_fn(sd, adamw8bit, fused_clip, checkpointing, device,
-                                            LORA_RANK if args._child == "lora" else 0, kahan)
+        sd.to(device, torch.bfloat16 if precision == "bf16" else None)
+        step, state, grads, watch = minidb_step_fn(sd, cfg, precision, device)
     weights = nbytes([t for m in models for t in list(m.parameters()) + list(m.buffers())])
     gc.collect()
     try:
@@ -293,7 +294,7 @@ def run_child(args) -> dict:
 
 def tuned_allocator(name: str) -> bool:
     """Each side's CPU allocator as its own command runs it: `minidb train` keeps freed memory for
-    reuse (bounded in its fused, low-memory modes: minidb.cli.train.frugal), train_dreambooth.py does
+    reuse (bounded in its low-memory modes: minidb.plan.bounded_allocator), train_dreambooth.py does
     not; diffusers_tuned gives diffusers the same as minidb's default."""
     return name == "diffusers_tuned" or CONFIGS[name][0] == "minidb"
 

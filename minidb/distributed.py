@@ -1,7 +1,6 @@
 """The few collective operations training needs, for one process or many (torchrun).
 
     with Dist.from_env(timeout_s=600) as dist:  # RANK/WORLD_SIZE/LOCAL_RANK set by torchrun, else 1 process
-        device = dist.device("auto")            # this process's GPU, or the CPU
         unet = dist.wrap(sd.unet)               # DistributedDataParallel when world_size > 1
         unet = dist.wrap(sd.unet, lora)         # LoRA: the adapters are what DDP syncs
         dist.all_reduce_max_(found_inf)         # every rank skips the same fp16 steps
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minidb.errors import ConfigError, MinidbError
+from minidb.errors import MinidbError
 
 
 class PeerLost(MinidbError):
@@ -38,7 +37,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     timeout_s: float = 600
-    hint: object = None  # () -> str: what to do after a lost peer, added to the PeerLost message
+    hint: object = None  # () -> str: what to do after a lost peer, added to the PeerLost message (Run.resume_hint)
 
     @classmethod
     def from_env(cls, timeout_s: float = 600, backend: str | None = None) -> "Dist":
@@ -70,22 +69,6 @@ class Dist:
         if lost is not None:
             raise PeerLost(f"{lost}; {hint}" if hint else str(lost)) from error
         return False
-
-    def device(self, name: str = "auto") -> torch.device:
-        """The device this process trains on: name ("auto", "cpu", "cuda", "cuda:1", ...), where a
-        bare "cuda" means this process's own GPU (LOCAL_RANK)."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ConfigError(f"model.device: {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ConfigError(f"model.device is {name!r} but torch sees no CUDA device")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank)
-        return device
 
     @property
     def is_main(self) -> bool:

@@ -6,7 +6,7 @@ moment backward has finished that gradient, so the gradients of the whole model 
     stepped, grad_norm = fused.step(lambda: loss_of_the_batch())   # replaces backward + optimizer_step
 
 A hook (`register_post_accumulate_grad_hook`) on every trained parameter does, per tensor, what
-minidb.train.optimizer_step does for all of them: fp16/bf16 grad -> fp32 master grad divided by the
+minidb.step.TrainStep.optimizer_step does for all of them: fp16/bf16 grad -> fp32 master grad divided by the
 loss scale, clip, step the master, round it into the model, free both gradients.
 
 The catch is everything that needs *all* gradients before the first step:
@@ -30,13 +30,13 @@ gradients of earlier micro-batches are exactly what this frees).
 import torch
 
 from minidb.errors import ConfigError
-from minidb.scaler import DynamicLossScaler, MasterWeights
+from minidb.scaler import DynamicLossScaler, MasterWeights, clip_coefficient
 
 
 def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLossScaler | bool | None = None,
                     clip: str = "exact") -> None:
     """ConfigError for what the fused step cannot do. scaler: the fp16 loss scaler, or whether
-    there will be one (minidb.train checks before building it)."""
+    there will be one (minidb.plan checks before it is built)."""
     if clip not in ("exact", "lagged"):
         raise ConfigError(f"the fused step's clip must be 'exact' or 'lagged' (train.fused_backward: 'off', "
                           f"'exact' or 'lagged'), got {clip!r}")
@@ -102,26 +102,21 @@ class FusedBackwardStep:
         self.norms = []
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
-    def _coef(self, norm: torch.Tensor):
-        if self.max_grad_norm <= 0:
-            return None
-        return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # as minidb.train.optimizer_step
-
     def step(self, loss_fn) -> tuple[bool, float]:
         """Backward through loss_fn() (the unscaled loss) with every parameter stepped inside it.
-        Returns (stepped, grad norm) like minidb.train.optimizer_step; stepped is False when a
+        Returns (stepped, grad norm) like minidb.step.TrainStep.optimizer_step; stepped is False when a
         gradient was inf/NaN (fp16: the scaler backs off and no weight changes)."""
         if self.max_grad_norm <= 0 and self.scaler is None:   # nothing needs the norm first: one pass
             self.coef = None
             norm = self._backward(loss_fn, "step")
         elif self.clip == "lagged" and self.last_norm is not None:
-            self.coef = self._coef(self.last_norm)
+            self.coef = clip_coefficient(self.max_grad_norm, self.last_norm)
             norm = self._backward(loss_fn, "step")
         else:  # exact: measure, then (unless inf/NaN) step with the known norm
             norm = self._backward(loss_fn, "measure")
             skip = not bool(torch.isfinite(norm))
             if not skip:
-                self.coef = self._coef(norm)
+                self.coef = clip_coefficient(self.max_grad_norm, norm)
                 self._backward(loss_fn, "step")   # the same scale as the measuring pass
             if self.scaler is not None:
                 self.scaler.update(skip)

@@ -208,7 +208,7 @@ def encode_pool(sd, cfg: PretrainConfig, out: Path):
     posterior (mean, std) of each and the shape's mask at latent resolution. Cached in pool.pt,
     keyed by what made it, and read back as tensors and strings only (weights_only)."""
     path = out / "pool.pt"
-    key = {"seed": cfg.seed, "pool": cfg.pool, "vae": _state_hash(sd.vae), "rotation": cfg.rotation, "version": 2}
+    key = {"seed": cfg.seed, "pool": cfg.pool, "vae": _weights_sum(sd.vae), "rotation": cfg.rotation, "version": 2}
     if path.is_file():
         try:
             cached = torch.load(path, weights_only=True)
@@ -232,7 +232,8 @@ def encode_pool(sd, cfg: PretrainConfig, out: Path):
     return mean, std, mask, items
 
 
-def _state_hash(module) -> float:
+def _weights_sum(module) -> float:
+    """The sum of every weight: a cheap fingerprint of the VAE for the pool cache's key, not a hash."""
     return float(sum(p.double().sum() for p in module.state_dict().values()))
 
 

@@ -74,10 +74,9 @@ class Run:
     # ---- one writer per folder ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writer(self, dist: Dist):
+    def writer(self):
         """The run's lifetime: a folder that already exists is locked now, before anything is read
         for the resume; a new one in prepare(), once it is made. The lock is released at the end."""
-        self.dist = dist
         try:
             if self.folder.is_dir():
                 self.lock()
@@ -221,6 +220,10 @@ class Run:
 
     def latest_state(self) -> Path | None:
         return latest_checkpoint(self.checkpoints)
+
+    def resume_hint(self) -> str:
+        """What to do after a lost peer (minidb.distributed's PeerLost says it)."""
+        return f"continue the run with --resume latest (newest checkpoint: {self.latest_state() or 'none'})"
 
     def save_state(self, step: int, state: dict) -> Path:
         """Every rank hands in its RNG states; rank 0 writes step_N.pt atomically and prunes old ones."""

@@ -13,7 +13,7 @@ A half-precision model trains badly on its own for two reasons, and each has its
    `growth_interval` clean steps it doubles again, so it hovers just below overflow
    (`DynamicLossScaler`; Micikevicius et al. 2018, "Mixed Precision Training").
 
-One optimizer step in fp16 (see minidb.train.optimizer_step):
+One optimizer step in fp16 (see minidb.step.TrainStep.optimizer_step):
 
     scaler.scale_loss(loss).backward()               # fp16 grads, `scale` times too large
     masters.grads_from_model(1 / scaler.scale)       # -> fp32 master grads, unscaled
@@ -92,6 +92,14 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]  # fp32 even for fp16 grads
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_coefficient(max_grad_norm: float, norm: torch.Tensor) -> torch.Tensor | None:
+    """What every gradient is multiplied by to clip the global norm to max_grad_norm (as
+    torch.nn.utils.clip_grad_norm_ does); None when clipping is off (max_grad_norm 0)."""
+    if max_grad_norm <= 0:
+        return None
+    return (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def found_inf(grads: list[torch.Tensor], norm: torch.Tensor | None = None) -> torch.Tensor:

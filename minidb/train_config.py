@@ -384,25 +384,6 @@ def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:
     )
 
 
-def resolved_memory(cfg: DreamBoothConfig, precision: str, world_size: int) -> DreamBoothConfig:
-    """train.low_memory spelled out into the switches it turns on, once the precision ("fp32",
-    "fp16", "bf16") and the number of processes are known, so that the run's config.toml says what
-    ran. A switch already on stays as set. The fused step comes on only where it works (one
-    process, grad_accum = 1), clipping by the last step's norm, or in fp16 measuring first ("exact"):
-    an overflow found late in backward could not be undone once earlier weights were stepped."""
-    if not cfg.train.low_memory:
-        return cfg
-    fused = cfg.train.fused_backward
-    if fused == "off" and world_size == 1 and cfg.train.grad_accum == 1:
-        fused = "exact" if precision == "fp16" else "lagged"
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, gradient_checkpointing=True),
-        optim=dataclasses.replace(cfg.optim, optimizer="adamw8bit"),
-        train=dataclasses.replace(cfg.train, fused_backward=fused),
-    )
-
-
 def to_dict(cfg: DreamBoothConfig) -> dict:
     return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(sub).items()}
             for name, sub in ((n, getattr(cfg, n)) for n in SECTIONS)}

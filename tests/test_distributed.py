@@ -54,6 +54,7 @@ DRIVER = '''"""train() on one rank, recording what the tests check: argv[1] is a
 import hashlib, json, os, signal, sys, time
 import torch
 import minidb.pipeline
+import minidb.step as S
 import minidb.train as T
 from minidb.train_config import load_config
 
@@ -62,14 +63,14 @@ rank = int(os.environ.get("RANK", "0"))
 seen = {"steps": 0, "seeds": []}
 actions = spec.get("at", {})  # "rank/step": "exit" | "hang" | "sigterm"; "rank/opt": step to inject an inf at
 
-real_step = T.optimizer_step
-def optimizer_step(masters, *args, **kwargs):
-    seen["masters"] = masters
+real_step = S.TrainStep.optimizer_step
+def optimizer_step(self, *args, **kwargs):
+    masters = seen["masters"] = self.masters
     seen["steps"] += 1
     if actions.get(f"{rank}/inf") == seen["steps"]:  # gradients are all-reduced by now: only this rank sees it
         next(p for p in masters.model_params if p.grad is not None).grad.view(-1)[0] = float("inf")
-    return real_step(masters, *args, **kwargs)
-T.optimizer_step = optimizer_step
+    return real_step(self, *args, **kwargs)
+S.TrainStep.optimizer_step = optimizer_step
 
 real_generate = minidb.pipeline.StableDiffusion.generate
 def generate(self, prompts, *args, seed=None, **kwargs):  # which class images this rank drew

@@ -1,5 +1,5 @@
-"""minidb.fused_step against the plain step (backward, then clip + optimizer step over all grads,
-as minidb.train.optimizer_step does), on a small model. On one CPU the same operations repeat
+"""minidb.fused_step against the plain step (backward, then clip + optimizer step over all grads:
+minidb.step.TrainStep), on a small model. On one CPU the same operations repeat
 exactly, so "the same" is bit-equal weights here, not a tolerance."""
 import pytest
 import torch
@@ -7,8 +7,9 @@ import torch
 from minidb.adamw8bit import AdamW8bit
 from minidb.errors import ConfigError
 from minidb.fused_step import FusedBackwardStep, check_supported
-from minidb.scaler import DynamicLossScaler, MasterWeights, found_inf, total_norm
-from minidb.train import optimizer_step
+from minidb.scaler import DynamicLossScaler, MasterWeights
+from minidb.step import TrainStep
+from minidb.train_config import OptimConfig, TrainConfig
 
 
 class Net(torch.nn.Sequential):
@@ -37,30 +38,18 @@ def loss_of(net, x, y):
     return ((net(x.to(next(net.parameters()).dtype)).float() - y) ** 2).mean()
 
 
-def plain_step(net, masters, opt, scaler, max_grad_norm, x, y, coef_norm=None):
-    """minidb.train.optimizer_step, single process; coef_norm: clip by this norm instead (lagged,
-    which optimizer_step does not do: only that case is written out here)."""
-    loss = loss_of(net, x, y)
-    (scaler.scale_loss(loss) if scaler else loss).backward()
-    if coef_norm is None:
-        return optimizer_step(masters, opt, scaler, max_grad_norm)
-    masters.grads_from_model(1.0 / scaler.scale if scaler else 1.0)
-    grads = masters.grads()
-    norm = total_norm(grads)
-    skip = bool(found_inf(grads, norm).item())
-    if scaler is not None:
-        scaler.update(skip)
-    if skip:
-        masters.zero_grad()
-        return False, float(norm)
-    if max_grad_norm > 0:
-        coef = (max_grad_norm / ((norm if coef_norm is None else coef_norm) + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef)
-    opt.step()
-    masters.copy_to_model()
-    masters.zero_grad()
-    return True, float(norm)
+def plain(net, max_grad_norm, optimizer="adamw8bit", precision="fp32", loss_scale_init=65536.0) -> TrainStep:
+    """The plain step over net's parameters, lr 1e-2."""
+    return TrainStep(list(net.named_parameters()), OptimConfig(optimizer=optimizer, lr=1e-2, max_grad_norm=max_grad_norm,
+                                                               loss_scale_init=loss_scale_init), TrainConfig(),
+                     precision=precision)
+
+
+def plain_step(step: TrainStep, net, x, y, clip_norm=None):
+    """Backward, then the optimizer step over all gradients; clip_norm: clip by this norm instead of
+    this step's (what the fused step's lagged clipping does)."""
+    step.backward(lambda: (loss_of(net, x, y),))
+    return step.optimizer_step(clip_norm)
 
 
 def assert_same(net_a, net_b):
@@ -72,9 +61,8 @@ def assert_same(net_a, net_b):
 def test_fused_equals_plain_adamw8bit(max_grad_norm):
     """Clipping off: one backward. On (0.2 is below the norms here, so it clips): measure, then step."""
     net_a, net_b = model(), model()
-    masters_a, masters_b = MasterWeights(list(net_a.named_parameters())), MasterWeights(list(net_b.named_parameters()))
-    opt_a = AdamW8bit(masters_a.params, lr=1e-2, min_8bit_size=1024)
-    opt_b = AdamW8bit(masters_b.params, lr=1e-2, min_8bit_size=1024)
+    step_a, masters_b = plain(net_a, max_grad_norm), MasterWeights(list(net_b.named_parameters()))
+    opt_b = AdamW8bit(masters_b.params, lr=1e-2, min_8bit_size=1024)  # 8-bit moments for the same tensors as step_a's
     alive = []  # how many gradients exist when a parameter is stepped
 
     def step_fn(m):
@@ -89,7 +77,7 @@ def test_fused_equals_plain_adamw8bit(max_grad_norm):
         return loss_of(net_b, x, y)
 
     for x, y in batches():
-        ok_a, norm_a = plain_step(net_a, masters_a, opt_a, None, max_grad_norm, x, y)
+        ok_a, norm_a = plain_step(step_a, net_a, x, y)
         ok_b, norm_b = fused.step(lambda: counted_loss(x, y))
         assert ok_a and ok_b and norm_a == norm_b
         assert_same(net_a, net_b)
@@ -104,12 +92,12 @@ def test_fused_equals_plain_adamw8bit(max_grad_norm):
 def test_fused_with_per_parameter_torch_adamw():
     """Any optimizer works through step_fn: here one torch AdamW per parameter, against one for all."""
     net_a, net_b = model(), model()
-    masters_a, masters_b = MasterWeights(list(net_a.named_parameters())), MasterWeights(list(net_b.named_parameters()))
-    opt_a = torch.optim.AdamW(masters_a.params, lr=1e-2, foreach=False)
+    step_a, masters_b = plain(net_a, 0.2, optimizer="adamw"), MasterWeights(list(net_b.named_parameters()))
+    step_a.optimizer = torch.optim.AdamW(step_a.masters.params, lr=1e-2, foreach=False)  # as per_param's, bit for bit
     per_param = {m: torch.optim.AdamW([m], lr=1e-2, foreach=False) for m in masters_b.params}
     fused = FusedBackwardStep(masters_b, lambda m: per_param[m].step(), max_grad_norm=0.2)
     for x, y in batches():
-        plain_step(net_a, masters_a, opt_a, None, 0.2, x, y)
+        plain_step(step_a, net_a, x, y)
         fused.step(lambda: loss_of(net_b, x, y))
         assert_same(net_a, net_b)
 
@@ -119,16 +107,16 @@ def test_fused_fp16_loss_scaler_skips_leave_every_weight_unchanged():
     are skipped by both (no weight, master or optimizer state changes), the scale halves the same
     way, and once it fits the fused step equals the plain one."""
     net_a, net_b = model(torch.float16), model(torch.float16)
-    masters_a, masters_b = MasterWeights(list(net_a.named_parameters())), MasterWeights(list(net_b.named_parameters()))
+    step_a = plain(net_a, 1.0, precision="fp16", loss_scale_init=2.0 ** 30)
+    masters_a, scaler_a, masters_b = step_a.masters, step_a.scaler, MasterWeights(list(net_b.named_parameters()))
     assert masters_b.separate
-    opt_a = AdamW8bit(masters_a.params, lr=1e-2, min_8bit_size=1024)
     opt_b = AdamW8bit(masters_b.params, lr=1e-2, min_8bit_size=1024)
-    scaler_a, scaler_b = DynamicLossScaler(2.0 ** 30), DynamicLossScaler(2.0 ** 30)
+    scaler_b = DynamicLossScaler(2.0 ** 30)
     fused = FusedBackwardStep(masters_b, opt_b.step_param, max_grad_norm=1.0, scaler=scaler_b)
     skipped = 0
     for x, y in batches(20):
         before = [p.clone() for p in net_b.parameters()] + [m.clone() for m in masters_b.params]
-        ok_a, norm_a = plain_step(net_a, masters_a, opt_a, scaler_a, 1.0, x, y)
+        ok_a, norm_a = plain_step(step_a, net_a, x, y)
         ok_b, norm_b = fused.step(lambda: loss_of(net_b, x, y))
         assert ok_a == ok_b and scaler_a.scale == scaler_b.scale
         if not ok_b:
@@ -150,8 +138,7 @@ def test_lagged_clipping_uses_the_previous_norm():
     """clip='lagged': one backward per step; step k is clipped by the norm step k-1 measured
     (the first step measures first, so it equals the exact step)."""
     net_a, net_b = model(), model()
-    masters_a, masters_b = MasterWeights(list(net_a.named_parameters())), MasterWeights(list(net_b.named_parameters()))
-    opt_a = AdamW8bit(masters_a.params, lr=1e-2, min_8bit_size=1024)
+    step_a, masters_b = plain(net_a, 0.5), MasterWeights(list(net_b.named_parameters()))
     opt_b = AdamW8bit(masters_b.params, lr=1e-2, min_8bit_size=1024)
     fused = FusedBackwardStep(masters_b, opt_b.step_param, max_grad_norm=0.5, clip="lagged")
     calls, previous = [0], None
@@ -161,8 +148,7 @@ def test_lagged_clipping_uses_the_previous_norm():
         return loss_of(net_b, x, y)
 
     for x, y in batches():
-        _, norm_a = plain_step(net_a, masters_a, opt_a, None, 0.5, x, y,
-                               coef_norm=None if previous is None else torch.tensor(previous))
+        _, norm_a = plain_step(step_a, net_a, x, y, clip_norm=None if previous is None else torch.tensor(previous))
         _, norm_b = fused.step(lambda: counted_loss(x, y))
         assert norm_a == norm_b
         assert_same(net_a, net_b)

@@ -1,13 +1,14 @@
 """The explicit fp16 machinery: dynamic loss scaler, found-inf flag, fp32 master weights, and
-minidb.train.optimizer_step that strings them together, on small modules that run in fp16 on CPU."""
+minidb.step.TrainStep.optimizer_step that strings them together, on small modules that run in fp16 on CPU."""
 import copy
 
 import pytest
 import torch
 
 from helpers import rel_err
-from minidb.scaler import DynamicLossScaler, LossScaleCollapsed, MasterWeights, found_inf, total_norm
-from minidb.train import optimizer_step
+from minidb.scaler import DynamicLossScaler, LossScaleCollapsed, found_inf, total_norm
+from minidb.step import TrainStep
+from minidb.train_config import OptimConfig, TrainConfig
 
 
 def test_scaler_backoff_growth_and_state():
@@ -57,12 +58,13 @@ def _mlp(dtype, seed=0):
     return m.to(dtype)
 
 
-def _setup(dtype=torch.float16, lr=1e-3, init_scale=2.0 ** 16):
+def _setup(dtype=torch.float16, lr=1e-3, init_scale=2.0 ** 16, max_grad_norm=1.0):
+    """The model and the training step's parts: its masters, the step itself and its loss scaler (fp16)."""
     model = _mlp(dtype)
-    masters = MasterWeights(list(model.named_parameters()))
-    opt = torch.optim.AdamW(masters.params, lr=lr)
-    scaler = DynamicLossScaler(init_scale=init_scale) if dtype == torch.float16 else None
-    return model, masters, opt, scaler
+    step = TrainStep(list(model.named_parameters()), OptimConfig(lr=lr, loss_scale_init=init_scale,
+                                                                  max_grad_norm=max_grad_norm), TrainConfig(),
+                     precision="fp16" if dtype == torch.float16 else "fp32")
+    return model, step.masters, step, step.scaler
 
 
 def test_loss_scaling_rescues_fp16_gradients():
@@ -84,7 +86,7 @@ def test_loss_scaling_rescues_fp16_gradients():
 def test_masters_keep_updates_fp16_would_round_away():
     """lr 1e-6 on weights in [0.5, 1), where fp16's spacing is 2**-11 ~ 5e-4: the fp16 weights
     cannot move, the fp32 masters accumulate the updates (and would cross a spacing eventually)."""
-    model, masters, opt, scaler = _setup(lr=1e-6)
+    model, masters, step, scaler = _setup(lr=1e-6)
     with torch.no_grad():
         model[0].weight.uniform_(0.5, 1.0)
         masters.params[0].copy_(model[0].weight)
@@ -92,7 +94,7 @@ def test_masters_keep_updates_fp16_would_round_away():
     x = torch.randn(8, 16).half()
     for _ in range(3):
         scaler.scale_loss(model(x).float().square().mean()).backward()
-        stepped, norm = optimizer_step(masters, opt, scaler, max_grad_norm=1.0)
+        stepped, norm = step.optimizer_step()
         assert stepped and norm > 0
     for m, p in zip(masters.params, model.parameters()):
         assert m.dtype == torch.float32 and p.dtype == torch.float16
@@ -103,10 +105,11 @@ def test_masters_keep_updates_fp16_would_round_away():
 
 
 def test_injected_inf_skips_step_halves_scale_changes_nothing():
-    model, masters, opt, scaler = _setup()
+    model, masters, step, scaler = _setup()
+    opt = step.optimizer
     x = torch.randn(8, 16).half()
     scaler.scale_loss(model(x).float().square().mean()).backward()
-    optimizer_step(masters, opt, scaler, 1.0)  # one clean step: the optimizer has state
+    step.optimizer_step()  # one clean step: the optimizer has state
     weights = copy.deepcopy(model.state_dict())
     master_values = [m.detach().clone() for m in masters.params]
     opt_state = copy.deepcopy(opt.state_dict())
@@ -114,7 +117,7 @@ def test_injected_inf_skips_step_halves_scale_changes_nothing():
 
     scaler.scale_loss(model(x).float().square().mean()).backward()
     model[2].bias.grad[1] = float("inf")  # the injected overflow
-    stepped, norm = optimizer_step(masters, opt, scaler, 1.0)
+    stepped, norm = step.optimizer_step()
     assert not stepped and not torch.isfinite(torch.tensor(norm))
     assert scaler.scale == scale / 2 and scaler.clean_steps == 0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), weights.values()))
@@ -125,19 +128,19 @@ def test_injected_inf_skips_step_halves_scale_changes_nothing():
 
     # the next clean step goes through at the lower scale
     scaler.scale_loss(model(x).float().square().mean()).backward()
-    assert optimizer_step(masters, opt, scaler, 1.0)[0]
+    assert step.optimizer_step()[0]
     assert not torch.equal(model[2].bias, weights["2.bias"])
 
 
 def test_fp32_step_equals_plain_torch_clip_and_adamw():
     x = torch.randn(8, 16)
-    model, masters, opt, scaler = _setup(torch.float32)
+    model, masters, step, scaler = _setup(torch.float32, max_grad_norm=0.5)
     assert not masters.separate and masters.params[0] is model[0].weight  # no copy in fp32
     ref = _mlp(torch.float32)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     for _ in range(3):
         (100 * model(x).square().mean()).backward()
-        optimizer_step(masters, opt, None, max_grad_norm=0.5)
+        step.optimizer_step()
         (100 * ref(x).square().mean()).backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         ref_opt.step()

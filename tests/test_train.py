@@ -20,6 +20,7 @@ from minidb import train as train_module
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
 from minidb.pipeline import export_checkpoint
+from minidb.step import TrainStep
 from minidb.train import TrainingDiverged, add_adapters, micro_batch_loss, set_trainable, train
 from minidb.train_config import ModelConfig, load_config
 from minidb.weights import open_checkpoint
@@ -310,9 +311,8 @@ def test_memory_options_train(world, tmp_path, monkeypatch, sets, forwards, eigh
      "does not work with 2 processes: DDP"),
 ])
 def test_fused_step_refusals_fail_before_training(world, tmp_path, monkeypatch, sets, message):
-    from minidb.distributed import Dist
-    if "2 processes" in sets:  # the check comes before any collective: a Dist that only says 2 will do
-        monkeypatch.setattr(train_module.Dist, "from_env", classmethod(lambda cls, *a, **k: Dist(world_size=2)))
+    if "2 processes" in sets:  # the plan's check comes before any collective: torchrun's WORLD_SIZE will do
+        monkeypatch.setenv("WORLD_SIZE", "2")
         sets = sets[:-1]
     with pytest.raises(ConfigError, match=message):
         train(config(world, tmp_path / "run", *sets))
@@ -453,7 +453,8 @@ def test_small_options_reach_the_step(world, tmp_path, monkeypatch, capsys):
     offsets, gammas = [], []
     real_draw, real_loss = minidb.data.draw_noise, train_module.micro_batch_loss
     monkeypatch.setattr(minidb.data, "draw_noise", lambda *a: offsets.append(a[-1]) or real_draw(*a))
-    monkeypatch.setattr(train_module, "micro_batch_loss", lambda *a: gammas.append(a[-1]) or real_loss(*a))
+    monkeypatch.setattr(train_module, "micro_batch_loss",
+                        lambda *a, **k: gammas.append(k["min_snr_gamma"]) or real_loss(*a, **k))
     result = train(config(world, tmp_path / "run", "optim.scale_lr=true", "train.batch_size=2", "train.grad_accum=2",
                           "train.steps=1", "optim.lr=1e-4", "train.noise_offset=0.05", "train.min_snr_gamma=5"))
     assert json.loads((result.run_dir / "metrics.jsonl").read_text())["lr"] == pytest.approx(4e-4, rel=1e-12)
@@ -493,15 +494,15 @@ def test_cached_latents_match_encoding_every_step(world, tmp_path):
 
 def test_fp16_injected_inf_skips_step_and_halves_scale(world, tmp_path, monkeypatch):
     calls = []
-    real_step = train_module.optimizer_step
+    real_step = TrainStep.optimizer_step
 
-    def poisoned(masters, *args, **kwargs):
+    def poisoned(step, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # step 2: one UNet gradient element overflows
-            next(p for p in masters.model_params if p.grad is not None).grad.view(-1)[0] = float("inf")
-        return real_step(masters, *args, **kwargs)
+            next(p for p in step.masters.model_params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return real_step(step, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    monkeypatch.setattr(TrainStep, "optimizer_step", poisoned)
     result = train(config(world, tmp_path / "run", "model.precision=fp16", "train.steps=3",
                           "train.checkpoint_every=1", "optim.loss_scale_init=1024"))
     metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from minidb.errors import ConfigError
+from minidb.plan import with_memory_switches
 from minidb.train_config import (DreamBoothConfig, differences, dump_toml, explanations, from_dict, load_config,
-                                 resolved, resolved_memory, validate)
+                                 resolved, validate)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "minidb" / "data" / "dreambooth_example.toml"
 
@@ -142,9 +143,9 @@ def test_print_config_explains_every_option(capsys):
     (["train.low_memory=true", "train.grad_accum=4"], "fp32", 1, ("adamw8bit", "off", True)),
 ])
 def test_low_memory_resolves_to_what_the_run_supports(sets, precision, world_size, expected):
-    cfg = resolved_memory(load_config(None, sets), precision, world_size)
+    cfg = with_memory_switches(load_config(None, sets), precision, world_size)
     assert (cfg.optim.optimizer, cfg.train.fused_backward, cfg.model.gradient_checkpointing) == expected
-    assert resolved_memory(cfg, precision, world_size) == cfg  # a resume reads config.toml back: the same
+    assert with_memory_switches(cfg, precision, world_size) == cfg  # a resume reads config.toml back: the same
 
 
 def test_memory_options_documented():

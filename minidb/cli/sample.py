@@ -27,6 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
 from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
+from minidb.device import choose_device, default_precision
 from minidb.files import atomic_write, read_text
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -171,25 +172,6 @@ def check_model_args(args, config, device="cpu", dtype=torch.float32):
             load_lora(path, models).detach()
 
 
-def pick_device(name: str | None) -> str:
-    """--device, checked now (a missing GPU is one line, not a traceback from deep inside the load)."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MinidbError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
-            raise MinidbError(f"--device {name}: {why}; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MinidbError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise MinidbError(f"--device {name}: MPS is not available here; use --device cpu")
-    return name
-
-
 def png_info(prompt, negative, seed, args, model_hash, ckpt_name) -> PngInfo:
     """A1111's "parameters" text (read by most SD tools) plus one entry per field."""
     sampler = SAMPLER_NAMES[args.sampler]
@@ -218,14 +200,14 @@ def _next_index(folder: Path, pattern: str) -> int:
 
 def run(args) -> int:
     check_args(args)
-    device = pick_device(args.device)
+    device = str(choose_device(args.device))  # checked now: a missing GPU is one line, not a traceback
     prompts = read_prompts(args)
     ckpt = find_checkpoint(args.ckpt)
 
     from minidb.pipeline import StableDiffusion  # heavy imports only once the arguments are good
     from minidb.sampling import PromptTruncatedWarning, generate, image_grid, truncated_prompts
     from minidb.tokenizer import CLIPTokenizer
-    dtype = getattr(torch, DTYPES[args.precision or ("fp16" if device.startswith("cuda") else "fp32")])
+    dtype = getattr(torch, DTYPES[args.precision or default_precision(device)])
     check_model_args(args, StableDiffusion.inspect_checkpoint(ckpt), device, dtype)  # reads no tensor: fails in a second
     tokenizer = CLIPTokenizer()
     for p in truncated_prompts(tokenizer, prompts + [args.negative_prompt]):

@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from minidb.cli import keep_freed_memory
+from minidb.allocator import keep_freed_memory
 from minidb.errors import ConfigError
 
 
@@ -63,11 +63,6 @@ def load(args):
                       "minidb/data/dreambooth_example.toml), or --resume RUN_FOLDER")
 
 
-def frugal(cfg) -> bool:
-    """The training modes that trade speed for memory, where keeping freed memory would cost memory."""
-    return cfg.train.low_memory or cfg.train.fused_backward != "off"
-
-
 def run(args) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning  # one line per warning, no source location
@@ -79,6 +74,7 @@ def _run(args) -> int:
 
     from minidb.config import DTYPES
     from minidb.pipeline import export_checkpoint
+    from minidb.plan import make_plan
     from minidb.train import train
     from minidb.train_config import dump_toml
 
@@ -91,8 +87,9 @@ def _run(args) -> int:
     if args.print_config:
         print(dump_toml(cfg, explain=True), end="")
         return 0
-    keep_freed_memory(bounded=frugal(cfg))  # speed; bounded in the low-memory modes (minidb.cli says why)
-    result = train(cfg, resume=args.resume)  # an interruption is reported there, once
+    plan = make_plan(cfg)  # every choice of the run, before anything is loaded
+    keep_freed_memory(bounded=plan.bounded_allocator)  # speed; bounded in the low-memory modes (minidb.allocator)
+    result = train(plan, resume=args.resume)  # an interruption is reported there, once
     if result.interrupted:  # 128 + the signal's number, as a shell reports it: 130 Ctrl-C, 143 SIGTERM
         return 130 if result.stopped_by == "SIGINT" else 143
     return 0
