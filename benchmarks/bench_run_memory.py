@@ -159,7 +159,8 @@ def run_config(name: str, args, work: Path) -> dict:
     out = args.work / "runs" / name
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # unbuffered: a progress bar's first line (ended by \r) shows when its stage starts, not when its line ends
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     if CONFIGS[name] is None:
         env["PYTHONPATH"] = str(ROOT)
         cmd = [sys.executable, "-m", "benchmarks.bench_run_memory", "--_diffusers", str(out), "--work", str(work)]
