@@ -38,7 +38,7 @@ from minidb.eval import Reader, largest_component, segment
 from minidb.explain import WORLD, explain, threshold
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
-from minidb.world import POSITIONS, World
+from minidb.world import POSITIONS, World, caption
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 BEGIN, END = "<!-- explain_localisation: begin -->", "<!-- explain_localisation: end -->"
@@ -79,7 +79,6 @@ def localisation(sd, captions: int, reader, progress=True) -> dict:
         index += 1
         if not keep:
             continue
-        from minidb.world import caption
         text = caption(a, keep)
         ex = explain(sd, text, seed=index, frames=1, guidance_frames=0, progress=False)
         read = reader.read(ex.image)
@@ -106,7 +105,6 @@ def localisation(sd, captions: int, reader, progress=True) -> dict:
 
 def dreambooth_view(base, tuned, seeds: int, reader, progress=True) -> dict:
     from minidb.demo import subject_prompts
-    from minidb.world import caption
     out = {}
     for name, sd in (("base", base), ("dreambooth", tuned)):
         ious = []

@@ -190,9 +190,7 @@ def explain(sd, prompt: str, seed: int = 0, steps: int = 50, scale: float = 7.5,
         maps = torch.stack([p[:, w_.positions].mean(-1) for w_ in words]).view(len(words), h, w)  # (words, h, w)
         levels.setdefault(lv, []).append(maps)
         upsampled.append(F.interpolate(maps[None], size=size, mode="bicubic", align_corners=False)[0].clamp(min=0))
-    order = sorted(levels, key=lambda lv: (["down", "middle", "up"].index(lv.split()[0]),
-                                           int(lv.split()[1].split("x")[0]) * (-1 if lv.startswith("down") else 1)))
-    levels = {lv: torch.stack(levels[lv]).mean(0) for lv in order}
+    levels = {lv: torch.stack(maps).mean(0) for lv, maps in levels.items()}  # in call order: down, middle, up
     heat = torch.stack(upsampled).mean(0)  # (words, H, W)
 
     ran = ", ".join(sorted(backends))
@@ -296,16 +294,31 @@ def _wrap(s: str, font, width: int) -> list[str]:
     return lines + [line]
 
 
-def sheet(ex: Explanation, title: str = "") -> Image.Image:
-    """One picture of everything in `ex`, every picture labelled and every number explained."""
-    columns = max(len(ex.words) + 1, len(ex.x0), 5)
+PARTS = ("trajectory", "words", "levels", "guidance")
+
+
+def sheet(ex: Explanation, title: str = "", parts=PARTS) -> Image.Image:
+    """One picture of everything in `ex` (or of `parts` of it), every picture labelled and every
+    number explained."""
+    columns = max(len(ex.words) + 1, len(ex.x0), 5) if {"words", "levels"} & set(parts) else max(len(ex.x0), 4)
     c = _Canvas(PAD + columns * (CELL + PAD))
     s = ex.settings
     c.text(title or f"minidb explain: \"{ex.prompt}\"", BIG)
     c.text(f"model {s['model'] or '?'}; seed {s['seed']}, {s['sampler']} with {s['steps']} steps, guidance scale "
            f"{s['scale']:g}; {s['unet_calls']} UNet calls; {ex.seconds:.1f} s.", SMALL, GREY)
     c.gap()
+    if "trajectory" in parts:
+        _trajectory(c, ex)
+    if "words" in parts:
+        _words(c, ex)
+    if "levels" in parts:
+        _levels(c, ex)
+    if "guidance" in parts and ex.guidance:
+        _guidance(c, ex)
+    return c.render()
 
+
+def _trajectory(c: _Canvas, ex: Explanation):
     c.text("1. The trajectory: at every step the UNet predicts the clean image x0 from the noisy latent x_t; "
            "here is that prediction, decoded by the VAE, from the first step (left) to the last.")
     c.text("Under each: the UNet call, its timestep t (999 = pure noise, 0 = clean) and the noise level "
@@ -313,6 +326,8 @@ def sheet(ex: Explanation, title: str = "") -> Image.Image:
     c.row([(ex.x0[i], f"call {i}, t={ex.timesteps[i]}\nnoise {ex.noise[i]:.3f}") for i in ex.x0])
     c.gap()
 
+
+def _words(c: _Canvas, ex: Explanation):
     c.text("2. Where each word looks: for every pixel, the cross-attention probability of each word's tokens, "
            "averaged over heads and over the UNet calls, and over layers as DAAM does; overlaid on the final "
            "image (each map scaled to its own maximum: red = where that word is looked at most).")
@@ -323,6 +338,9 @@ def sheet(ex: Explanation, title: str = "") -> Image.Image:
     c.row([(ex.image, "the sample\n(final image)")]
           + [(overlay(ex.image, ex.heat[i]), f"\"{w.text}\"\n{float(ex.heat[i].mean()):.3f}")
              for i, w in enumerate(ex.words)])
+
+
+def _levels(c: _Canvas, ex: Explanation):
     c.text("Per UNet level (down the encoder, the middle, up the decoder; the size is the level's attention "
            "map, upsampled here): the same maps before averaging over levels, scaled to their own maximum; "
            "the number is the level's mean probability for that word.", SMALL, GREY)
@@ -333,18 +351,19 @@ def sheet(ex: Explanation, title: str = "") -> Image.Image:
                  for i, w in enumerate(ex.words)])
     c.gap()
 
-    if ex.guidance:
-        c.text(f"3. Guidance: the UNet sees the prompt (conditional) and the empty prompt (unconditional) at once; "
-               f"the step uses eps_u + {s['scale']:g} * (eps_c - eps_u). At a few calls: x0 as each half alone "
-               f"predicts it, where they differ, and the guided x0 the sampler followed.")
-        c.text("The difference map is mean |eps_c - eps_u| over the latent channels, scaled to its maximum; the "
-               "number is its mean over the image (in units of the noise's standard deviation).", SMALL, GREY)
-        for g in ex.guidance:
-            c.row([(g["uncond"], f"call {g['call']}, t={g['t']}\nunconditional x0"),
-                   (g["cond"], "conditional x0\n(the prompt)"),
-                   (overlay(g["cond"], g["delta"], alpha=1.0), f"|eps_c - eps_u|\nmean {float(g['delta'].mean()):.3f}"),
-                   (g["guided"], "guided x0\n(what is followed)")])
-    return c.render()
+
+def _guidance(c: _Canvas, ex: Explanation):
+    s = ex.settings
+    c.text(f"3. Guidance: the UNet sees the prompt (conditional) and the empty prompt (unconditional) at once; "
+           f"the step uses eps_u + {s['scale']:g} * (eps_c - eps_u). At a few calls: x0 as each half alone "
+           f"predicts it, where they differ, and the guided x0 the sampler followed.")
+    c.text("The difference map is mean |eps_c - eps_u| over the latent channels, scaled to its maximum; the "
+           "number is its mean over the image (in units of the noise's standard deviation).", SMALL, GREY)
+    for g in ex.guidance:
+        c.row([(g["uncond"], f"call {g['call']}, t={g['t']}\nunconditional x0"),
+               (g["cond"], "conditional x0\n(the prompt)"),
+               (overlay(g["cond"], g["delta"], alpha=1.0), f"|eps_c - eps_u|\nmean {float(g['delta'].mean()):.3f}"),
+               (g["guided"], "guided x0\n(what is followed)")])
 
 
 def side_by_side(left: Image.Image, right: Image.Image, titles: tuple[str, str]) -> Image.Image:
