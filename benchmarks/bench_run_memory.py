@@ -312,9 +312,12 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_run_memory"),
                    help="the base checkpoint, its diffusers folder and the run folders (about 9 GB)")
     p.add_argument("--minidb-root", default=str(ROOT), help="the checkout whose minidb runs (e.g. a worktree of HEAD)")
-    p.add_argument("--tag", default="after", help="names the output files: run_memory_<tag>.json/.png")
+    p.add_argument("--tag", default="after",
+                   help="names the output files: run_memory_<tag>.json/.png (merged with the configurations already there)")
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
     p.add_argument("--quick", action="store_true", help="the tiny model at 32x32 (checks the script; --work apart)")
+    p.add_argument("--fresh", action="store_true",
+                   help="drop the tag's earlier configurations (default: keep them, replacing only those run now)")
     p.add_argument("--_diffusers", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     global RES
@@ -326,13 +329,16 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
     work = prepare(args.work, args.quick)
-    results = []
+    # the tag's earlier configurations are kept: a run of some configurations replaces their rows only,
+    # and the JSON, plot and table hold every configuration measured under the tag (in CONFIGS' order)
+    saved = HERE / f"run_memory_{args.tag}.json"
+    results = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else []
     for name in names:
-        results.append(run_config(name, args, work))
-        r = results[-1]
+        r = run_config(name, args, work)
+        results = sorted([x for x in results if x["config"] != name] + [r], key=lambda x: list(CONFIGS).index(x["config"]))
         print(f"{name}: peak {max(m for _, m in r['samples']) / GIB:.2f} GiB, {r['total_s']:.0f} s, "
               f"stages {json.dumps({k: round(v / GIB, 2) for k, v in stage_peaks(r).items()})}", flush=True)
-        (HERE / f"run_memory_{args.tag}.json").write_text(json.dumps(results))
+        saved.write_text(json.dumps(results))
         plot(results, HERE / f"run_memory_{args.tag}.png",  # after each configuration: a long run shows as it goes
              f"minidb train vs diffusers, whole run, SD v1, {RES}x{RES}, fp32, 1+1 images, {STEPS} steps ({args.tag})")
     from benchmarks.bench_vs_diffusers import machine
