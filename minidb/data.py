@@ -13,7 +13,6 @@ micro-batch, position in the global batch), each through its own torch.Generator
 noise, when on, is that generator's last draw). A resumed run, or any number of processes, sees
 exactly the numbers an uninterrupted run sees.
 """
-import hashlib
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from minidb.errors import DataError
+from minidb.seeds import derive_seed
 from minidb.train_options import offset_noise
 
 RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking
@@ -151,9 +151,8 @@ def _warn_small(what, names, resolution):
 # ---- the dataset -------------------------------------------------------------------------------
 
 def _seed_of(*parts) -> int:
-    """A 63-bit seed from a tuple: (seed, epoch) and (seed, epoch + 1) give unrelated streams."""
-    digest = hashlib.sha256("minidb-data/".encode() + "/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The seed of one of the dataset's random streams (minidb.seeds): _seed_of("order", seed, epoch)."""
+    return derive_seed("minidb-data", *parts)
 
 
 class DreamBoothDataset:
@@ -288,8 +287,8 @@ def next_items(dataset, cursor: tuple[int, int], n: int):
 
 
 def example_seed(seed: int, step: int, micro: int, position: int) -> int:
-    digest = hashlib.sha256(f"minidb-dreambooth/{seed}/{step}/{micro}/{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The seed of one training example's draws (minidb.seeds): the same whatever the batch split."""
+    return derive_seed("minidb-dreambooth", seed, step, micro, position)
 
 
 def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int, noise_offset: float = 0.0):

@@ -33,7 +33,7 @@ from PIL import Image
 
 from minidb.files import atomic_write
 from minidb.world import (ATTRIBUTES, BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZE, SIZES, Attributes,
-                          _outline, _seed, caption, combinations, render)
+                          caption, combinations, outline, render, world_seed)
 
 READER = Path(__file__).parent / "data" / "world_reader.safetensors"
 CROP = 32                   # the reader's input: the blob, centred, its circumradius CROP * 0.4
@@ -46,7 +46,7 @@ def _polygon_area(p: np.ndarray) -> float:
 
 
 # each shape's area as a share of its circumcircle's (the ring's hole subtracted)
-AREA_SHARE = {s: (sum(_polygon_area(p) * (-1 if i else 1) for i, p in enumerate(_outline(s)))) / math.pi
+AREA_SHARE = {s: (sum(_polygon_area(p) * (-1 if i else 1) for i, p in enumerate(outline(s)))) / math.pi
               for s in SHAPES}
 SIZE_SPLIT = math.sqrt(SIZES["small"] * SIZES["large"]) * SIZE  # circumradius in pixels between the sizes
 
@@ -242,9 +242,9 @@ def world_vae():
 def rendered_set(n: int, seed: int, degrade: bool = True, vae=None):
     """n random renders (half of them patterned) with their attributes. With a vae, every other
     image is that VAE's reconstruction of its render instead of a blurred one."""
-    rng = np.random.default_rng(_seed("reader-set", seed))
+    rng = np.random.default_rng(world_seed("reader-set", seed))
     attrs = [random_attributes(rng) for _ in range(n)]
-    images = [render(a, seed=_seed("reader-image", seed, i)) for i, a in enumerate(attrs)]
+    images = [render(a, seed=world_seed("reader-image", seed, i)) for i, a in enumerate(attrs)]
     if vae is not None:
         images[1::2] = decoded(images[1::2], vae)
     if degrade:
@@ -288,13 +288,13 @@ def reader_accuracy(reader: Reader, n: int = 600, seed: int = 12345, vae=None) -
     """Accuracy per attribute on fresh renders (a seed never used in training), solid ones; the
     pattern on patterned renders; with a vae, also every attribute on that VAE's reconstructions
     of the solid renders ("decoded": the images a model of that VAE can at best draw)."""
-    rng = np.random.default_rng(_seed("reader-accuracy", seed))
+    rng = np.random.default_rng(world_seed("reader-accuracy", seed))
     attrs = [random_attributes(rng, patterned=0.0) for _ in range(n)]
-    clean = [render(a, seed=_seed("reader-accuracy-image", seed, i)) for i, a in enumerate(attrs)]
+    clean = [render(a, seed=world_seed("reader-accuracy-image", seed, i)) for i, a in enumerate(attrs)]
     images = [_degrade(im, rng) for im in clean]
     acc = prompt_fidelity(reader.read_all(images), attrs)
     patterned = [random_attributes(rng, patterned=1.0) for _ in range(n // 3)]
-    images = [render(a, seed=_seed("reader-accuracy-pattern", seed, i)) for i, a in enumerate(patterned)]
+    images = [render(a, seed=world_seed("reader-accuracy-pattern", seed, i)) for i, a in enumerate(patterned)]
     acc["pattern"] = float(np.mean([r["pattern"] == a.pattern for r, a in zip(reader.read_all(images), patterned)]))
     if vae is not None:
         acc["decoded"] = prompt_fidelity(reader.read_all(decoded(clean, vae)), attrs)
@@ -306,7 +306,7 @@ def reader_accuracy(reader: Reader, n: int = 600, seed: int = 12345, vae=None) -
 def held_out_prompts(n: int, seed: int = 0) -> list[Attributes]:
     """n combinations never drawn in pretraining (cycling through them in a seeded order)."""
     held = combinations(held=True)
-    order = np.random.default_rng(_seed("eval-order", seed)).permutation(len(held))
+    order = np.random.default_rng(world_seed("eval-order", seed)).permutation(len(held))
     return [held[order[i % len(held)]] for i in range(n)]
 
 

@@ -39,7 +39,7 @@ from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, p
                                save_state, set_rng_state)
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError, MinidbError
-from minidb.world import Attributes, World, _seed
+from minidb.world import Attributes, World, world_seed
 from minidb.files import atomic_write, atomic_write_text
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
@@ -172,7 +172,7 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     while step < cfg.vae_steps:
         x = images_to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)[0])
         posterior = vae.encode(x)
-        z = posterior.sample(torch.Generator().manual_seed(_seed("vae-noise", cfg.seed, step)))
+        z = posterior.sample(torch.Generator().manual_seed(world_seed("vae-noise", cfg.seed, step)))
         y = vae.decode(z)
         w = 1.0 + 4.0 * foreground(x)  # the shape is ~5% of the pixels and all of the meaning
         rec = (w * ((y - x).abs() + (y - x).pow(2))).mean() / w.mean()
@@ -270,9 +270,9 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="2/2 UNet + text encoder", dynamic_ncols=True)
     while step < cfg.unet_steps:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(_seed("unet-step", cfg.seed, step))
+        g = torch.Generator().manual_seed(world_seed("unet-step", cfg.seed, step))
         index = torch.randint(0, cfg.pool, (cfg.unet_batch,), generator=g)
-        rng = np.random.default_rng(_seed("captions", cfg.seed, step))
+        rng = np.random.default_rng(world_seed("captions", cfg.seed, step))
         prompts = []
         for i in index.tolist():
             keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)

@@ -17,12 +17,13 @@ chosen by a hash, never appear in World samples, so a model can be tested on pro
 never seen. Patterns (two-tone, striped, ...) never appear in World samples either: they exist
 for the DreamBooth demo, whose subject the base model cannot know.
 """
-import hashlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from minidb.seeds import derive_seed
 
 SIZE = 64  # image side in pixels
 
@@ -80,14 +81,17 @@ def caption(a: Attributes, keep=ATTRIBUTES, subject: str | None = None) -> str:
     return text
 
 
-def _seed(*parts) -> int:
-    digest = hashlib.sha256("minidb-world/".encode() + "/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def world_seed(*parts) -> int:
+    """The seed of one of the world's random streams (minidb.seeds): world_seed("image", seed, index)."""
+    return derive_seed("minidb-world", *parts)
+
+
+_seed = world_seed  # the old private name, still imported by benchmarks/world_diagnose.py
 
 
 def held_out(a: Attributes) -> bool:
     """One in ten combinations, fixed by a hash: never drawn by World, kept for evaluation."""
-    return _seed("held-out", a.shape, a.color, a.size, a.position, a.background) % 10 == 0
+    return world_seed("held-out", a.shape, a.color, a.size, a.position, a.background) % 10 == 0
 
 
 def combinations(held: bool | None = None) -> list[Attributes]:
@@ -100,7 +104,7 @@ def combinations(held: bool | None = None) -> list[Attributes]:
 
 # ---- drawing -------------------------------------------------------------------------------------
 
-def _outline(shape: str, n: int = 96) -> list[np.ndarray]:
+def outline(shape: str, n: int = 96) -> list[np.ndarray]:
     """Polygons (unit circumradius, centred, y down) whose filled union is the shape; a second
     polygon is a hole (the ring)."""
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
@@ -148,7 +152,7 @@ def render(a: Attributes, seed: int = 0, size: int = SIZE, jitter: bool = True, 
     """The image of `a`: the same (a, seed) always gives the same pixels. jitter=False draws the
     canonical picture (no rotation, no offsets, no noise). The shape turns by up to `rotation`
     degrees either way, and never by more than half its symmetry period."""
-    rng = np.random.default_rng(_seed("render", seed, a))
+    rng = np.random.default_rng(world_seed("render", seed, a))
     u = rng.random(8) if jitter else np.full(8, 0.5)
     period = {"circle": 0.0, "ring": 0.0, "square": 90.0, "triangle": 120.0, "star": 72.0, "heart": 30.0}[a.shape]
     angle = math.radians((u[0] - 0.5) * min(period, 2 * rotation))
@@ -160,7 +164,7 @@ def render(a: Attributes, seed: int = 0, size: int = SIZE, jitter: bool = True, 
     mask = Image.new("L", (size * ss, size * ss), 0)
     draw = ImageDraw.Draw(mask)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    for i, poly in enumerate(_outline(a.shape)):
+    for i, poly in enumerate(outline(a.shape)):
         pts = (poly @ rot.T) * r + np.array([cx, cy])
         draw.polygon([tuple(p) for p in (pts * ss).tolist()], fill=0 if i else 255)
     mask = mask.resize((size, size), Image.Resampling.BOX)
@@ -194,14 +198,14 @@ class World:
         self.allowed = combinations(held=False)
 
     def attributes(self, index: int) -> tuple[Attributes, tuple[str, ...]]:
-        rng = np.random.default_rng(_seed("sample", self.seed, index))
+        rng = np.random.default_rng(world_seed("sample", self.seed, index))
         a = self.allowed[int(rng.integers(len(self.allowed)))]
         keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= self.drop)
         return a, () if rng.random() < self.drop_all else keep
 
     def sample(self, index: int) -> tuple[Image.Image, str, Attributes]:
         a, keep = self.attributes(index)
-        image = render(a, seed=_seed("image", self.seed, index), size=self.size, rotation=self.rotation)
+        image = render(a, seed=world_seed("image", self.seed, index), size=self.size, rotation=self.rotation)
         return image, (caption(a, keep) if keep else ""), a
 
     def batch(self, start: int, n: int) -> tuple[np.ndarray, list[str]]:
