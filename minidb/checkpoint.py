@@ -87,6 +87,25 @@ def prune_checkpoints(folder, keep: int) -> list[Path]:
     return removed + remove_temporaries(folder)
 
 
+def latest_state(folder, remedy: str = "resume from it") -> dict | None:
+    """The state of folder's latest checkpoint, the one with the highest step, with its path under
+    "path"; None when the folder holds none. The one rule of "latest" (minidb.run's --resume latest,
+    minidb.pretrain's stages): a damaged latest file is an error that names the newest readable one
+    (remedy: what to do with it, "{good}" its path), never skipped silently, since a run continued
+    from an older step would train that stretch again on another branch."""
+    path = latest_checkpoint(folder)
+    if path is None:
+        return None
+    try:
+        state = load_state(path)
+    except CheckpointError as e:
+        good = newest_readable(path.parent, before=path)
+        raise CheckpointError(f"{e}; " + (f"the newest readable checkpoint is {good}: {remedy.format(good=good)}"
+                                          if good else "no older checkpoint is readable")) from None
+    state["path"] = path
+    return state
+
+
 def newest_readable(folder, before: Path | None = None) -> Path | None:
     """The newest checkpoint of folder (older than `before`, if given) that loads; None if none does."""
     for step, path in reversed(list_checkpoints(folder)):

@@ -22,7 +22,6 @@ model.safetensors (an original-layout SD v1 checkpoint, fp16, its config in the 
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import time
@@ -35,12 +34,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, load_state, prune_checkpoints, rng_state,
-                               save_state, set_rng_state)
+from minidb.checkpoint import checkpoint_path, latest_state, prune_checkpoints, rng_state, save_state, set_rng_state
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError, MinidbError
 from minidb.world import Attributes, World, world_seed
 from minidb.files import atomic_write, atomic_write_text
+from minidb.step import scheduled_lr
+from minidb.train_options import EMA
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -131,8 +131,7 @@ class Stage:
         self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
 
     def resume(self) -> dict | None:
-        path = latest_checkpoint(self.ckpt_dir)
-        return load_state(path) if path else None
+        return latest_state(self.ckpt_dir, "delete the newer checkpoints to resume from it")
 
     def save(self, step: int, state: dict) -> None:
         save_state(checkpoint_path(self.ckpt_dir, step), {"step": step, "rng": [rng_state()], **state})
@@ -238,11 +237,8 @@ def _weights_sum(module) -> float:
 
 
 def lr_at(step: int, total: int, peak: float, cfg: PretrainConfig) -> float:
-    """Linear warm-up to `peak`, then a cosine down to cfg.min_lr at step `total`."""
-    if step < cfg.warmup:
-        return peak * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - cfg.min_lr)
+    """Linear warm-up to `peak` (reached on its last step), then a cosine down to cfg.min_lr at step `total`."""
+    return scheduled_lr(step, peak, total, cfg.warmup, cfg.min_lr, peak_in_warmup=True)
 
 
 def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
@@ -255,14 +251,15 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     for m in models.values():
         m.train().requires_grad_(True)
     params = {f"{n}.{k}": p for n, m in models.items() for k, p in m.named_parameters()}
-    ema = {k: p.detach().clone() for k, p in params.items()}
+    ema = EMA(params.items(), cfg.ema, warmup=True)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.01, fused=True)  # fused: 4x faster on CPU
     step, state = 0, stage.resume()
     if state is not None:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state["weights"][k])
-        ema = state["ema"]
+        # the checkpoint holds the average's tensors; the warm-up's position is the step
+        ema.load_state_dict({"decay": cfg.ema, "shadow": state["ema"], "updates": state["step"]})
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][0])
         step = state["step"]
@@ -293,22 +290,20 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         opt.step()
         step += 1
-        decay = min(cfg.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_([ema[k] for k in params], [p.detach() for p in params.values()], 1 - decay)
+        ema.update(params.items())
         stage.log(step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
                   images_per_s=cfg.unet_batch / (time.perf_counter() - t0))
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
-            stage.save(step, {"weights": {k: p.detach() for k, p in params.items()}, "ema": ema,
+            stage.save(step, {"weights": {k: p.detach() for k, p in params.items()}, "ema": ema.shadow,
                               "optimizer": opt.state_dict()})
         if step % cfg.sample_every == 0 or step == cfg.unet_steps:
-            preview(sd, ema, out / "samples" / f"unet_step_{step:06d}.png")
+            preview(sd, ema.shadow, out / "samples" / f"unet_step_{step:06d}.png")
         if cfg.curve_every and (step % cfg.curve_every == 0 or step == cfg.unet_steps):
-            stage.log(step, curve=fidelity_probe(sd, ema))
+            stage.log(step, curve=fidelity_probe(sd, ema.shadow))
     bar.close()
-    return ema
+    return ema.shadow
 
 
 def timestep_weights(schedule, cfg: PretrainConfig) -> torch.Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_state, newest_readable,
+from minidb.checkpoint import (checkpoint_path, latest_checkpoint, latest_state, list_checkpoints, load_state,
                                prune_checkpoints, rng_state, save_state)
 from minidb.distributed import Dist
 from minidb.errors import CheckpointError, ConfigError, DiskFull, RunFolderBusy
@@ -119,35 +119,27 @@ class Run:
     # ---- resume ---------------------------------------------------------------------------------
 
     def find_state(self, resume) -> dict | None:
-        """The training state to resume from: None (a new run), "latest" (the newest checkpoint of
-        this folder) or a checkpoint path, or another run folder (its newest checkpoint)."""
+        """The training state to resume from: None (a new run), "latest" (the latest checkpoint of
+        this folder, minidb.checkpoint.latest_state) or a checkpoint path, or another run folder (its
+        latest checkpoint)."""
         if resume is None:
             return None
-        newest = resume == "latest" or Path(resume).is_dir()
+        remedy = "continue from it with --resume {good}"
         if resume == "latest":
-            path = latest_checkpoint(self.checkpoints)
-            if path is None and self.started_without_checkpoint():
+            state = latest_state(self.checkpoints, remedy)
+            if state is None and self.started_without_checkpoint():
                 self.log(f"--resume latest: {self.folder} holds this run, stopped before its first checkpoint: "
                          "starting it from step 0")
-                return None
-            if path is None:  # an empty or mistyped folder: say so rather than start a run there
+            elif state is None:  # an empty or mistyped folder: say so rather than start a run there
                 raise CheckpointError(f"--resume latest: no checkpoint in {self.checkpoints}")
-        else:
-            path = Path(resume)
-            if path.is_dir():  # a run folder, or its checkpoints folder
-                path = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-                if path is None:
-                    raise CheckpointError(f"--resume {resume}: no checkpoint in that folder")
-        try:
-            state = load_state(path)
-        except CheckpointError as e:
-            if not newest:
-                raise
-            good = newest_readable(path.parent, before=path)  # a torn or damaged newest file: name the one before
-            raise CheckpointError(f"{e}; " + (f"the newest readable checkpoint is {good}: continue from it with "
-                                              f"--resume {good}" if good else "no older checkpoint is readable")
-                                  ) from None
-        state["path"] = path
+            return state
+        path = Path(resume)
+        if not path.is_dir():
+            return {**load_state(path), "path": path}
+        # a run folder, or its checkpoints folder
+        state = latest_state(path / "checkpoints", remedy) or latest_state(path, remedy)
+        if state is None:
+            raise CheckpointError(f"--resume {resume}: no checkpoint in that folder")
         return state
 
     def started_without_checkpoint(self) -> bool:
@@ -218,12 +210,12 @@ class Run:
 
     # ---- training-state files -------------------------------------------------------------------
 
-    def latest_state(self) -> Path | None:
+    def latest_checkpoint(self) -> Path | None:
         return latest_checkpoint(self.checkpoints)
 
     def resume_hint(self) -> str:
         """What to do after a lost peer (minidb.distributed's PeerLost says it)."""
-        return f"continue the run with --resume latest (newest checkpoint: {self.latest_state() or 'none'})"
+        return f"continue the run with --resume latest (newest checkpoint: {self.latest_checkpoint() or 'none'})"
 
     def save_state(self, step: int, state: dict) -> Path:
         """Every rank hands in its RNG states; rank 0 writes step_N.pt atomically and prunes old ones."""
@@ -234,7 +226,7 @@ class Run:
                 save_state(path, {"step": step, **state, "rng": rngs, "world_size": self.dist.world_size,
                                   "config": to_dict(self.cfg)})
             except DiskFull as e:
-                newest = self.latest_state()
+                newest = self.latest_checkpoint()
                 raise DiskFull(f"{e}; the newest complete checkpoint is " + (
                     f"{newest}: free some space, then continue with --resume latest" if newest else "none")) from None
             prune_checkpoints(self.checkpoints, self.cfg.train.keep_checkpoints)
@@ -305,7 +297,7 @@ class Run:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise DiskFull(f"{self.metrics_path}: {e.strerror}; the lines of earlier steps are kept, the newest "
-                           f"complete checkpoint is {self.latest_state()}") from None
+                           f"complete checkpoint is {self.latest_checkpoint()}") from None
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):

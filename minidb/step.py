@@ -184,10 +184,19 @@ def step_one(optimizer: torch.optim.Optimizer):
 
 
 def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up over warmup_steps, then constant or cosine down to min_lr at the last step."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / (o.warmup_steps + 1)
-    if o.lr_schedule == "constant":
-        return o.lr
-    progress = (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps)
-    return o.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (o.lr - o.min_lr)
+    """The lr of `step` (0-based) for a DreamBooth run: warm-up, then constant or cosine (scheduled_lr)."""
+    return scheduled_lr(step, o.lr, total_steps, o.warmup_steps, o.min_lr, cosine=o.lr_schedule != "constant")
+
+
+def scheduled_lr(step: int, peak: float, total: int, warmup: int, min_lr: float, cosine: bool = True,
+                 peak_in_warmup: bool = False) -> float:
+    """Linear warm-up over `warmup` steps, then `peak` (constant) or a cosine from peak down to min_lr
+    at step `total`. The two trainers' warm-ups differ by one step, kept so that no run's numbers
+    change: peak_in_warmup (minidb.pretrain) reaches peak on the warm-up's last step, otherwise
+    (minidb.train) on the first step after it."""
+    if step < warmup:
+        return peak * (step + 1) / (warmup if peak_in_warmup else warmup + 1)
+    if not cosine:
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - min_lr)

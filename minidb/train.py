@@ -57,7 +57,7 @@ class TrainingDiverged(MinidbError):
 class TrainResult:
     run_dir: Path
     step: int
-    checkpoint: Path | None       # the newest training state
+    state_path: Path | None       # the newest training state's file (a checkpoint in <run>/checkpoints/)
     model_path: Path | None       # the exported model (None when interrupted, or LoRA without lora_merge_export)
     interrupted: bool = False
     loss: float = float("nan")    # mean loss of the last step
@@ -101,7 +101,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         note_captions(run, cfg, prompts, prompt_rows)
 
         # ---- the loop: micro-batches -> loss -> backward -> the precision step (minidb.step) -------
-        last_state = run.latest_state()
+        last_checkpoint = run.latest_checkpoint()
         loss = state.get("loss", float("nan")) if state is not None else float("nan")
         with run.open(step), StopOnSignal(run.log) as stop:
             while step < cfg.train.steps:
@@ -115,7 +115,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                 stepped, grad_norm = trainer.step()
                 step += 1
                 losses = dist.all_reduce_mean_(losses).tolist()
-                loss = check_finite(trainer, stepped, losses[0], grad_norm, step, plan.precision, last_state)
+                loss = check_finite(trainer, stepped, losses[0], grad_norm, step, plan.precision, last_checkpoint)
                 metrics = step_metrics(step, losses, lr, trainer, stepped, grad_norm, cursor, bool(cfg.prior.class_prompt),
                                        len(batch.t) * plan.world_size * accum / (time.perf_counter() - t_start))
                 run.log_metrics(metrics)
@@ -125,10 +125,10 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                     run.validation_grid(sd, step)
                 stop_now = dist.any(stop.requested is not None, device=plan.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop_now:
-                    last_state = run.save_state(step, {"data": {"epoch": cursor[0], "index": cursor[1]},
+                    last_checkpoint = run.save_state(step, {"data": {"epoch": cursor[0], "index": cursor[1]},
                                                        **trainer.state_dict(), "loss": loss})
                 if stop_now:
-                    return stopped_result(run, stop.requested, step, last_state, loss)
+                    return stopped_result(run, stop.requested, step, last_checkpoint, loss)
 
         # ---- the end: the fine-tuned model as an SD v1 checkpoint, or the LoRA file ---------------
         weights = trainer.weights(ema=cfg.train.export_ema)
@@ -138,7 +138,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         dist.barrier()
         m = cfg.model
         model_path = run.model_path if not m.lora_rank or m.lora_merge_export else None
-        return TrainResult(run.folder, step, last_state, model_path, loss=loss,
+        return TrainResult(run.folder, step, last_checkpoint, model_path, loss=loss,
                            lora_path=run.lora_path if m.lora_rank else None)
 
 
@@ -255,14 +255,14 @@ def restore(state, trainer: TrainStep, dist: Dist, run: Run) -> tuple[int, tuple
 # ---- what a step reports -------------------------------------------------------------------------
 
 def check_finite(trainer: TrainStep, stepped: bool, loss: float, grad_norm: float, step: int, precision: str,
-                 last_state) -> float:
+                 last_checkpoint) -> float:
     """The loss, when the step was good. In fp32/bf16 an inf/NaN loss or gradient means divergence
     (fp16's loss scaler skips such steps instead): TrainingDiverged, naming the last good state."""
     if trainer.scaler is None and (not stepped or not math.isfinite(loss)):
         raise TrainingDiverged(
             f"loss {loss:g} / grad norm {grad_norm:g} at step {step} ({precision}): training stopped, nothing "
             f"after step {step - 1} was saved; the last good checkpoint is "
-            + (f"{last_state}" if last_state else "none (no checkpoint was written yet)")
+            + (f"{last_checkpoint}" if last_checkpoint else "none (no checkpoint was written yet)")
             + ". Lower optim.lr, or check the data")
     return loss
 
@@ -287,12 +287,12 @@ def finished_result(run: Run, state, finished: Path) -> TrainResult:
                        loss=state.get("loss", float("nan")), lora_path=finished if lora else None)
 
 
-def stopped_result(run: Run, requested: str | None, step: int, last_state: Path, loss: float) -> TrainResult:
+def stopped_result(run: Run, requested: str | None, step: int, last_checkpoint: Path, loss: float) -> TrainResult:
     """Ctrl-C or SIGTERM (here or on another process): the state is written, the resume command said."""
     who = requested or "another process"
-    run.log(f"stopped by {who} at step {step}; checkpoint {last_state}; continue with: "
+    run.log(f"stopped by {who} at step {step}; checkpoint {last_checkpoint}; continue with: "
             f"minidb train --resume {run.folder}  (Python: train(cfg, resume=\"latest\"))")
-    return TrainResult(run.folder, step, last_state, None, interrupted=True, loss=loss, stopped_by=who)
+    return TrainResult(run.folder, step, last_checkpoint, None, interrupted=True, loss=loss, stopped_by=who)
 
 
 def note_captions(run: Run, cfg: DreamBoothConfig, prompts: list[str], prompt_rows: list[int]) -> None:

@@ -54,34 +54,40 @@ def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generato
 class EMA:
     """shadow <- decay · shadow + (1 - decay) · weight after each optimizer step, in fp32, on `device`
     (the weights' own by default; "cpu" keeps GPU memory free at the cost of one copy per update).
+    warmup: the n-th update uses min(decay, (1 + n) / (10 + n)), the usual warm-up for training from
+    scratch (minidb.pretrain), whose first weights are noise a fixed decay would keep for thousands of
+    steps; fine-tuning (minidb.train) starts from good weights and uses the fixed decay.
 
         ema = EMA(named_parameters, decay=0.9999)
         ... optimizer step ...; ema.update(named_parameters)
         ema.shadow                                   # {name: fp32 average}: exported instead of the raw weights
     """
 
-    def __init__(self, named_parameters, decay: float = 0.9999, device=None):
+    def __init__(self, named_parameters, decay: float = 0.9999, device=None, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.shadow = {name: p.detach().to(device or p.device, torch.float32, copy=True)
                        for name, p in named_parameters}
 
     @torch.no_grad()
     def update(self, named_parameters):
+        self.updates += 1
+        n = self.updates
+        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         for name, p in named_parameters:
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - decay)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": dict(self.shadow)}
+        return {"decay": self.decay, "shadow": dict(self.shadow), "updates": self.updates}
 
     def load_state_dict(self, state: dict):
         if set(state["shadow"]) != set(self.shadow):
             missing, extra = set(self.shadow) - set(state["shadow"]), set(state["shadow"]) - set(self.shadow)
             raise ValueError(f"EMA state does not match the trained parameters: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(extra)[:3]}")
-        self.decay = state["decay"]  # states before this version also hold an unused "updates" count
+        self.decay, self.updates = state["decay"], state.get("updates", 0)  # the warm-up's position
         for name, t in state["shadow"].items():
             self.shadow[name].copy_(t)
 

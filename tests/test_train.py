@@ -180,7 +180,7 @@ def test_frozen_parts_unchanged_trained_parts_changed(world, tmp_path):
     from minidb.pipeline import StableDiffusion
     result = train(config(world, tmp_path / "run", "model.train_text_encoder=false", "train.steps=2",
                           "model.export_dtype=fp32"))
-    state = ck.load_state(result.checkpoint)
+    state = ck.load_state(result.state_path)
     assert {k.split(".")[0] for k in state["weights"]} == {"unet"}
     assert len(state["optimizer"]["state"]) == len(state["weights"])  # only trainable params in the optimizer
     base = StableDiffusion.from_checkpoint(world / "base.safetensors")
@@ -192,7 +192,7 @@ def test_frozen_parts_unchanged_trained_parts_changed(world, tmp_path):
     assert sum(changed) > 0.9 * len(changed)
     for k, v in tuned.unet.state_dict().items():  # the export holds exactly the trained fp32 masters
         assert torch.equal(v, state["weights"]["unet." + k])
-    again = export_checkpoint(result.checkpoint, tmp_path / "again.safetensors", torch.float16)
+    again = export_checkpoint(result.state_path, tmp_path / "again.safetensors", torch.float16)
     with open_checkpoint(again) as f:
         assert f.shapes["model.diffusion_model.out.2.weight"][1] == torch.float16
         assert torch.equal(f.get("model.diffusion_model.out.2.weight"), tuned.unet.out[2].weight.half())
@@ -226,14 +226,14 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     cfg = config(world, tmp_path / "split", *sets)
     stopped = train(cfg, callback=_sigterm_at(3))  # SIGTERM during step 3: checkpoint at 3, exit
     assert stopped.interrupted and stopped.step == 3 and stopped.model_path is None
-    assert stopped.checkpoint == ck.checkpoint_path(tmp_path / "split" / "checkpoints", 3)
+    assert stopped.state_path == ck.checkpoint_path(tmp_path / "split" / "checkpoints", 3)
     with pytest.raises(ConfigError, match="--resume latest"):  # same folder, no --resume: refused
         train(cfg)
     resumed = train(cfg, resume="latest")
     assert resumed.step == 4
 
     # bit-exact: the very same computation repeated (this process, its thread count, the same batch shapes)
-    a, b = ck.load_state(full.checkpoint), ck.load_state(resumed.checkpoint)
+    a, b = ck.load_state(full.state_path), ck.load_state(resumed.state_path)
     assert a["weights"].keys() == b["weights"].keys()
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
@@ -283,7 +283,7 @@ def test_memory_options_train(world, tmp_path, monkeypatch, sets, forwards, eigh
 
     assert counts["forward"] == forwards
     assert (counts["unet"] > 0) == (counts["clip"] > 0) == checkpointing  # both models recompute, or neither
-    state = ck.load_state(result.checkpoint)
+    state = ck.load_state(result.state_path)
     moments = list(state["optimizer"]["state"].values())
     assert len(moments) == len(state["weights"])
     if eight_bit:  # AdamW8bit: the large tensors' moments as uint8 codes + an fp32 absmax per block
@@ -338,7 +338,7 @@ def test_lora_run_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path, 
     result = train(config(world, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=2",
                           "model.lora_text_encoder=true", "model.lora_merge_export=true", "model.export_dtype=fp32",
                           "train.steps=2"))
-    state = ck.load_state(result.checkpoint)
+    state = ck.load_state(result.state_path)
     weights = state["weights"]  # the checkpoint: adapters and their optimizer state, nothing of the base
     assert all(k.startswith(("lora_unet_", "lora_te_")) and k.endswith((".lora_down.weight", ".lora_up.weight"))
                for k in weights)
@@ -368,7 +368,7 @@ def test_lora_run_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path, 
     out = capsys.readouterr().out
     assert f"LoRA: {result.lora_path} (rank 4, fp32, " in out and f"merged model: {result.model_path}" in out
     assert f"try: minidb sample --ckpt {base} --lora {result.lora_path} --prompt" in out
-    again = export_checkpoint(result.checkpoint, dtype=torch.float32)  # --export of a LoRA checkpoint
+    again = export_checkpoint(result.state_path, dtype=torch.float32)  # --export of a LoRA checkpoint
     assert again == tmp_path / "run" / "lora-step_000002.safetensors"
     assert all(torch.equal(t, file[k]) for k, t in read_lora(again).items()) and read_lora(again).keys() == file.keys()
     done = train(config(world, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=2",
@@ -388,7 +388,7 @@ def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_pat
                           "model.export_dtype=fp32"))
     w0 = {f"unet.{k}": v for k, v in StableDiffusion.from_checkpoint(world / "base.safetensors").unet.state_dict().items()}
     w1, w2 = (saved_weights(ck.checkpoint_path(result.run_dir / "checkpoints", s)) for s in (1, 2))
-    ema = ck.load_state(result.checkpoint)["ema"]
+    ema = ck.load_state(result.state_path)["ema"]
     assert ema["decay"] == d and ema["shadow"].keys() == w2.keys()
     for k, shadow in ema["shadow"].items():
         expected = d * d * w0[k] + d * (1 - d) * w1[k] + (1 - d) * w2[k]
@@ -397,7 +397,7 @@ def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_pat
     tuned = StableDiffusion.from_checkpoint(result.model_path)  # train.export_ema (the default): the average
     for k, v in tuned.unet.state_dict().items():
         assert torch.equal(v, ema["shadow"]["unet." + k]), k
-    again = StableDiffusion.from_checkpoint(export_checkpoint(result.checkpoint, tmp_path / "a.safetensors",
+    again = StableDiffusion.from_checkpoint(export_checkpoint(result.state_path, tmp_path / "a.safetensors",
                                                               torch.float32))
     assert all(torch.equal(v, ema["shadow"]["unet." + k]) for k, v in again.unet.state_dict().items())
 
@@ -485,7 +485,7 @@ def test_cached_latents_match_encoding_every_step(world, tmp_path):
                          f"data.cache_latents={c}")) for c in ("true", "false")]
     losses = [[json.loads(x)["loss"] for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in runs]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
-    a, b = (saved_weights(r.checkpoint) for r in runs)
+    a, b = (saved_weights(r.state_path) for r in runs)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
@@ -517,9 +517,9 @@ def test_fp16_injected_inf_skips_step_and_halves_scale(world, tmp_path, monkeypa
 
 def test_bf16_trains_with_fp32_masters(world, tmp_path):
     result = train(config(world, tmp_path / "run", "model.precision=bf16", "train.steps=2"))
-    weights = saved_weights(result.checkpoint)
+    weights = saved_weights(result.state_path)
     assert all(v.dtype == torch.float32 for v in weights.values())
-    assert ck.load_state(result.checkpoint)["scaler"] is None and np.isfinite(result.loss)
+    assert ck.load_state(result.state_path)["scaler"] is None and np.isfinite(result.loss)
 
 
 def test_bf16_kahan_trains_without_fp32_masters(world, tmp_path, capsys):
@@ -527,7 +527,7 @@ def test_bf16_kahan_trains_without_fp32_masters(world, tmp_path, capsys):
     each 8-bit-AdamW state holds its bf16 compensation; the plain (not fused) step."""
     result = train(config(world, tmp_path / "run", "model.precision=bf16", "optim.master_weights=kahan",
                           "optim.optimizer=adamw8bit", "train.steps=2"))
-    state = ck.load_state(result.checkpoint)
+    state = ck.load_state(result.state_path)
     assert all(v.dtype == torch.bfloat16 for v in state["weights"].values())
     compensations = [s["kahan"] for s in state["optimizer"]["state"].values()]
     assert len(compensations) == len(state["weights"])
