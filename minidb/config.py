@@ -4,7 +4,11 @@
 
 Also the names every layer shares (no torch needed to read them): the samplers, and the
 precisions with the torch dtype each stands for (`getattr(torch, DTYPES["fp16"])`)."""
+import math
+import numbers
 from dataclasses import dataclass, field
+
+from minidb.errors import MinidbError
 
 SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "dpm++2m": "DPM++ 2M"}  # name -> as A1111's "Sampler:" writes it
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision -> torch dtype name
@@ -12,10 +16,50 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision
 SEED_MAX = 2 ** 31 - 1
 
 
+# ---- the sampling arguments: each checked by one rule, wherever it enters (generate(), the samplers,
+# the command lines, a training config); `name` is how the caller spells it ("--scale", "prior.guidance")
+
+def check(*problems: str | None) -> None:
+    """Raise the first problem that is not None, as bad input (one line on the command line)."""
+    for problem in problems:
+        if problem:
+            raise MinidbError(problem)
+
+
 def seed_problem(name: str, seed) -> str | None:
     """What is wrong with a seed, or None: every seed minidb takes is checked by this one rule."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         return f"{name} must be an integer from 0 to {SEED_MAX}, got {seed}"
+    return None
+
+
+def steps_problem(name: str, steps, timesteps: int | None = None) -> str | None:
+    """What is wrong with a sampling step count, or None. timesteps: the model's, the upper bound;
+    None before the model is read (only the lower bound is checked then)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        return f"{name} must be an integer, got {steps!r}"
+    if timesteps is not None and not 1 <= steps <= timesteps:
+        return f"{name} must be an integer from 1 to {timesteps} (the model's timesteps), got {steps!r}"
+    if steps < 1:
+        return f"{name} must be at least 1, got {steps}"
+    return None
+
+
+def guidance_problem(name: str, guidance) -> str | None:
+    """What is wrong with a classifier-free guidance scale, or None. The samplers take any finite
+    scale; a negative one steers away from the prompt, which a negative prompt does properly."""
+    if isinstance(guidance, numbers.Real) and math.isfinite(guidance) and guidance >= 0:
+        return None
+    problem = f"{name} must be a number >= 0 (1 = no guidance, 0 = unconditional), got {guidance}"
+    if isinstance(guidance, numbers.Real) and guidance < 0:
+        problem += ": a negative scale steers away from the prompt; to avoid something, put it in a negative prompt"
+    return problem
+
+
+def eta_problem(name: str, eta, sampler: str) -> str | None:
+    """What is wrong with DDIM's eta, or None: finite, >= 0, and 0 for the deterministic samplers."""
+    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and eta >= 0) or (eta > 0 and sampler != "ddim"):
+        return f"{name} must be >= 0, and 0 for the deterministic samplers (all but ddim): got {eta} for {sampler}"
     return None
 
 

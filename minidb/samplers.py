@@ -12,14 +12,12 @@ fp16 UNets do not round the running latents); the schedule's coefficients are fl
               first order on the first step, the last step lands on sigma = 0 (its x0 prediction).
 """
 import math
-import numbers
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minidb.config import SAMPLER_NAMES
-from minidb.errors import MinidbError
+from minidb.config import SAMPLER_NAMES, check, eta_problem, steps_problem
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -43,10 +41,13 @@ def dpm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 
 
 def check_steps(steps, num_train_timesteps):
-    """The one check of a sampling step count: the samplers, generate() and `minidb sample` come here."""
-    if not isinstance(steps, numbers.Integral) or not 1 <= steps <= num_train_timesteps:
-        raise MinidbError(f"steps must be an integer from 1 to {num_train_timesteps} (the model's timesteps), "
-                          f"got {steps!r}")
+    """A sampling step count against the model's timesteps (minidb.config.steps_problem)."""
+    check(steps_problem("steps", steps, num_train_timesteps))
+
+
+def check_eta(eta, sampler: str):
+    """minidb.config.eta_problem: PLMS and DPM-Solver++ are deterministic (CompVis raises for eta != 0 too)."""
+    check(eta_problem("eta", eta, sampler))
 
 
 def ddim_step(x, eps, a_t: float, a_prev: float, sigma: float = 0.0, noise=None):
@@ -100,8 +101,7 @@ def plms_eps(e_t, old_eps):
 def plms(eps_fn, x, schedule, steps: int, eta: float = 0.0, generators=None, progress=False, timesteps=None):
     """CompVis PLMS. Deterministic (CompVis raises for eta != 0 too). The first step costs two
     eps evaluations: a DDIM step, then eps at its end averaged with eps at its start."""
-    if eta != 0:
-        raise MinidbError("PLMS is deterministic: eta must be 0 (use --sampler ddim for eta > 0)")
+    check_eta(eta, "plms")
     ac = schedule.alphas_cumprod.tolist()
     ts = timesteps or ddim_timesteps(steps, schedule.timesteps)
     old_eps = []
@@ -123,8 +123,7 @@ def plms(eps_fn, x, schedule, steps: int, eta: float = 0.0, generators=None, pro
 def dpmpp_2m(eps_fn, x, schedule, steps: int, eta: float = 0.0, generators=None, progress=False, timesteps=None):
     """DPM-Solver++(2M): exponential integrator on the data prediction x0 in lambda = log(alpha/sigma),
     with x0 extrapolated linearly (in lambda) from the last two evaluations. Deterministic."""
-    if eta != 0:
-        raise MinidbError("DPM-Solver++(2M) is deterministic: eta must be 0 (use --sampler ddim for eta > 0)")
+    check_eta(eta, "dpm++2m")
     ac = schedule.alphas_cumprod.tolist()
     ts = timesteps or dpm_timesteps(steps, schedule.timesteps)
     prev_x0, prev_h = None, None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from minidb.config import check, eta_problem, guidance_problem, steps_problem
 from minidb.errors import MinidbError
 from minidb.samplers import SAMPLERS
 
@@ -129,12 +130,8 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
     b = len(prompts)
     if sampler not in SAMPLERS:
         raise MinidbError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise MinidbError(f"steps must be an integer >= 1, got {steps!r}")
-    if not math.isfinite(guidance):
-        raise MinidbError(f"guidance must be a finite number, got {guidance}")
-    if not eta >= 0 or (eta > 0 and sampler != "ddim"):  # `not >=`: NaN fails too
-        raise MinidbError(f"eta must be >= 0, and 0 for {sampler}: got {eta}")
+    check(steps_problem("steps", steps, sd.config.timesteps), guidance_problem("guidance", guidance),
+          eta_problem("eta", eta, sampler))
     size = sd.config.image_size
     height, width = size if height is None else height, size if width is None else width
     h, w = check_size(sd.config, height, width)

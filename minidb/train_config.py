@@ -21,7 +21,7 @@ import tokenize
 import warnings
 from dataclasses import dataclass, field
 
-from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
+from minidb.config import DTYPES, SAMPLER_NAMES, guidance_problem, seed_problem, steps_problem
 from minidb.errors import ConfigError, DataError
 
 if sys.version_info >= (3, 11):
@@ -273,7 +273,6 @@ def validate(cfg: DreamBoothConfig) -> None:
     for section, key, lowest in [("data", "resolution", 0), ("train", "steps", 1), ("train", "batch_size", 1),
                                  ("train", "grad_accum", 1), ("train", "checkpoint_every", 1),
                                  ("train", "keep_checkpoints", 1), ("validation", "every", 1),
-                                 ("validation", "sample_steps", 1), ("prior", "sample_steps", 1),
                                  ("prior", "batch_size", 1), ("optim", "warmup_steps", 0),
                                  ("prior", "num_class_images", 0), ("optim", "loss_scale_growth_interval", 1),
                                  ("train", "dist_timeout_s", 1), ("model", "lora_rank", 0)]:
@@ -300,10 +299,9 @@ def validate(cfg: DreamBoothConfig) -> None:
             problems.append(f"{section}.{key} must be a finite number >= 0, got {value}")
     if not 0 <= cfg.train.ema_decay < 1:
         problems.append(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {cfg.train.ema_decay}")
-    for section in ("prior", "validation"):
-        guidance = getattr(cfg, section).guidance
-        if not (math.isfinite(guidance) and guidance >= 0):
-            problems.append(f"{section}.guidance must be a finite number >= 0, got {guidance}")
+    for section in ("prior", "validation"):  # the sampler's arguments, by the rules generate() checks them with
+        problems.append(steps_problem(f"{section}.sample_steps", getattr(cfg, section).sample_steps))
+        problems.append(guidance_problem(f"{section}.guidance", getattr(cfg, section).guidance))
     if not (math.isfinite(cfg.prior.loss_weight) and cfg.prior.loss_weight >= 0):
         problems.append(f"prior.loss_weight must be a finite number >= 0, got {cfg.prior.loss_weight}")
     for section in ("train", "validation"):
@@ -320,6 +318,7 @@ def validate(cfg: DreamBoothConfig) -> None:
         if o.optimizer != "adamw8bit" and not cfg.train.low_memory:
             problems.append('optim.master_weights = "kahan" is done by minidb\'s 8-bit AdamW: set optim.optimizer = '
                             f'"adamw8bit" (or train.low_memory = true), got {o.optimizer!r}')
+    problems = [p for p in problems if p]
     if problems:
         raise ConfigError("; ".join(problems))
 

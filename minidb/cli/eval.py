@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from minidb.config import check, guidance_problem, steps_problem
 from minidb.errors import MinidbError
 from minidb.files import atomic_write_text
 
@@ -34,12 +35,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import math
     scales = args.scale or [7.5]
-    if args.images < 1 or args.per_shape < 0 or args.steps < 1 or args.steps > 1000:
-        raise MinidbError("--images must be >= 1, --per-shape >= 0 and --steps in 1..1000")
-    if any(not math.isfinite(s) or s < 1 for s in scales):
-        raise MinidbError(f"--scale must be a finite number >= 1, got {scales}")
+    if args.images < 1 or args.per_shape < 0:
+        raise MinidbError("--images must be >= 1 and --per-shape >= 0")
+    check(steps_problem("--steps", args.steps), *(guidance_problem("--scale", s) for s in scales))
     import torch
 
     from minidb.eval import Reader, evaluate_model, format_table, reader_accuracy

@@ -12,13 +12,12 @@ or the first with the LoRA applied) and draw the two sheets side by side.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from minidb.errors import MinidbError
-from minidb.config import SAMPLER_NAMES, seed_problem
+from minidb.config import SAMPLER_NAMES, check, guidance_problem, seed_problem, steps_problem
 from minidb.files import atomic_write, atomic_write_text
 
 
@@ -45,12 +44,8 @@ def check_args(args):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise MinidbError(f"--{name}: {'a folder, not a model file' if Path(path).is_dir() else 'not found'}: {path}")
-    if args.steps < 1:
-        raise MinidbError(f"--steps must be at least 1, got {args.steps}")
-    if not math.isfinite(args.scale) or args.scale < 0:
-        raise MinidbError(f"--scale must be a number >= 0, got {args.scale}")
-    if seed_problem("--seed", args.seed):
-        raise MinidbError(seed_problem("--seed", args.seed))
+    check(steps_problem("--steps", args.steps), guidance_problem("--scale", args.scale),
+          seed_problem("--seed", args.seed))
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise MinidbError(f"--out must name a .png file, got {args.out}")
@@ -63,14 +58,10 @@ def run(args) -> int:
     check_args(args)
     from minidb.explain import WORLD, explain, side_by_side, sheet
     from minidb.pipeline import StableDiffusion
-    from minidb.samplers import check_steps
     t0 = time.perf_counter()
     ckpt = Path(args.ckpt) if args.ckpt else WORLD
     sd = StableDiffusion.from_checkpoint(ckpt)
-    try:
-        check_steps(args.steps, sd.config.timesteps)
-    except MinidbError as e:
-        raise MinidbError(f"--{e}") from None
+    check(steps_problem("--steps", args.steps, sd.config.timesteps))
     kwargs = dict(seed=args.seed, steps=args.steps, scale=args.scale, sampler=args.sampler,
                   progress=not args.no_progress)
     explanations = [explain(sd, args.prompt, model=ckpt.name, **kwargs)]

@@ -26,7 +26,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from minidb.errors import MinidbError
-from minidb.config import DTYPES, SAMPLER_NAMES, seed_problem
+from minidb.config import DTYPES, SAMPLER_NAMES, check, eta_problem, guidance_problem, seed_problem, steps_problem
 from minidb.device import choose_device, default_precision
 from minidb.files import atomic_write, read_text
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -126,23 +126,15 @@ def check_args(args):
     """Bad arguments fail here, before minutes of checkpoint loading (check_model_args: those that
     depend on the model, once its file's config is read)."""
     args.lora = [parse_lora(spec) for spec in args.lora]
-    if args.steps < 1:  # the model's upper bound: check_model_args
-        raise MinidbError(f"--steps must be at least 1, got {args.steps}")
+    check(steps_problem("--steps", args.steps))  # the model's upper bound: check_model_args
     for name in ("H", "W"):
         size = getattr(args, name)
         if size is not None and (size <= 0 or size % 8):
             raise MinidbError(f"--{name} must be a positive multiple of 8, got {size}")
     if args.n_samples < 1 or args.n_iter < 1:
         raise MinidbError("--n-samples and --n-iter must be at least 1")
-    if not math.isfinite(args.scale):
-        raise MinidbError(f"--scale must be a number, got {args.scale}")
-    if args.scale < 0:  # eps_u + scale * (eps_c - eps_u) would point away from the prompt
-        raise MinidbError(f"--scale must be >= 0, got {args.scale:g}: a negative scale steers away from the "
-                          "prompt; to steer away from something, put it in --negative-prompt")
-    if not (math.isfinite(args.eta) and args.eta >= 0) or (args.eta > 0 and args.sampler != "ddim"):
-        raise MinidbError(f"--eta must be >= 0, and 0 for --sampler {args.sampler} (got {args.eta})")
-    if args.seed is not None and seed_problem("--seed", args.seed):
-        raise MinidbError(seed_problem("--seed", args.seed))
+    check(guidance_problem("--scale", args.scale), eta_problem("--eta", args.eta, args.sampler),
+          seed_problem("--seed", args.seed) if args.seed is not None else None)
     outdir = Path(args.outdir)
     for folder in (outdir, outdir / "samples"):
         if folder.exists() and not folder.is_dir():
@@ -152,12 +144,8 @@ def check_args(args):
 def check_model_args(args, config, device="cpu", dtype=torch.float32):
     """The arguments that depend on the model: the step count against its schedule, the image size
     (default: the model's own) against its downsampling and against the memory of the device."""
-    from minidb.samplers import check_steps
     from minidb.sampling import check_memory, check_size
-    try:
-        check_steps(args.steps, config.timesteps)
-    except MinidbError as e:
-        raise MinidbError(f"--{e}") from None
+    check(steps_problem("--steps", args.steps, config.timesteps))
     args.H = args.H or config.image_size
     args.W = args.W or config.image_size
     try:
