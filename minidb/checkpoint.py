@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidb.errors import CheckpointError
+from minidb.errors import StateError
 from minidb.files import atomic_write, remove_temporaries
 from minidb.weights.files import unpickling_refusal
 
@@ -56,24 +56,24 @@ def save_state(path, state: dict) -> Path:
 
 
 def load_state(path) -> dict:
-    """The state dict of a training checkpoint; tensors on the CPU. CheckpointError if unusable."""
+    """The state dict of a training checkpoint; tensors on the CPU. StateError if unusable."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder: pass one of the step_N.pt files in a run's checkpoints/")
+        raise StateError(f"{path} is a folder: pass one of the step_N.pt files in a run's checkpoints/")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such training checkpoint")
+        raise StateError(f"{path}: no such training checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # a pickle that would run code: one line, never torch's advice
-        raise CheckpointError(unpickling_refusal(path, e)) from None
+        raise StateError(unpickling_refusal(path, e)) from None
     except Exception as e:  # a truncated zip, a flipped bit, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {first})") from None
+        raise StateError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a minidb training checkpoint (an exported model? those are "
+        raise StateError(f"{path}: not a minidb training checkpoint (an exported model? those are "
                               "for sampling; resume from a file in <run>/checkpoints/)")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path}: training checkpoint version {state.get('version')}, this minidb "
+        raise StateError(f"{path}: training checkpoint version {state.get('version')}, this minidb "
                               f"reads version {VERSION}")
     return state
 
@@ -98,9 +98,9 @@ def latest_state(folder, remedy: str = "resume from it") -> dict | None:
         return None
     try:
         state = load_state(path)
-    except CheckpointError as e:
+    except StateError as e:
         good = newest_readable(path.parent, before=path)
-        raise CheckpointError(f"{e}; " + (f"the newest readable checkpoint is {good}: {remedy.format(good=good)}"
+        raise StateError(f"{e}; " + (f"the newest readable checkpoint is {good}: {remedy.format(good=good)}"
                                           if good else "no older checkpoint is readable")) from None
     state["path"] = path
     return state
@@ -114,9 +114,30 @@ def newest_readable(folder, before: Path | None = None) -> Path | None:
         try:
             load_state(path)
             return path
-        except CheckpointError:
+        except StateError:
             continue
     return None
+
+
+# ---- a training state as a model file ------------------------------------------------------------
+
+def export_state(checkpoint, path=None, dtype=torch.float16) -> Path:
+    """A training state's file as a model (e.g. an earlier step that overfits less), or a LoRA run's as
+    its LoRA file; the EMA of the weights when the run exports it (train.export_ema).
+    path None: <run>/model-step_N.safetensors (lora-step_N.safetensors)."""
+    from minidb.lora import save_lora, with_alphas
+    from minidb.pipeline import export_model
+    state = load_state(checkpoint)
+    model, train = state["config"]["model"], state["config"]["train"]
+    ema = state.get("ema")
+    weights = ema["shadow"] if ema and train.get("export_ema", True) else state["weights"]
+    lora_rank = model.get("lora_rank", 0)
+    checkpoint = Path(checkpoint)
+    path = Path(path or checkpoint.parent.parent / f"{'lora' if lora_rank else 'model'}-{checkpoint.stem}.safetensors")
+    if lora_rank:
+        save_lora(path, with_alphas(weights, model["lora_alpha"] or lora_rank), dtype)
+        return path
+    return export_model(model["base"], weights, path, dtype)
 
 
 # ---- random number generator states --------------------------------------------------------------

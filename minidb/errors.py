@@ -6,7 +6,12 @@ class MinidbError(Exception):
 
 
 class CheckpointError(MinidbError, ValueError):
-    """A checkpoint file is missing, unreadable, of another model family, or does not fit the config."""
+    """A model file (or a LoRA file) is missing, unreadable, of another model family, or does not fit the config."""
+
+
+class StateError(CheckpointError):
+    """A training state (<run>/checkpoints/step_N.pt) is missing, unreadable or does not fit the run.
+    A CheckpointError too, so `except CheckpointError` still catches every file minidb could not use."""
 
 
 class ConfigError(MinidbError, ValueError):

@@ -204,25 +204,6 @@ def _lora_deltas(path, meta_models: dict) -> dict:
     return {paths[id(network._bases[name])]: adapter.delta_weight for name, adapter in network.named_children()}
 
 
-def export_checkpoint(checkpoint, path=None, dtype=torch.float16) -> Path:
-    """Export any training checkpoint (e.g. an earlier step that overfits less) as a model, or a LoRA
-    run's as its LoRA file; the EMA of the weights when the run exports it (train.export_ema).
-    path None: <run>/model-step_N.safetensors (lora-step_N.safetensors)."""
-    from minidb.checkpoint import load_state
-    from minidb.lora import save_lora, with_alphas
-    state = load_state(checkpoint)
-    model, train = state["config"]["model"], state["config"]["train"]
-    ema = state.get("ema")
-    weights = ema["shadow"] if ema and train.get("export_ema", True) else state["weights"]
-    lora_rank = model.get("lora_rank", 0)
-    checkpoint = Path(checkpoint)
-    path = Path(path or checkpoint.parent.parent / f"{'lora' if lora_rank else 'model'}-{checkpoint.stem}.safetensors")
-    if lora_rank:
-        save_lora(path, with_alphas(weights, model["lora_alpha"] or lora_rank), dtype)
-        return path
-    return export_model(model["base"], weights, path, dtype)
-
-
 @contextlib.contextmanager
 def _no_init():
     """Module constructors without their random init (torch.nn.init's in-place functions do nothing).

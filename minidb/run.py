@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from minidb.checkpoint import (checkpoint_path, latest_checkpoint, latest_state, list_checkpoints, load_state,
                                prune_checkpoints, rng_state, save_state)
 from minidb.distributed import Dist
-from minidb.errors import CheckpointError, ConfigError, DiskFull, RunFolderBusy
+from minidb.errors import ConfigError, DiskFull, RunFolderBusy, StateError
 from minidb.files import atomic_write, atomic_write_text, remove_temporaries
 from minidb.train_config import differences, dump_toml, from_dict, load_config, resolved, to_dict
 
@@ -131,7 +131,7 @@ class Run:
                 self.log(f"--resume latest: {self.folder} holds this run, stopped before its first checkpoint: "
                          "starting it from step 0")
             elif state is None:  # an empty or mistyped folder: say so rather than start a run there
-                raise CheckpointError(f"--resume latest: no checkpoint in {self.checkpoints}")
+                raise StateError(f"--resume latest: no checkpoint in {self.checkpoints}")
             return state
         path = Path(resume)
         if not path.is_dir():
@@ -139,7 +139,7 @@ class Run:
         # a run folder, or its checkpoints folder
         state = latest_state(path / "checkpoints", remedy) or latest_state(path, remedy)
         if state is None:
-            raise CheckpointError(f"--resume {resume}: no checkpoint in that folder")
+            raise StateError(f"--resume {resume}: no checkpoint in that folder")
         return state
 
     def started_without_checkpoint(self) -> bool:

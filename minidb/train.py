@@ -39,7 +39,7 @@ from minidb.checkpoint import set_rng_state
 from minidb.config import DTYPES
 from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
 from minidb.distributed import Dist, StopOnSignal
-from minidb.errors import CheckpointError, MinidbError
+from minidb.errors import CheckpointError, MinidbError, StateError
 from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER, LoRANetwork, add_lora, save_lora,
                          with_alphas)
 from minidb.plan import Plan, make_plan
@@ -240,7 +240,7 @@ def restore(state, trainer: TrainStep, dist: Dist, run: Run) -> tuple[int, tuple
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{state['path']}: does not fit this model: {e}") from None
+        raise StateError(f"{state['path']}: does not fit this model: {e}") from None
     if trainer.ema is not None and not state.get("ema"):
         run.log(f"train.ema_decay: the training state holds no EMA; it starts at step {state['step']}")
     rngs = state["rng"]

@@ -115,7 +115,7 @@ def test_merged_lora_export_equals_the_loading_export(world, tmp_path, out):
 
 
 def test_lora_run_file_is_unchanged(world, tmp_path):
-    """A LoRA run's own file (lora.safetensors, save_lora) through export_checkpoint's path: what
+    """A LoRA run's own file (lora.safetensors, save_lora) through export_state's path: what
     read_lora gives back is what was saved."""
     root, _ = world
     from minidb.lora import read_lora

@@ -19,7 +19,7 @@ from minidb import checkpoint as ck
 from minidb import train as train_module
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
-from minidb.pipeline import export_checkpoint
+from minidb.checkpoint import export_state
 from minidb.step import TrainStep
 from minidb.train import TrainingDiverged, add_adapters, micro_batch_loss, set_trainable, train
 from minidb.train_config import ModelConfig, load_config
@@ -192,7 +192,7 @@ def test_frozen_parts_unchanged_trained_parts_changed(world, tmp_path):
     assert sum(changed) > 0.9 * len(changed)
     for k, v in tuned.unet.state_dict().items():  # the export holds exactly the trained fp32 masters
         assert torch.equal(v, state["weights"]["unet." + k])
-    again = export_checkpoint(result.state_path, tmp_path / "again.safetensors", torch.float16)
+    again = export_state(result.state_path, tmp_path / "again.safetensors", torch.float16)
     with open_checkpoint(again) as f:
         assert f.shapes["model.diffusion_model.out.2.weight"][1] == torch.float16
         assert torch.equal(f.get("model.diffusion_model.out.2.weight"), tuned.unet.out[2].weight.half())
@@ -368,7 +368,7 @@ def test_lora_run_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path, 
     out = capsys.readouterr().out
     assert f"LoRA: {result.lora_path} (rank 4, fp32, " in out and f"merged model: {result.model_path}" in out
     assert f"try: minidb sample --ckpt {base} --lora {result.lora_path} --prompt" in out
-    again = export_checkpoint(result.state_path, dtype=torch.float32)  # --export of a LoRA checkpoint
+    again = export_state(result.state_path, dtype=torch.float32)  # --export of a LoRA checkpoint
     assert again == tmp_path / "run" / "lora-step_000002.safetensors"
     assert all(torch.equal(t, file[k]) for k, t in read_lora(again).items()) and read_lora(again).keys() == file.keys()
     done = train(config(world, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=2",
@@ -397,7 +397,7 @@ def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_pat
     tuned = StableDiffusion.from_checkpoint(result.model_path)  # train.export_ema (the default): the average
     for k, v in tuned.unet.state_dict().items():
         assert torch.equal(v, ema["shadow"]["unet." + k]), k
-    again = StableDiffusion.from_checkpoint(export_checkpoint(result.state_path, tmp_path / "a.safetensors",
+    again = StableDiffusion.from_checkpoint(export_state(result.state_path, tmp_path / "a.safetensors",
                                                               torch.float32))
     assert all(torch.equal(v, ema["shadow"]["unet." + k]) for k, v in again.unet.state_dict().items())
 

@@ -73,14 +73,14 @@ def _run(args) -> int:
     import torch
 
     from minidb.config import DTYPES
-    from minidb.pipeline import export_checkpoint
+    from minidb.checkpoint import export_state
     from minidb.plan import make_plan
     from minidb.train import train
     from minidb.train_config import dump_toml
 
     if args.export:
         ckpt = Path(args.export)
-        out = export_checkpoint(ckpt, args.out, getattr(torch, DTYPES[args.dtype]))
+        out = export_state(ckpt, args.out, getattr(torch, DTYPES[args.dtype]))
         print(f"exported {ckpt} -> {out} ({args.dtype})")
         return 0
     cfg = load(args)
