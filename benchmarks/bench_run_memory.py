@@ -273,11 +273,16 @@ def plot(results: list, path: Path, title: str):
         colour = COLOURS.get(r["config"], (0, 0, 0))
         points = [(x(t), y(m / GIB)) for t, m in r["samples"]]
         draw.line(points, fill=colour, width=2)
-        for stage, t in r["marks"].items():
+        placed = []  # letters already drawn: a mark close to one of them is lifted above it
+        for stage, t in sorted(r["marks"].items(), key=lambda kv: kv[1]):
             if stage in LETTERS:
                 m = next((mm for tt, mm in r["samples"] if tt >= t), r["samples"][-1][1]) / GIB
                 draw.ellipse([x(t) - 3, y(m) - 3, x(t) + 3, y(m) + 3], fill=colour)
-                draw.text((x(t) + 3, y(m) - 14), LETTERS[stage], fill=colour, font=font)
+                ty = y(m) - 14
+                while any(abs(px - x(t)) < 9 and abs(py - ty) < 11 for px, py in placed):
+                    ty -= 11
+                placed.append((x(t), ty))
+                draw.text((x(t) + 3, ty), LETTERS[stage], fill=colour, font=font)
     legend_y = H - bottom + 30
     cursor = left
     for r in results:
@@ -289,6 +294,10 @@ def plot(results: list, path: Path, title: str):
     draw.text((left, legend_y + 22), "stage starts: " + ", ".join(f"{v} {k}" for k, v in LETTERS.items())
               + "; resident memory of the whole process, sampled every 0.2 s", fill="black", font=font)
     image.save(path)
+
+
+def title(tag: str) -> str:
+    return f"minidb train vs diffusers, whole run, SD v1, {RES}x{RES}, fp32, 1+1 images, {STEPS} steps ({tag})"
 
 
 def table(results: list, tag: str) -> str:
@@ -319,9 +328,13 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true",
                    help="drop the tag's earlier configurations (default: keep them, replacing only those run now)")
     p.add_argument("--_diffusers", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--redraw", action="store_true", help="only redraw run_memory_<tag>.png from its JSON")
     args = p.parse_args(argv)
     global RES
     RES = QUICK_RES if args.quick else RES
+    if args.redraw:
+        return plot(json.loads((HERE / f"run_memory_{args.tag}.json").read_text()), HERE / f"run_memory_{args.tag}.png",
+                    title(args.tag))
     if args._diffusers is not None:
         return diffusers_run(args._diffusers, args.work)
     names = args.configs.split(",")
@@ -339,8 +352,7 @@ def main(argv=None):
         print(f"{name}: peak {max(m for _, m in r['samples']) / GIB:.2f} GiB, {r['total_s']:.0f} s, "
               f"stages {json.dumps({k: round(v / GIB, 2) for k, v in stage_peaks(r).items()})}", flush=True)
         saved.write_text(json.dumps(results))
-        plot(results, HERE / f"run_memory_{args.tag}.png",  # after each configuration: a long run shows as it goes
-             f"minidb train vs diffusers, whole run, SD v1, {RES}x{RES}, fp32, 1+1 images, {STEPS} steps ({args.tag})")
+        plot(results, HERE / f"run_memory_{args.tag}.png", title(args.tag))  # after each configuration: a long run shows as it goes
     from benchmarks.bench_vs_diffusers import machine
     text = (f"`python -m benchmarks.bench_run_memory {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
             f"Machine: {machine('cpu')}; {datetime.date.today()}; peak resident memory (VmRSS) of the whole process "
