@@ -315,6 +315,33 @@ def table(results: list, tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGETS = {"default": 0.90, "low_memory": 0.45, "lora": 0.35}  # issue #31: the whole run's peak, x diffusers' run
+
+
+def combined_table(tags: list) -> str:
+    """One table from run_memory_<tag>.json of every tag: each configuration's rows side by side, ratios to
+    the diffusers run of the last tag that has one, against the issue's targets."""
+    runs = [(tag, r) for tag in tags for r in json.loads((HERE / f"run_memory_{tag}.json").read_text())]
+    diff = next((r for tag, r in reversed(runs) if r["config"] == "diffusers"), None)
+    diff_peak = max(m for _, m in diff["samples"]) if diff else None
+    shown = [s for s in STAGES if any(s in stage_peaks(r) for _, r in runs)]  # a stage no run saw apart: left out
+    lines = ["| configuration | run | " + " | ".join(shown) + " | whole run | x diffusers' run | target | wall time |",
+             "|---" * (len(shown) + 6) + "|"]
+    for name in CONFIGS:
+        for tag, r in runs:
+            if r["config"] != name:
+                continue
+            peaks, peak = stage_peaks(r), max(m for _, m in r["samples"])
+            cells = [f"{peaks[s] / GIB:.2f}" if s in peaks else "-" for s in shown]
+            ratio = peak / diff_peak if diff_peak else None
+            target = TARGETS.get(name)
+            verdict = ("-" if target is None or ratio is None else
+                       f"<= {target:.2f}x: {'reached' if round(ratio, 2) <= target else 'NOT reached'}")
+            lines.append(f"| {name} | {tag} | " + " | ".join(cells) + f" | **{peak / GIB:.2f}** | "
+                         + (f"**{ratio:.2f}**" if ratio else "-") + f" | {verdict} | {r['total_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
@@ -329,9 +356,12 @@ def main(argv=None):
                    help="drop the tag's earlier configurations (default: keep them, replacing only those run now)")
     p.add_argument("--_diffusers", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--redraw", action="store_true", help="only redraw run_memory_<tag>.png from its JSON")
+    p.add_argument("--table", default=None, help="only print one table of these tags' JSON (e.g. before,after)")
     args = p.parse_args(argv)
     global RES
     RES = QUICK_RES if args.quick else RES
+    if args.table:
+        return print(combined_table(args.table.split(",")))
     if args.redraw:
         return plot(json.loads((HERE / f"run_memory_{args.tag}.json").read_text()), HERE / f"run_memory_{args.tag}.png",
                     title(args.tag))
