@@ -7,7 +7,7 @@
 - Localisation: `--captions` world captions (World(seed=7), empty ones skipped), each sampled with its
   index as seed at explain's defaults (50 DDIM steps, guidance 7.5). Each word's DAAM map is thresholded
   as DAAM does (minidb.explain.threshold: >= 0.4 of its maximum) and compared with the object mask the
-  world's reader takes from the generated image (minidb.eval.segment, its largest connected region, as
+  world's reader takes from the generated image (minidb.reader.segment, its largest connected region, as
   the reader's crop does). mIoU of the shape word and of the color word with the object, of the word
   "background" with the rest of the image; for the position phrase ("top left": the mean of its words'
   maps), how often the map's centre of mass falls in the named region (the named centre nearest to it,
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minidb.eval import Reader, largest_component, segment
+from minidb.reader import Reader, largest_component, segment
 from minidb.explain import WORLD, explain, threshold
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion

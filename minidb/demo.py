@@ -6,7 +6,7 @@ different places and on different backgrounds, each with a caption file in the w
 seen a two-tone shape, so no prompt makes it draw this one. The demo runs the ordinary `minidb
 train` on minidb/data/demo.toml (the captions, prior preservation with "a photo of a star"),
 then samples the subject in new contexts before and after, and measures it as the paper does
-(Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.eval.subject_metrics):
+(Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.metrics.subject_metrics):
 
     subject fidelity   mean cosine similarity of subject samples to the real subject images
     prompt fidelity    share of the subject prompts' background / position / size that are right
@@ -123,7 +123,8 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
              guidance: float = 7.5, grid: bool = True, progress: bool = True) -> dict:
     """Train per demo.toml into out/run (out/run-noprior without prior preservation), then
     measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}."""
-    from minidb.eval import Reader, subject_metrics
+    from minidb.metrics import subject_metrics
+    from minidb.reader import Reader
     from minidb.pipeline import StableDiffusion
     from minidb.train import train
     from minidb.train_config import load_config, resolved

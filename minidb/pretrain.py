@@ -19,7 +19,6 @@ Everything lands in --out: checkpoints/{vae,unet}/step_N.pt (minidb's training c
 written atomically; the newest one is resumed), metrics.jsonl, loss.png, samples/*.png, and
 model.safetensors (an original-layout SD v1 checkpoint, fp16, its config in the metadata).
 """
-import argparse
 import dataclasses
 import json
 import shutil
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 
 from minidb.checkpoint import checkpoint_path, latest_state, prune_checkpoints, rng_state, save_state, set_rng_state
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
-from minidb.errors import ConfigError, MinidbError
+from minidb.errors import ConfigError
 from minidb.world import Attributes, World, world_seed
 from minidb.files import atomic_write, atomic_write_text
 from minidb.step import scheduled_lr
@@ -146,7 +145,7 @@ class Stage:
 
 def foreground(x: torch.Tensor) -> torch.Tensor:
     """[B, 1, H, W] 1 where a pixel is far from its image's background (the median of the border
-    pixels), as minidb.eval segments: x in [-1, 1], "far" = 50 of 255 in RGB distance."""
+    pixels), as minidb.reader segments: x in [-1, 1], "far" = 50 of 255 in RGB distance."""
     border = torch.cat([x[:, :, :2].flatten(2), x[:, :, -2:].flatten(2), x[:, :, :, :2].flatten(2),
                         x[:, :, :, -2:].flatten(2)], dim=2)  # [B, 3, n]
     bg = border.median(dim=2).values[:, :, None, None]
@@ -317,7 +316,7 @@ def timestep_weights(schedule, cfg: PretrainConfig) -> torch.Tensor:
     if cfg.t_sampling == "uniform":
         return uniform
     if cfg.t_sampling != "logsnr":
-        raise ValueError(f't_sampling must be "uniform" or "logsnr", got {cfg.t_sampling!r}')
+        raise ConfigError(f't_sampling must be "uniform" or "logsnr", got {cfg.t_sampling!r}')
     a = schedule.alphas_cumprod
     lam = (a / (1 - a)).log()                                   # [T] decreasing
     width = torch.gradient(lam)[0].abs()                        # each timestep's share of the axis
@@ -327,9 +326,9 @@ def timestep_weights(schedule, cfg: PretrainConfig) -> torch.Tensor:
 
 def tuning_prompts(n: int = 48) -> list:
     """Held-out combinations the final evaluation never uses (it takes the first 200 of
-    minidb.eval.held_out_prompts' seed-0 order; these come from its end), for the learning curve
+    minidb.metrics.held_out_prompts' seed-0 order; these come from its end), for the learning curve
     and the recipe's choices, so that nothing is tuned on the evaluation prompts."""
-    from minidb.eval import held_out_prompts
+    from minidb.metrics import held_out_prompts
     from minidb.world import combinations
     order = held_out_prompts(len(combinations(held=True)), seed=0)
     return order[::-1][:n]
@@ -340,7 +339,8 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     """The learning curve's point: prompt fidelity per attribute of `weights` (the EMA) on n tuning
     prompts, and the shape read on class-only prompts ("a photo of a star", per_shape each), read by
     the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's)."""
-    from minidb.eval import Reader, class_prompts, prompt_fidelity
+    from minidb.metrics import class_prompts, prompt_fidelity
+    from minidb.reader import Reader
     from minidb.pipeline import StableDiffusion
     from minidb.world import caption
     copy = StableDiffusion(sd.config)
@@ -527,27 +527,6 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
     return path
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidb.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
-    p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--sheet", metavar="PNG", help="only draw the shipped model's sample sheet (README) to PNG")
-    for f in dataclasses.fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.sheet:
-        from minidb.pipeline import StableDiffusion
-        print(sample_sheet(StableDiffusion.from_checkpoint(SHIPPED), Path(args.sheet)))
-        return
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
-    try:
-        pretrain(args.out, cfg, args.ship)
-    except MinidbError as e:  # bad input: one line, as minidb's commands say it
-        sys.exit(f"python -m minidb.pretrain: {e}")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line lives in minidb.cli.pretrain
+    from minidb.cli.pretrain import main
     main()

@@ -1,4 +1,4 @@
-"""Measure a miniature-world model from its images: prompt fidelity per attribute (see minidb.eval).
+"""Measure a miniature-world model from its images: prompt fidelity per attribute (minidb.metrics).
 
     minidb eval                                   # the shipped world model, 200 held-out prompts
     minidb eval --model runs/world/model.safetensors --scale 7.5 --scale 1 --untrained
@@ -41,7 +41,9 @@ def run(args) -> int:
     check(steps_problem("--steps", args.steps), *(guidance_problem("--scale", s) for s in scales))
     import torch
 
-    from minidb.eval import Reader, evaluate_model, format_table, reader_accuracy
+    from minidb.metrics import evaluate_model, format_table
+    from minidb.reader import Reader
+    from minidb.reader_training import reader_accuracy
     from minidb.pipeline import StableDiffusion
     from minidb.pretrain import SHIPPED, save_grid
     reader = Reader.load()
@@ -77,4 +79,21 @@ def run(args) -> int:
                                                   "class_prompts_per_shape": args.per_shape,
                                                   "rows": results}, indent=1))
     print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def reader_main(argv=None) -> int:
+    """`python -m minidb.eval`: train the world's reader, or measure it (minidb.reader_training)."""
+    p = argparse.ArgumentParser(prog="python -m minidb.eval", description="Train or measure the world's reader.")
+    p.add_argument("--train-reader", action="store_true", help="train the reader and write it to minidb/data")
+    p.add_argument("--reader-accuracy", action="store_true", help="the reader's accuracy on fresh renders")
+    args = p.parse_args(argv)
+    from minidb.reader import Reader
+    from minidb.reader_training import reader_accuracy, train_reader, world_vae
+    if args.train_reader:
+        t0 = time.time()
+        path = train_reader(vae=world_vae())
+        print(f"reader trained in {time.time() - t0:.0f} s: {path}", file=sys.stderr)
+    if args.reader_accuracy or args.train_reader:
+        print(json.dumps(reader_accuracy(Reader.load(), vae=world_vae()), indent=1))
     return 0

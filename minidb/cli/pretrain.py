@@ -1,0 +1,33 @@
+"""`python -m minidb.pretrain`: pretrain the miniature world's model (minidb.pretrain, whose docstring
+gives the recipe). Every PretrainConfig field is a flag of its own (--unet-steps 7000)."""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from minidb.errors import MinidbError
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from minidb.pretrain import SHIPPED, PretrainConfig, pretrain, sample_sheet
+    p = argparse.ArgumentParser(prog="python -m minidb.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
+    p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--sheet", metavar="PNG", help="only draw the shipped model's sample sheet (README) to PNG")
+    for f in dataclasses.fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.sheet:
+        from minidb.pipeline import StableDiffusion
+        print(sample_sheet(StableDiffusion.from_checkpoint(SHIPPED), Path(args.sheet)))
+        return
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
+    try:
+        pretrain(args.out, cfg, args.ship)
+    except MinidbError as e:  # bad input: one line, as minidb's commands say it
+        sys.exit(f"python -m minidb.pretrain: {e}")
