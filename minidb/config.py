@@ -117,6 +117,7 @@ class SDConfig:
     timesteps: int = 1000
     parameterization: str = "eps"  # what the UNet predicts: "eps" (the noise, SD v1) or "v" (CompVis' v-models)
     image_size: int = 512  # the resolution the model was trained at: the default for sampling and fine-tuning
+    guidance: float = 7.5  # the classifier-free guidance scale the model samples best at: the default for sampling
 
     def __post_init__(self):
         if self.parameterization not in ("eps", "v"):

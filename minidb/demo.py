@@ -120,7 +120,7 @@ def before_after(base_samples, tuned_samples, path: Path, columns: int = 3, scal
 
 
 def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), samples: int = 8, eval_steps: int = 20,
-             guidance: float = 7.5, grid: bool = True, progress: bool = True) -> dict:
+             guidance: float | None = None, grid: bool = True, progress: bool = True) -> dict:
     """Train per demo.toml into out/run (out/run-noprior without prior preservation), then
     measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}."""
     from minidb.metrics import subject_metrics

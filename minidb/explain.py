@@ -118,11 +118,13 @@ def _cross_attention(unet) -> dict:
 
 
 @torch.no_grad()
-def explain(sd, prompt: str, seed: int = 0, steps: int = 50, scale: float = 7.5, sampler: str = "ddim",
+def explain(sd, prompt: str, seed: int = 0, steps: int = 50, scale: float | None = None, sampler: str = "ddim",
             frames: int = 8, guidance_frames: int = 4, model: str = "", progress: bool = True) -> Explanation:
-    """Sample `prompt` as generate() does (same image, bit for bit) and record what happens inside."""
+    """Sample `prompt` as generate() does (same image, bit for bit) and record what happens inside.
+    scale: None = the model's own guidance scale (sd.config.guidance)."""
     from minidb.sampling import decode, sample_latents
     t0 = time.perf_counter()
+    scale = sd.config.guidance if scale is None else scale
     check_prompt(sd.tokenizer, prompt)
     guided = scale != 1.0
     latent = (sd.config.image_size // sd.config.latent_factor,) * 2

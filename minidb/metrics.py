@@ -34,7 +34,7 @@ def class_prompts(per_shape: int) -> tuple[list[str], list[str]]:
     return [caption(Attributes(s, "red"), keep=("shape",)) for s in shapes], shapes
 
 
-def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float = 7.5, seed: int = 0, reader=None,
+def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float | None = None, seed: int = 0, reader=None,
                    batch: int = 50, progress: bool = True, per_shape: int = 0) -> dict:
     """Prompt fidelity of `sd` on n held-out full captions (image i: seed + i) and, with
     per_shape, the share of class-only prompts ("a photo of a star") read as the named shape

@@ -121,12 +121,14 @@ def make_generators(seed, n: int) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5,
+def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float | None = None,
                    eta: float = 0.0, sampler: str = "ddim", height: int | None = None, width: int | None = None,
                    seed=None, latents=None, progress: bool = True) -> torch.Tensor:
     """Final (scaled) latents [B, 4, height/f, width/f], float32, before the VAE.
-    height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1)."""
+    height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1).
+    guidance: None = the model's own scale (sd.config.guidance, 7.5 for SD v1)."""
     prompts = _as_list(prompts, "prompts")
+    guidance = sd.config.guidance if guidance is None else guidance
     b = len(prompts)
     if sampler not in SAMPLERS:
         raise MinidbError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
@@ -194,12 +196,13 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
+def generate(sd, prompts, negative_prompts=None, steps: int = 50, guidance: float | None = None, eta: float = 0.0,
              sampler: str = "ddim", height: int | None = None, width: int | None = None, seed=None, latents=None,
              progress: bool = True) -> list[Image.Image]:
     """Images for `prompts` (a string or a list, one image each).
 
     height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1).
+    guidance: None = the model's own classifier-free guidance scale (sd.config.guidance, 7.5 for SD v1).
     negative_prompts: None (the empty prompt), a string for all, or one per prompt.
     sampler: "ddim" (CompVis' steps, eta), "plms" (CompVis' --plms) or "dpm++2m" (~20 steps suffice).
     seed: int (image i uses seed + i), a list (one per image) or None (random).

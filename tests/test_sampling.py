@@ -154,6 +154,24 @@ def test_one_unet_call_per_step_batched_guidance(pair):
         hook.remove()
 
 
+def test_the_models_own_guidance_is_the_default(pair, tmp_path):
+    """A model file carries the guidance scale it samples best at (config.guidance: SD v1's 7.5, the
+    world model's own); generate() and `minidb sample` use it unless told otherwise."""
+    sd, _ = pair
+    own = dataclasses.replace(sd.config, guidance=3.0)
+    model = StableDiffusion(own)
+    for name, m in sd.models.items():
+        model.models[name].load_state_dict(m.state_dict())
+    kwargs = dict(steps=4, height=H, width=W, seed=7, progress=False)
+    default = sample_latents(model, PROMPTS, **kwargs)
+    assert torch.equal(default, sample_latents(model, PROMPTS, guidance=3.0, **kwargs))
+    assert not torch.allclose(default, sample_latents(model, PROMPTS, guidance=7.5, **kwargs))
+    assert sd.config.guidance == 7.5  # SD v1's, for files that do not say
+    path = tmp_path / "own.safetensors"
+    model.save(path)
+    assert StableDiffusion.inspect_checkpoint(path).guidance == 3.0
+
+
 def test_same_seed_same_image_whatever_the_batch(pair):
     sd, _ = pair
     prompts = ["a", "b", "c"]

@@ -219,7 +219,7 @@ INT_RANGES = {
     # (minidb.sampling.check_memory), this only bounds what a file can ask for
     "image_size": (8, 16384),
 }
-FLOAT_RANGES = {"scale_factor": (0, math.inf), "linear_start": (0, 1), "linear_end": (0, 1)}  # exclusive
+FLOAT_RANGES = {"scale_factor": (0, math.inf), "linear_start": (0, 1), "linear_end": (0, 1), "guidance": (0, math.inf)}  # exclusive
 CHOICES = {"parameterization": ("eps", "v")}
 
 

@@ -24,7 +24,7 @@ def add_arguments(p):
     p.add_argument("--model", help="a miniature-world checkpoint (default: the shipped one)")
     p.add_argument("--images", type=int, default=200, help="held-out prompts, one image each (default 200)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--scale", type=float, action="append", help="guidance scale, repeatable (default 7.5)")
+    p.add_argument("--scale", type=float, action="append", help="guidance scale, repeatable (default: the model's own, stored in its file)")
     p.add_argument("--per-shape", type=int, default=10,
                    help='class-only prompts ("a photo of a star") per shape, one image each (default 10; 0: none)')
     p.add_argument("--untrained", action="store_true", help="add a row for the same architecture, untrained")
@@ -35,10 +35,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    scales = args.scale or [7.5]
     if args.images < 1 or args.per_shape < 0:
         raise MinidbError("--images must be >= 1 and --per-shape >= 0")
-    check(steps_problem("--steps", args.steps), *(guidance_problem("--scale", s) for s in scales))
+    check(steps_problem("--steps", args.steps), *(guidance_problem("--scale", s) for s in args.scale or []))
     import torch
 
     from minidb.metrics import evaluate_model, format_table
@@ -58,6 +57,7 @@ def run(args) -> int:
     if sd.config.image_size != 64:
         print(f"warning: {path} is not a miniature-world model (image size {sd.config.image_size}); its images "
               "will not read as the world's shapes", file=sys.stderr)
+    scales = args.scale or [sd.config.guidance]
     runs = [(f"{path.name}, guidance {s:g}", sd, s) for s in scales]
     if args.untrained:
         torch.manual_seed(args.seed)

@@ -27,7 +27,8 @@ def add_arguments(p):
     p.add_argument("--ckpt", help="model file (default: the shipped miniature-world model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own, stored in its file by minidb)")
     p.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim", help="default ddim")
     p.add_argument("--out", default="explain.png", help="the sheet (default explain.png); the JSON beside it")
     p.add_argument("--compare", metavar="CKPT", help="a second model, side by side (e.g. after DreamBooth)")
@@ -44,7 +45,8 @@ def check_args(args):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
             raise MinidbError(f"--{name}: {'a folder, not a model file' if Path(path).is_dir() else 'not found'}: {path}")
-    check(steps_problem("--steps", args.steps), guidance_problem("--scale", args.scale),
+    check(steps_problem("--steps", args.steps),
+          guidance_problem("--scale", args.scale) if args.scale is not None else None,
           seed_problem("--seed", args.seed))
     out = Path(args.out)
     if out.suffix.lower() != ".png":

@@ -42,8 +42,9 @@ def add_arguments(p):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors file at strength SCALE (default 1); repeatable")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--scale", type=float, default=7.5,
-                   help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default 7.5)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale, >= 0: 1 = none, 0 = unconditional (default: the model's "
+                        "own, stored in its file by minidb; 7.5 for SD v1)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim", help="default ddim")
     p.add_argument("--H", type=int, help="image height in pixels (default: the model's image size, 512 for SD v1)")
@@ -133,7 +134,8 @@ def check_args(args):
             raise MinidbError(f"--{name} must be a positive multiple of 8, got {size}")
     if args.n_samples < 1 or args.n_iter < 1:
         raise MinidbError("--n-samples and --n-iter must be at least 1")
-    check(guidance_problem("--scale", args.scale), eta_problem("--eta", args.eta, args.sampler),
+    check(guidance_problem("--scale", args.scale) if args.scale is not None else None,
+          eta_problem("--eta", args.eta, args.sampler),
           seed_problem("--seed", args.seed) if args.seed is not None else None)
     outdir = Path(args.outdir)
     for folder in (outdir, outdir / "samples"):
@@ -148,6 +150,7 @@ def check_model_args(args, config, device="cpu", dtype=torch.float32):
     check(steps_problem("--steps", args.steps, config.timesteps))
     args.H = args.H or config.image_size
     args.W = args.W or config.image_size
+    args.scale = config.guidance if args.scale is None else args.scale
     try:
         check_size(config, args.H, args.W)
         check_memory(config, args.H, args.W, args.n_samples, dtype.itemsize, args.scale != 1.0, device)
