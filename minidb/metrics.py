@@ -38,8 +38,9 @@ def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float | None = N
                    batch: int = 50, progress: bool = True, per_shape: int = 0) -> dict:
     """Prompt fidelity of `sd` on n held-out full captions (image i: seed + i) and, with
     per_shape, the share of class-only prompts ("a photo of a star") read as the named shape
-    ("class_shape"; image j of those: seed + n + j)."""
+    ("class_shape"; image j of those: seed + n + j). guidance None: the model's own (config.guidance)."""
     from tqdm.auto import tqdm
+    guidance = sd.config.guidance if guidance is None else guidance
     reader = reader or Reader.load()
     wanted = held_out_prompts(n, seed)
     classes, shapes = class_prompts(per_shape)
