@@ -76,6 +76,17 @@ def test_sample_writes_images_metadata_and_grid(ckpt, in_tmp, capsys):
     assert (out / "grid-0001.png").exists()
 
 
+def test_without_scale_the_models_own_guidance_is_used(in_tmp):
+    """No --scale: the guidance scale stored in the model's file (config.guidance), said in the PNG."""
+    import dataclasses
+    sd = StableDiffusion(dataclasses.replace(tiny_config(), guidance=2.5))
+    path = in_tmp / "own.safetensors"
+    sd.save(path)
+    assert main(["sample", "--ckpt", str(path), "--prompt", "a dog", "--seed", "1", "--outdir", "o", *TINY_ARGS]) == 0
+    text = Image.open(in_tmp / "o" / "samples" / "00000.png").text
+    assert text["scale"] == "2.5" and "CFG scale: 2.5," in text["parameters"]
+
+
 def test_from_file_sampler_and_checkpoint_discovery_as_subprocess(ckpt, in_tmp):
     """`python -m minidb sample` with no --ckpt finds the one file in ./checkpoints/."""
     (in_tmp / "checkpoints").mkdir()
