@@ -5,7 +5,7 @@
     python -m benchmarks.explain_localisation --demo demo --write   # with the DreamBooth view, after `minidb demo`
 
 - Localisation: `--captions` world captions (World(seed=7), empty ones skipped), each sampled with its
-  index as seed at explain's defaults (50 DDIM steps, guidance 7.5). Each word's DAAM map is thresholded
+  index as seed at explain's defaults (50 DDIM steps, the model's own guidance scale). Each word's DAAM map is thresholded
   as DAAM does (minidb.explain.threshold: >= 0.4 of its maximum) and compared with the object mask the
   world's reader takes from the generated image (minidb.reader.segment, its largest connected region, as
   the reader's crop does). mIoU of the shape word and of the color word with the object, of the word
@@ -129,6 +129,11 @@ def time_command(repeats: int = 3) -> list[float]:
     return times
 
 
+def config_of(path):
+    from minidb.pipeline import StableDiffusion
+    return StableDiffusion.inspect_checkpoint(path)
+
+
 def table(loc: dict, demo: dict | None, times: list[float], command: str) -> str:
     rows = loc["rows"]
     lines = [f"## `minidb explain`: where the word maps point, on the world model ({time.strftime('%Y-%m-%d')})", "",
@@ -136,7 +141,8 @@ def table(loc: dict, demo: dict | None, times: list[float], command: str) -> str
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread "
              f"(OMP_NUM_THREADS=1), Python {platform.python_version()}, torch {torch.__version__}; "
              f"model {WORLD.name} ({WORLD.stat().st_size / 2**20:.1f} MiB).  ",
-             f"{len(rows)} world captions (World(seed=7)), seed = index, 50 DDIM steps, guidance 7.5; maps thresholded "
+             f"{len(rows)} world captions (World(seed=7)), seed = index, 50 DDIM steps, the model's own guidance "
+             f"({config_of(WORLD).guidance:g}); maps thresholded "
              "at 0.4 of their maximum (DAAM); masks from the reader's segmentation of the generated image.", "",
              "| word class | images | mIoU (all) | random-map mIoU | images the reader reads right | mIoU there |",
              "|---|---|---|---|---|---|"]
