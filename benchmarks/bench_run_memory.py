@@ -61,7 +61,7 @@ def prepare(work: Path, quick: bool) -> Path:
     from PIL import Image
 
     from benchmarks.bench_train import build
-    from tests.reference import diffusers_pipeline
+    from benchmarks.reference import diffusers_pipeline
     work.mkdir(parents=True, exist_ok=True)
     (work / "instance").mkdir(exist_ok=True)
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ the UNet both trained; loss = MSE(instance) + MSE(class); global-norm clipping a
 (lr 5e-6, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2); fp32 weights on both sides.
 diffusers runs its UNet2DConditionModel and transformers' CLIPTextModel holding the same
 (random, seeded) weights as minidb's, converted by diffusers' own single-file converters
-(tests/reference.py), with the step written as examples/dreambooth/train_dreambooth.py writes it:
+(benchmarks/reference.py), with the step written as examples/dreambooth/train_dreambooth.py writes it:
 one backward over the concatenated batch, clip_grad_norm_, optimizer.step(),
 optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off).
 
@@ -179,7 +179,7 @@ def minidb_step_fn(sd, cfg, precision: str, device):
 
 
 def diffusers_models(sd):
-    from tests.reference import diffusers_pipeline
+    from benchmarks.reference import diffusers_pipeline
     with tempfile.TemporaryDirectory() as folder:
         pipe = diffusers_pipeline(sd, Path(folder))
     return pipe.vae, pipe.text_encoder, pipe.unet, sd.schedule

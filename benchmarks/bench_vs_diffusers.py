@@ -10,7 +10,7 @@ Tasks (batch 2 = one prompt under classifier-free guidance):
   VAE decode     one latent to one image
   txt2img        one image: prompt encoding, `--steps` DDIM steps with guidance 7.5, decoding
 diffusers runs its own StableDiffusionPipeline (DDIM configured the CompVis way) on weights converted
-from minidb's by diffusers' single-file converters (tests/reference.py, the twin the equivalence
+from minidb's by diffusers' single-file converters (benchmarks/reference.py, the twin the equivalence
 tests build), so both compute the same function (the tests check that). Weights are random (timing
 does not depend on their values).
 
@@ -50,7 +50,7 @@ DTYPES = {name: getattr(torch, dtype) for name, dtype in config.DTYPES.items()} 
 
 def build(size: str, device: str, dtype: torch.dtype):
     """minidb's StableDiffusion and diffusers' pipeline holding the same weights."""
-    from tests.reference import diffusers_pipeline, scheduler
+    from benchmarks.reference import diffusers_pipeline, scheduler
 
     sd = StableDiffusion(tiny_config() if size == "tiny" else SDConfig())
     with tempfile.TemporaryDirectory() as folder:

@@ -8,7 +8,7 @@ import torch
 from helpers import perturb_, rel_err
 from minidb.config import tiny_config
 from minidb.pipeline import StableDiffusion, export_model
-from tests.reference import diffusers_pipeline
+from benchmarks.reference import diffusers_pipeline
 
 
 @pytest.fixture(scope="module")

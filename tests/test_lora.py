@@ -78,7 +78,7 @@ def test_gradients_reach_only_the_adapters():
 def test_unet_names_are_diffusers_paths(cfg):
     """Each adaptable module's diffusers path (kohya's SD 1.x names) exists in diffusers' UNet with
     the same shape: checked on the meta device, SD v1 size included."""
-    from tests.reference import diffusers_unet
+    from benchmarks.reference import diffusers_unet
     with torch.device("meta"):
         theirs = dict(diffusers_unet(cfg.unet).named_modules())
     models = lora.meta_models(cfg)
@@ -96,7 +96,7 @@ def test_unet_names_are_diffusers_paths(cfg):
 ], ids=["attention", "kohya-all"])
 def test_diffusers_loads_minidb_lora(tmp_path, targets, rank, alpha, scale):
     pytest.importorskip("peft")  # diffusers' load_lora_weights needs it
-    from tests.reference import diffusers_pipeline
+    from benchmarks.reference import diffusers_pipeline
     sd = tiny_models()
     pipe = diffusers_pipeline(sd, tmp_path)  # the same base weights: adapters are not in state_dict()
     network = random_lora(sd, rank, alpha, **targets)
@@ -122,7 +122,7 @@ def test_minidb_loads_lora_written_by_diffusers(tmp_path, writer):
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from tests.reference import diffusers_pipeline
+    from benchmarks.reference import diffusers_pipeline
 
     sd = tiny_models()
     pipe = diffusers_pipeline(sd, tmp_path)

@@ -23,7 +23,7 @@ from minidb.config import tiny_config
 from minidb.errors import MinidbError
 from minidb.pipeline import StableDiffusion
 from minidb.sampling import check_size, decode, generate, sample_latents
-from tests.reference import diffusers_pipeline, scheduler
+from benchmarks.reference import diffusers_pipeline, scheduler
 
 PROMPTS = ["a photo of sks dog in a bucket", "an oil painting of a castle at sunset"]
 NEGATIVE = ["blurry", "low quality, watermark"]

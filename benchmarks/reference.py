@@ -1,6 +1,7 @@
-"""diffusers' twin of a minidb model: the reference the equivalence tests and the benchmarks share.
+"""diffusers' twin of a minidb model: the reference the benchmarks and the equivalence tests share
+(here, with the benchmarks: what measures minidb against diffusers does not reach into the tests).
 
-    from tests.reference import diffusers_pipeline, scheduler   # repository root on sys.path
+    from benchmarks.reference import diffusers_pipeline, scheduler   # repository root on sys.path
 
 Our weights go, in the original checkpoint layout, through diffusers' single-file converters into
 diffusers' UNet, VAE and transformers' CLIP text model; the tokenizer is transformers'
