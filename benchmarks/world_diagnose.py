@@ -36,7 +36,7 @@ from minidb.eval import Reader, class_prompts, prompt_fidelity
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.pretrain import images_to_tensor, load_trained, tuning_prompts
-from minidb.world import SHAPES, Attributes, _seed, caption, combinations, render
+from minidb.world import SHAPES, Attributes, caption, combinations, render, world_seed
 
 BANDS = tuple(range(50, 1000, 100))  # timesteps at the band centres
 
@@ -44,7 +44,7 @@ BANDS = tuple(range(50, 1000, 100))  # timesteps at the band centres
 @torch.no_grad()
 def classifier(sd, n: int = 60, seed: int = 0) -> list[dict]:
     wanted = tuning_prompts(n)
-    x = images_to_tensor(np.stack([np.asarray(render(a, seed=_seed("diagnose", seed, i))) for i, a in enumerate(wanted)]))
+    x = images_to_tensor(np.stack([np.asarray(render(a, seed=world_seed("diagnose", seed, i))) for i, a in enumerate(wanted)]))
     latents = sd.vae.encode(x).mean * sd.config.scale_factor
     captions = [[caption(Attributes(s, a.color, a.size, a.position, a.background)) for s in SHAPES] for a in wanted]
     context = sd.text_encoder(sd.tokenizer([c for row in captions for c in row])).view(n, len(SHAPES), -1, sd.config.clip.width)
@@ -76,7 +76,7 @@ def x0_sheet(sd, path, n: int = 4, timesteps=(100, 250, 400, 550, 700, 850), see
     for a in tuning_prompts(48):  # n different shapes
         if len(wanted) < n and a.shape not in {w.shape for w in wanted}:
             wanted.append(a)
-    x = images_to_tensor(np.stack([np.asarray(render(a, seed=_seed("x0", seed, i))) for i, a in enumerate(wanted)]))
+    x = images_to_tensor(np.stack([np.asarray(render(a, seed=world_seed("x0", seed, i))) for i, a in enumerate(wanted)]))
     latents = sd.vae.encode(x).mean * sd.config.scale_factor
     context = sd.text_encoder(sd.tokenizer([caption(a) for a in wanted]))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
@@ -102,7 +102,7 @@ def mean_sheet(sd, path, n: int = 64):
     for rotation in (0.0, ROTATION):
         for shape in SHAPES:
             a = Attributes(shape, "red", "large", "center", "white")
-            x = np.stack([np.asarray(render(a, seed=_seed("means", i), rotation=rotation)) for i in range(n)])
+            x = np.stack([np.asarray(render(a, seed=world_seed("means", i), rotation=rotation)) for i in range(n)])
             cells += decode(sd, sd.vae.encode(images_to_tensor(x)).mean.mean(0, keepdim=True) * sd.config.scale_factor)
             pixels.append(Image.fromarray(x.astype(np.float32).mean(0).round().astype(np.uint8)))
     return save_grid(cells + pixels, len(SHAPES), Path(path))
@@ -138,7 +138,7 @@ def diagnose(sd, n: int = 48, scales=(1.0, 3.0, 5.0, 7.5, 9.0), raw: dict | None
              with_samplers: bool = False) -> dict:
     reader = Reader.load()
     held = tuning_prompts(n)
-    train = [combinations(held=False)[i] for i in np.random.default_rng(_seed("diagnose-train")).permutation(2444)[:n]]
+    train = [combinations(held=False)[i] for i in np.random.default_rng(world_seed("diagnose-train")).permutation(2444)[:n]]
     t0 = time.time()
     out = {"classifier": classifier(sd)}
     out["guidance"] = {g: {**fidelity(sd, reader, held, g, 60000), "class_shape": class_shape(sd, reader, g)} for g in scales}

@@ -86,7 +86,6 @@ def world_seed(*parts) -> int:
     return derive_seed("minidb-world", *parts)
 
 
-_seed = world_seed  # the old private name, still imported by benchmarks/world_diagnose.py
 
 
 def held_out(a: Attributes) -> bool:
