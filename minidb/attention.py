@@ -62,14 +62,7 @@ def use_backend(name: str):
 
 def math_attention(q, k, v, causal=False):
     """softmax(q kᵀ / √d) v, in fp32 whatever the input dtype. q [B,H,N,D], k/v [B,H,M,D]."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale  # (B, H, N, M)
-    if causal:
-        n, m = scores.shape[-2:]
-        # top-left aligned, as SDPA's is_causal: query i sees keys 0..i (CLIP has n == m anyway)
-        keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(0)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v.float()).to(q.dtype)
+    return torch.einsum("bhnm,bhmd->bhnd", attention_probabilities(q, k, causal), v.float()).to(q.dtype)
 
 
 def _triton_unsupported_reason(q, k, v):
@@ -116,12 +109,14 @@ RETURNS_PROBABILITIES = ("math",)
 
 
 def attention_probabilities(q, k, causal=False):
-    """softmax(q kᵀ / √d) in fp32, the weights math_attention applies to v: q [B,H,N,D], k [B,H,M,D]
+    """softmax(q kᵀ / √d) in fp32, the weights math_attention applies to v (and what minidb explain
+    records): q [B,H,N,D], k [B,H,M,D]
     -> [B,H,N,M], each row summing to 1 over the M keys."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bhnd,bhmd->bhnm", q.float(), k.float()) * scale  # (B, H, N, M)
     if causal:
         n, m = scores.shape[-2:]
+        # top-left aligned, as SDPA's is_causal: query i sees keys 0..i (CLIP has n == m anyway)
         keep = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(0)
         scores = scores.masked_fill(~keep, float("-inf"))
     return scores.softmax(-1)
