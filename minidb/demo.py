@@ -16,7 +16,8 @@ then samples the subject in new contexts before and after, and measures it as th
     subject shape      share of subject samples the reader reads as a two-tone star: the subject's form
                        and colors, not its colors alone (the base model: its share of stars with the
                        class noun in the same prompts)
-    class stars        share of "a photo of a star" samples read as a star: what prior preservation keeps
+    class stars        share of "a photo of a star" samples read as a star (64 per model by default):
+                       what prior preservation keeps
 
     minidb demo                        # writes demo/before_after.png, demo/metrics.json
     minidb demo --ablation --seeds 3   # with and without prior preservation, 3 seeds each
@@ -89,6 +90,17 @@ def class_fidelity(sd, reader, samples, steps, guidance, seed=0) -> tuple[float,
     return float(np.mean(checks)), float(np.mean(shapes))
 
 
+def class_stars(sd, reader, samples, steps, guidance, seed) -> float:
+    """Share of "a photo of a star" samples (seeds seed..seed + samples - 1) read as a star."""
+    size = sd.config.image_size
+    images = []
+    for start in range(0, samples, 32):  # batches of 32 keep the sampler's memory small
+        count = min(32, samples - start)
+        images += sd.generate([CLASS_PROMPTS[0]] * count, steps=steps, guidance=guidance, height=size, width=size,
+                              seed=[seed + start + i for i in range(count)], progress=False)
+    return read_share(reader, images, shape=SUBJECT["shape"])
+
+
 def read_share(reader, images, **wanted) -> float:
     """Share of images whose reads match every one of `wanted` (shape="star", pattern="two-tone")."""
     return float(np.mean([all(r[k] == v for k, v in wanted.items()) for r in reader.read_all(list(images))]))
@@ -120,9 +132,12 @@ def before_after(base_samples, tuned_samples, path: Path, columns: int = 3, scal
 
 
 def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), samples: int = 8, eval_steps: int = 20,
-             guidance: float | None = None, grid: bool = True, progress: bool = True) -> dict:
+             guidance: float | None = None, grid: bool = True, progress: bool = True, eval_seed: int = 1000,
+             star_samples: int = 64) -> dict:
     """Train per demo.toml into out/run (out/run-noprior without prior preservation), then
-    measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}."""
+    measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}.
+    samples: images per prompt for the subject metrics; star_samples: "a photo of a star" images
+    per model for the class-star share (a share of 8 moves in steps of 12.5%)."""
     from minidb.metrics import subject_metrics
     from minidb.reader import Reader
     from minidb.pipeline import StableDiffusion
@@ -144,9 +159,10 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
     else:  # a LoRA run without lora_merge_export: the base with its lora.safetensors applied
         tuned = StableDiffusion.from_checkpoint(resolved(cfg).model.base)
         tuned.load_lora(result.lora_path)
-    base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=1000)
-    tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=1000)
-    class_prompt_fidelity, class_noun_stars = class_fidelity(base, reader, samples, eval_steps, guidance, seed=1000)
+    base_s, base_c = sample_all(base, samples, eval_steps, guidance, seed=eval_seed)
+    tuned_s, tuned_c = sample_all(tuned, samples, eval_steps, guidance, seed=eval_seed)
+    class_prompt_fidelity, class_noun_stars = class_fidelity(base, reader, samples, eval_steps, guidance,
+                                                             seed=eval_seed)
 
     def subject_shape(subject):
         return read_share(reader, [im for v in subject.values() for im in v], shape=SUBJECT["shape"],
@@ -156,8 +172,9 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
                "base_class_prompt_fidelity": class_prompt_fidelity,
                "subject_shape": {"base": subject_shape(base_s), "dreambooth": subject_shape(tuned_s),
                                  "base_with_class_noun": class_noun_stars},
-               "class_stars": {"base": read_share(reader, base_c[CLASS_PROMPTS[0]], shape=SUBJECT["shape"]),
-                               "dreambooth": read_share(reader, tuned_c[CLASS_PROMPTS[0]], shape=SUBJECT["shape"])},
+               "class_stars": {"base": class_stars(base, reader, star_samples, eval_steps, guidance, eval_seed),
+                               "dreambooth": class_stars(tuned, reader, star_samples, eval_steps, guidance, eval_seed)},
+               "class_star_samples": star_samples,
                "prior_preservation": prior, "seed": seed, "steps": cfg.train.steps,
                "seconds": round(time.perf_counter() - t0, 1)}
     if grid:
@@ -181,7 +198,7 @@ def format_metrics(m: dict) -> str:
                  f"{100 * shape['dreambooth']:.1f}% (DreamBooth); the base model draws a star with the class noun "
                  f"{100 * shape['base_with_class_noun']:.1f}% of the time")
     lines.append(f'"{CLASS_PROMPTS[0]}" read as a star: {100 * stars["base"]:.1f}% (base) -> '
-                 f'{100 * stars["dreambooth"]:.1f}% (DreamBooth)')
+                 f'{100 * stars["dreambooth"]:.1f}% (DreamBooth), {m["class_star_samples"]} samples each')
     return "\n".join(lines)
 
 

@@ -338,10 +338,12 @@ def tuning_prompts(n: int = 48) -> list:
 
 
 @torch.no_grad()
-def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance: float = 7.5) -> dict:
+def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance: float | None = None) -> dict:
     """The learning curve's point: prompt fidelity per attribute of `weights` (the EMA) on n tuning
     prompts, and the shape read on class-only prompts ("a photo of a star", per_shape each), read by
-    the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's)."""
+    the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's), at the
+    model's own guidance scale unless `guidance` is given (curves before 2026-12-04's third session
+    were drawn at 7.5)."""
     from minidb.metrics import class_prompts, prompt_fidelity
     from minidb.reader import Reader
     from minidb.pipeline import StableDiffusion
@@ -351,7 +353,7 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     wanted = tuning_prompts(n)
     classes, shapes = class_prompts(per_shape)
     size = sd.config.image_size
-    images = copy.generate([caption(a) for a in wanted] + classes, steps=20, guidance=guidance, height=size,
+    images = copy.generate([caption(a) for a in wanted] + classes, steps=20, guidance=guidance or sd.config.guidance, height=size,
                            width=size, seed=[50000 + i for i in range(n + len(classes))], progress=False)
     reads = Reader.load().read_all(images)
     out = prompt_fidelity(reads[:n], wanted)

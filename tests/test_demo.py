@@ -63,7 +63,7 @@ def test_shortened_demo_learns_the_subject(tmp_path):
     from minidb.demo import run_demo
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8"],
-                 samples=3, eval_steps=10, progress=False)
+                 samples=3, star_samples=8, eval_steps=10, progress=False)
     for name in ("base", "dreambooth"):
         assert set(m[name]) == {"subject_fidelity", "prompt_fidelity", "pres", "div"}
         assert all(np.isfinite(v) for v in m[name].values())
@@ -89,7 +89,7 @@ def test_shortened_bf16_demo_without_fp32_masters_learns_the_subject(tmp_path):
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8", "model.precision=bf16",
                                       "optim.optimizer=adamw8bit", "optim.master_weights=kahan"],
-                 samples=3, eval_steps=10, grid=False, progress=False)
+                 samples=3, star_samples=8, eval_steps=10, grid=False, progress=False)
     assert m["dreambooth"]["subject_fidelity"] >= m["base"]["subject_fidelity"] + 0.10, m
     assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.25, m
 
@@ -105,7 +105,7 @@ def test_shortened_lora_demo_learns_the_subject(tmp_path):
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8", "model.lora_rank=16",
                                       "model.lora_targets=transformer", "optim.lr=2e-3"],
-                 samples=3, eval_steps=10, grid=False, progress=False)
+                 samples=3, star_samples=8, eval_steps=10, grid=False, progress=False)
     assert (tmp_path / "run" / "lora.safetensors").is_file() and not (tmp_path / "run" / "model.safetensors").exists()
     assert m["dreambooth"]["subject_fidelity"] >= m["base"]["subject_fidelity"] + 0.10, m
     assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.25, m
