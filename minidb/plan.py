@@ -3,13 +3,15 @@ loaded or written, and read by everything after.
 
     plan = make_plan(load_config("run.toml"))      # checks the config and the base model's header
     plan.cfg          # the config as it runs (what config.toml holds): paths absolute, data.resolution
-                      # the base model's when 0, train.low_memory spelled out into its switches
+                      # and unset guidance scales the base model's, train.low_memory spelled out into its switches
     plan.device, plan.precision, plan.dtype, plan.world_size, plan.lr_scale, plan.text_encoder_trains
 
 The choices, each in one place:
 - device: model.device, "auto" = this process's GPU if there is one, else the CPU (minidb.device);
 - precision: model.precision, "auto" = fp16 on CUDA, fp32 elsewhere (minidb.device);
 - resolution: data.resolution, 0 = the base model's own image size (read from its file's header);
+- guidance: prior.guidance and validation.guidance, unset = the base model's own scale (config.guidance
+  in its file's header, 7.5 for SD v1 files that store none);
 - memory: train.low_memory turns on 8-bit AdamW, gradient checkpointing and the fused backward step
   where the run allows it (with_memory_switches); the allocator keeps its freed memory bounded in
   the modes that trade speed for memory (bounded_allocator);
@@ -77,7 +79,8 @@ def bounded_allocator(cfg: DreamBoothConfig) -> bool:
 def read_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
     """The base checkpoint opened and checked (format, model family, keys, shapes; no tensor read)
     and the checks that need its config. Returns cfg with data.resolution = 0 replaced by the base
-    model's image size, and the base model's config."""
+    model's image size and an unset prior.guidance or validation.guidance by its guidance scale, and
+    the base model's config."""
     from minidb.pipeline import StableDiffusion
     from minidb.sampling import check_memory, check_size
     if not Path(cfg.model.base).is_file():
@@ -85,6 +88,10 @@ def read_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:
     base = StableDiffusion.inspect_checkpoint(cfg.model.base)
     if cfg.data.resolution == 0:  # the default: the resolution the base model was trained at
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base.image_size))
+    for section in ("prior", "validation"):  # unset: the scale the base model samples best at, from its file
+        options = getattr(cfg, section)
+        if options.guidance is None:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(options, guidance=base.guidance)})
     try:
         check_size(base, cfg.data.resolution, cfg.data.resolution)
         # one image, the narrowest precision, this machine's RAM: a floor that refuses only sizes that cannot fit

@@ -7,6 +7,10 @@ Every field has a default (below, with what it means); a TOML file only names wh
 has it; the value is read as a TOML value (`true`, `4`, `1e-6`, `["a", "b"]`), else as a string.
 Unknown sections or keys are a ConfigError naming the closest matches. `dump_toml(cfg)` writes
 the resolved config back out (into the run folder), paths made absolute.
+
+A field typed `X | None` defaults to None, "unset": the run's plan fills it from the base model's
+file (minidb.plan.read_base), so the run folder's config.toml holds the number that ran. A TOML
+file leaves such a field unset by not naming it; dump_toml writes an unset one as a comment.
 """
 import dataclasses
 import difflib
@@ -20,6 +24,7 @@ import sys
 import tokenize
 import warnings
 from dataclasses import dataclass, field
+from types import UnionType
 
 from minidb.config import DTYPES, SAMPLER_NAMES, guidance_problem, seed_problem, steps_problem
 from minidb.errors import ConfigError, DataError
@@ -65,7 +70,8 @@ class PriorConfig:
     num_class_images: int = 100       # missing ones are generated from the base model before training
     loss_weight: float = 1.0          # loss = instance MSE + loss_weight * class MSE
     sample_steps: int = 50            # sampling steps per class image
-    guidance: float = 7.5             # classifier-free guidance scale of the class images
+    guidance: float | None = None     # classifier-free guidance scale of the class images; unset = the base
+                                      # model's own (config.guidance in its file; 7.5 for files that store none)
     sampler: str = "ddim"             # ddim | plms | dpm++2m
     batch_size: int = 4               # class images generated per batch
 
@@ -122,7 +128,8 @@ class ValidationConfig:
     prompts: tuple[str, ...] = ()     # sampled into samples/step_XXXXXX.png every `every` steps and at the end
     every: int = 100                  # steps between validation grids
     sample_steps: int = 25            # sampler settings of the validation images
-    guidance: float = 7.5             # classifier-free guidance scale
+    guidance: float | None = None     # classifier-free guidance scale; unset = the base model's own, as for
+                                      # prior.guidance
     sampler: str = "ddim"             # ddim | plms | dpm++2m
     seed: int = 0                     # image i uses seed + i: the same noise at every validation
 
@@ -224,6 +231,10 @@ def _check(section: str, key: str, value, source: str):
     if key not in types:
         raise ConfigError(f"{source}: unknown option {section}.{key}{_did_you_mean(key, types, section + '.')}")
     want = types[key]
+    if isinstance(want, UnionType):  # X | None: None (what to_dict gives for unset) stays unset
+        if value is None:
+            return None
+        want = next(t for t in want.__args__ if t is not type(None))
     if want is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             value = value.lower() in ("true", "yes", "on", "1")
@@ -301,7 +312,8 @@ def validate(cfg: DreamBoothConfig) -> None:
         problems.append(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {cfg.train.ema_decay}")
     for section in ("prior", "validation"):  # the sampler's arguments, by the rules generate() checks them with
         problems.append(steps_problem(f"{section}.sample_steps", getattr(cfg, section).sample_steps))
-        problems.append(guidance_problem(f"{section}.guidance", getattr(cfg, section).guidance))
+        guidance = getattr(cfg, section).guidance  # unset: the base model's, checked when its file is read
+        problems.append(guidance_problem(f"{section}.guidance", guidance) if guidance is not None else None)
     if not (math.isfinite(cfg.prior.loss_weight) and cfg.prior.loss_weight >= 0):
         problems.append(f"prior.loss_weight must be a finite number >= 0, got {cfg.prior.loss_weight}")
     for section in ("train", "validation"):
@@ -398,13 +410,15 @@ def differences(old: DreamBoothConfig, new: DreamBoothConfig) -> list[str]:
 
 def dump_toml(cfg: DreamBoothConfig, explain: bool = False) -> str:
     """The config as TOML that load_config reads back to an equal config (tomllib cannot write).
-    explain: each option followed by its comment from the dataclasses above."""
+    explain: each option followed by its comment from the dataclasses above. An unset option (None,
+    before the plan fills it in) is written as a comment, which reads back as unset."""
     comments = explanations() if explain else {}
     lines = []
     for name, body in to_dict(cfg).items():
         lines.append(f"[{name}]")
         for key, value in body.items():
-            line, comment = f"{key} = {_toml_value(value)}", comments.get((name, key))
+            line = f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+            comment = comments.get((name, key))
             lines.append(f"{line:<38}  # {comment}" if comment else line)
         lines.append("")
     return "\n".join(lines)

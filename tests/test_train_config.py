@@ -1,14 +1,15 @@
 """The DreamBooth config: TOML + --set overrides into frozen dataclasses, clear errors, round trip."""
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from minidb.errors import ConfigError
-from minidb.plan import with_memory_switches
+from minidb.plan import make_plan, read_base, with_memory_switches
 from minidb.train_config import (DreamBoothConfig, differences, dump_toml, explanations, from_dict, load_config,
-                                 resolved, validate)
+                                 resolved, to_dict, validate)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "minidb" / "data" / "dreambooth_example.toml"
 
@@ -158,3 +159,98 @@ def test_memory_options_documented():
     assert doc[("model", "gradient_checkpointing")].startswith("recompute the UNet's and text encoder's")
     assert doc[("train", "fused_backward")].endswith("One process, grad_accum = 1 only")
     assert doc[("optim", "optimizer")].endswith("2 bytes of state per weight instead of 8)")
+
+
+# ---- guidance: unset = the base model's own scale, filled in once, by the plan ------------------------
+
+@pytest.fixture(scope="module")
+def guided_world(tmp_path_factory):
+    """A tiny random model whose file says guidance 2.5 (not SD v1's 7.5), and one instance photo."""
+    import numpy as np
+    from PIL import Image
+
+    from minidb.config import tiny_config
+    from minidb.pipeline import StableDiffusion
+    root = tmp_path_factory.mktemp("guided")
+    StableDiffusion(dataclasses.replace(tiny_config(), guidance=2.5)).save(root / "base.safetensors")
+    (root / "instance").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / "instance" / "0.png")
+    return root
+
+
+def guided(world, *sets):
+    return load_config(None, [f"model.base={world / 'base.safetensors'}", f"data.instance_dir={world / 'instance'}",
+                              "data.instance_prompt=a photo of sks dog", "model.device=cpu", *sets])
+
+
+def test_unset_guidance_is_the_base_models_and_a_set_one_is_kept(guided_world):
+    cfg = guided(guided_world)
+    assert cfg.prior.guidance is None and cfg.validation.guidance is None  # unset until the plan
+    plan = make_plan(cfg, world_size=1, local_rank=0)
+    assert plan.base.guidance == 2.5
+    assert plan.cfg.prior.guidance == plan.cfg.validation.guidance == 2.5
+    plan = make_plan(guided(guided_world, "prior.guidance=4", "validation.guidance=1"), world_size=1, local_rank=0)
+    assert (plan.cfg.prior.guidance, plan.cfg.validation.guidance) == (4.0, 1.0)
+    assert isinstance(plan.cfg.validation.guidance, float)
+    plan = make_plan(guided(guided_world, "prior.guidance=0"), world_size=1, local_rank=0)
+    assert (plan.cfg.prior.guidance, plan.cfg.validation.guidance) == (0.0, 2.5)  # 0 is set, not unset
+
+
+def test_a_run_writes_and_uses_the_resolved_guidance(guided_world, tmp_path):
+    """config.toml holds the number that ran; the class images were drawn at it (their metadata)."""
+    from PIL import Image
+
+    from minidb.train import train
+    cfg = guided(guided_world, f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "optim.lr=1e-3",
+                 "prior.class_prompt=a photo of a dog", "prior.num_class_images=1", "prior.sample_steps=2",
+                 'validation.prompts=["a photo of sks dog"]', "validation.sample_steps=2")
+    result = train(cfg)
+    written = load_config(result.run_dir / "config.toml")
+    assert written.prior.guidance == written.validation.guidance == 2.5
+    with Image.open(tmp_path / "run" / "class_images" / "class-00000.png") as image:
+        assert image.info["minidb.guidance"] == "2.5"
+    assert (tmp_path / "run" / "samples" / "step_000001.png").is_file()
+
+
+def test_unset_guidance_round_trips_through_toml_and_dict():
+    """--print-config of a config the plan has not resolved: the unset keys are comments, and what
+    dump_toml writes reads back to the same config (with and without the explanations)."""
+    for cfg in (load_config(EXAMPLE), load_config(EXAMPLE, ["prior.guidance=3", "validation.guidance=0"])):
+        for explain in (False, True):
+            assert from_dict(tomllib.loads(dump_toml(cfg, explain=explain))) == cfg
+        assert from_dict(to_dict(cfg)) == cfg  # a training state's copy of the config
+    text = dump_toml(load_config(EXAMPLE, ["validation.guidance=3"]), explain=True)
+    prior, validation = (part for part in text.split("\n\n") if part.startswith(("[prior]", "[validation]")))
+    assert "\n# guidance = (unset) " in prior and "unset = the base model's own" in prior
+    assert "\nguidance = 3.0 " in validation
+    validate(load_config(EXAMPLE))  # unset passes validation: the base model's file is checked when read
+    changed = dataclasses.replace(load_config(EXAMPLE), prior=dataclasses.replace(DreamBoothConfig().prior,
+                                                                                 guidance=1.5))
+    assert "prior.guidance: None -> 1.5" in differences(load_config(EXAMPLE), changed)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["prior.guidance=-1"], "prior.guidance must be a number >= 0 (1 = no guidance, 0 = unconditional), got -1.0"),
+    (["validation.guidance=nan"], "validation.guidance must be a number >= 0"),
+    (["validation.guidance=inf"], "validation.guidance must be a number >= 0"),
+])
+def test_a_bad_guidance_is_a_config_error(sets, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_config(EXAMPLE, sets))
+
+
+@pytest.mark.parametrize("value", ["high", "true", '""', "[1.5]"])
+def test_guidance_must_be_a_number(value):
+    with pytest.raises(ConfigError, match="prior.guidance must be a number"):
+        load_config(None, [f"prior.guidance={value}"])
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "minidb" / "data" / "world.safetensors").is_file(),
+                    reason="the world model is not installed")
+def test_the_demo_draws_class_images_at_the_world_models_scale():
+    """demo.toml leaves prior.guidance unset: it follows the world model's file (1.5), not SD v1's 7.5."""
+    from minidb.demo import DEMO_TOML
+    assert "guidance" not in tomllib.loads(DEMO_TOML.read_text())["prior"]
+    cfg, base = read_base(resolved(load_config(DEMO_TOML)))
+    assert cfg.prior.guidance == base.guidance == 1.5
