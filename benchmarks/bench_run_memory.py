@@ -3,6 +3,7 @@ it, against a diffusers train_dreambooth.py-style run, in the same invocation.
 
     python -m benchmarks.bench_run_memory --tag after --write     # SD v1 size, 256x256, fp32, CPU
     python -m benchmarks.bench_run_memory --minidb-root /tmp/before --configs default,low_memory,lora --tag before
+    python -m benchmarks.bench_run_memory --before-root /tmp/head --configs diffusers,default,default@before --tag x
 
 Each configuration is one fresh process, sampled from outside: its resident memory (VmRSS of
 /proc/PID/status) every 0.2 s. The run: a random-weight SD v1 base (fp32 .safetensors, built once in
@@ -16,6 +17,10 @@ fp32, the UNet and the text encoder trained, 3 steps, one validation image at th
               image from a pipeline around the trained models, and the export it writes
               (DiffusionPipeline.from_pretrained(base, unet=..., text_encoder=...).save_pretrained)
               with the allocator setting of minidb's default (minidb.cli.keep_freed_memory())
+
+A configuration named NAME@before runs NAME on the checkout --before-root (e.g. a worktree of HEAD),
+so that old and new code run in the same invocation; the time of each step after the first (from
+metrics.jsonl) is recorded, and the ratio of the medians printed, for step time.
 
 Stages come from the run's own output and files: minidb's log lines ("loading ...", the "class
 images" and "caching latents" progress bars, the line describing the run, "done: ..."), the step
@@ -155,8 +160,20 @@ def minidb_marks(lines, out: Path, start: float) -> dict:
             "validation": steps[-1]["time"], "checkpoint": grid, "export": ckpt, "exit": first(lines, r"^done: ")}
 
 
+def base_name(name: str) -> str:
+    """"default@before" -> "default": the configuration, run on --before-root's code."""
+    return name.partition("@")[0]
+
+
+def step_seconds(out: Path) -> list:
+    """The time of each step after the first: the gaps between metrics.jsonl's lines."""
+    times = [json.loads(line)["time"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [b - a for a, b in zip(times, times[1:])]
+
+
 def run_config(name: str, args, work: Path) -> dict:
     out = args.work / "runs" / name
+    before, name = name.endswith("@before"), base_name(name)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
     # unbuffered: a progress bar's first line (ended by \r) shows when its stage starts, not when its line ends
@@ -166,7 +183,7 @@ def run_config(name: str, args, work: Path) -> dict:
         cmd = [sys.executable, "-m", "benchmarks.bench_run_memory", "--_diffusers", str(out), "--work", str(work)]
         cmd += ["--quick"] if args.quick else []
     else:
-        env["PYTHONPATH"] = str(Path(args.minidb_root).resolve())
+        env["PYTHONPATH"] = str(Path(args.before_root if before else args.minidb_root).resolve())
         cmd = [sys.executable, "-m", "minidb", "train", "--config", str(run_toml(work, out))]
         for s in CONFIGS[name]:
             cmd += ["--set", s]
@@ -178,8 +195,9 @@ def run_config(name: str, args, work: Path) -> dict:
     else:
         marks = minidb_marks(lines, out, start)
     marks = {k: v - start for k, v in marks.items() if v is not None}
-    return {"config": name, "command": " ".join(cmd[1:]), "samples": [(t - start, r) for t, r in samples],
-            "marks": marks, "total_s": end - start}
+    return {"config": name + ("@before" if before else ""), "command": " ".join(cmd[1:]),
+            "root": env.get("PYTHONPATH"), "samples": [(t - start, r) for t, r in samples], "marks": marks,
+            "total_s": end - start, "step_s": step_seconds(out) if CONFIGS[name] is not None else None}
 
 
 def stage_peaks(r: dict) -> dict:
@@ -248,6 +266,12 @@ LETTERS = {"load": "L", "class images": "C", "latent caching": "K", "steps": "S"
            "checkpoint": "P", "export": "E", "exit": "X"}
 
 
+def colour_of(config: str) -> tuple:
+    """The configuration's colour; its @before run's paler."""
+    colour = COLOURS.get(base_name(config), (0, 0, 0))
+    return tuple((c + 2 * 255) // 3 for c in colour) if config.endswith("@before") else colour
+
+
 def plot(results: list, path: Path, title: str):
     """Memory against time with PIL: one line per configuration, a lettered dot where each stage starts."""
     from PIL import Image, ImageDraw, ImageFont
@@ -270,7 +294,7 @@ def plot(results: list, path: Path, title: str):
     draw.rectangle([left, top, W - right, H - bottom], outline="black")
     draw.text((left, 15), title, fill="black", font=font)
     for r in results:
-        colour = COLOURS.get(r["config"], (0, 0, 0))
+        colour = colour_of(r["config"])
         points = [(x(t), y(m / GIB)) for t, m in r["samples"]]
         draw.line(points, fill=colour, width=2)
         placed = []  # letters already drawn: a mark close to one of them is lifted above it
@@ -286,11 +310,11 @@ def plot(results: list, path: Path, title: str):
     legend_y = H - bottom + 30
     cursor = left
     for r in results:
-        colour = COLOURS.get(r["config"], (0, 0, 0))
+        colour = colour_of(r["config"])
         draw.line([(cursor, legend_y + 6), (cursor + 25, legend_y + 6)], fill=colour, width=3)
         draw.text((cursor + 30, legend_y), f"{r['config']} (peak {max(m for _, m in r['samples']) / GIB:.2f} GiB)",
                   fill="black", font=font)
-        cursor += 250
+        cursor += 230
     draw.text((left, legend_y + 22), "stage starts: " + ", ".join(f"{v} {k}" for k, v in LETTERS.items())
               + "; resident memory of the whole process, sampled every 0.2 s", fill="black", font=font)
     image.save(path)
@@ -329,7 +353,7 @@ def combined_table(tags: list) -> str:
              "|---" * (len(shown) + 6) + "|"]
     for name in CONFIGS:
         for tag, r in runs:
-            if r["config"] != name:
+            if base_name(r["config"]) != name:
                 continue
             peaks, peak = stage_peaks(r), max(m for _, m in r["samples"])
             cells = [f"{peaks[s] / GIB:.2f}" if s in peaks else "-" for s in shown]
@@ -337,9 +361,18 @@ def combined_table(tags: list) -> str:
             target = TARGETS.get(name)
             verdict = ("-" if target is None or ratio is None else
                        f"<= {target:.2f}x: {'reached' if round(ratio, 2) <= target else 'NOT reached'}")
-            lines.append(f"| {name} | {tag} | " + " | ".join(cells) + f" | **{peak / GIB:.2f}** | "
+            lines.append(f"| {r['config']} | {tag} | " + " | ".join(cells) + f" | **{peak / GIB:.2f}** | "
                          + (f"**{ratio:.2f}**" if ratio else "-") + f" | {verdict} | {r['total_s']:.0f} s |")
     return "\n".join(lines) + "\n"
+
+
+def step_time_ratios(results: list) -> str:
+    """Median step time (the steps after the first) of each minidb run, and new / @before where both ran."""
+    import statistics
+    median = {r["config"]: statistics.median(r["step_s"]) for r in results if r.get("step_s")}
+    lines = [f"- {c}: median step {m:.1f} s" + (f", {m / median[c + '@before']:.2f}x the @before code's"
+                                                if c + "@before" in median else "") for c, m in median.items()]
+    return "\nStep time (each step after the first, from metrics.jsonl):\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def main(argv=None):
@@ -348,6 +381,7 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_run_memory"),
                    help="the base checkpoint, its diffusers folder and the run folders (about 9 GB)")
     p.add_argument("--minidb-root", default=str(ROOT), help="the checkout whose minidb runs (e.g. a worktree of HEAD)")
+    p.add_argument("--before-root", default=None, help="the checkout a configuration NAME@before runs (e.g. a worktree of HEAD)")
     p.add_argument("--tag", default="after",
                    help="names the output files: run_memory_<tag>.json/.png (merged with the configurations already there)")
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS.name}")
@@ -368,9 +402,11 @@ def main(argv=None):
     if args._diffusers is not None:
         return diffusers_run(args._diffusers, args.work)
     names = args.configs.split(",")
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if base_name(n) not in CONFIGS or (n != base_name(n) and (
+        not n.endswith("@before") or CONFIGS[base_name(n)] is None or args.before_root is None))]
     if unknown:
-        p.error(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
+        p.error(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)} (NAME@before: minidb's, "
+                "with --before-root)")
     work = prepare(args.work, args.quick)
     # the tag's earlier configurations are kept: a run of some configurations replaces their rows only,
     # and the JSON, plot and table hold every configuration measured under the tag (in CONFIGS' order)
@@ -378,7 +414,8 @@ def main(argv=None):
     results = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else []
     for name in names:
         r = run_config(name, args, work)
-        results = sorted([x for x in results if x["config"] != name] + [r], key=lambda x: list(CONFIGS).index(x["config"]))
+        results = sorted([x for x in results if x["config"] != name] + [r],
+                         key=lambda x: (list(CONFIGS).index(base_name(x["config"])), x["config"]))
         print(f"{name}: peak {max(m for _, m in r['samples']) / GIB:.2f} GiB, {r['total_s']:.0f} s, "
               f"stages {json.dumps({k: round(v / GIB, 2) for k, v in stage_peaks(r).items()})}", flush=True)
         saved.write_text(json.dumps(results))
@@ -387,6 +424,7 @@ def main(argv=None):
     text = (f"`python -m benchmarks.bench_run_memory {' '.join(argv if argv is not None else sys.argv[1:])}`  \n"
             f"Machine: {machine('cpu')}; {datetime.date.today()}; peak resident memory (VmRSS) of the whole process "
             "in GiB, per stage (from the stage's start to the next one's)\n\n" + table(results, args.tag))
+    text += step_time_ratios(results)
     print("\n" + text)
     if args.write:
         with open(RESULTS, "a") as f:

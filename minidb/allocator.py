@@ -17,7 +17,9 @@ import platform
 # a 32 MiB threshold the larger gradients were still mapped afresh every step.
 # The step times, page faults and peaks behind each choice: benchmarks/RESULTS.md ("Page faults", and "The
 # bounded allocator setting keeps blocks under 256 MiB").
-# Memory freed is not returned to the system until the process exits (bounded: beyond 1 GiB it is).
+# Memory freed is not returned to the system until the process exits (bounded: beyond 1 GiB it is), except
+# where `minidb train` hands it back between stages (minidb.pipeline.give_back_freed_memory: after the load,
+# the class images and the latent cache, before each validation grid and the export), never between steps.
 # `import minidb` changes nothing. Opt out: MINIDB_KEEP_FREED_MEMORY=0.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt(3) parameters
 

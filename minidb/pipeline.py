@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import mmap
 import platform
 from pathlib import Path
 
@@ -172,6 +173,41 @@ def give_back_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
+
+
+def release_mapped_pages(*modules: torch.nn.Module) -> int:
+    """Hand back to the kernel the resident pages of frozen weights that are views of the mapped
+    checkpoint file (a .safetensors load in the file's own dtype maps the file: minidb.weights). They
+    were only read, so the kernel refills them from the file when they are next touched: the module
+    keeps working, and costs no memory until it is used. Weights in memory of their own (converted to
+    another dtype, or from a .ckpt) are left as they are. Returns the bytes handed back.
+
+    Only for weights nothing has written to since they were loaded (a frozen model: requires_grad off
+    is checked): the written pages of a private mapping would go back to the file's values."""
+    if platform.system() != "Linux":
+        return 0
+    tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
+    if any(t.requires_grad for t in tensors):
+        raise ValueError("release_mapped_pages: a trainable weight (requires_grad) may have been written to")
+    mapped = []  # (start, end) of the private mappings of regular files
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[1].endswith("p") and fields[4] != "0" and fields[5].startswith("/"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mapped.append((start, end))
+    page, released = mmap.PAGESIZE, 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    for t in tensors:
+        if t.device.type != "cpu" or t.nbytes == 0:
+            continue
+        first, last = t.data_ptr(), t.data_ptr() + t.nbytes
+        if not any(start <= first and last <= end for start, end in mapped):
+            continue
+        start, end = -(-first // page) * page, last // page * page  # whole pages inside the tensor only
+        if end > start and madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
+            released += end - start
+    return released
 
 
 def _deferred(ckpt, file_key: str, trained: torch.Tensor | None, delta=None) -> weights.Deferred:

@@ -87,7 +87,9 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         warn_long_prompts(cfg, instance_images)
         run.prepare(state)
         sd = load_base(plan, run, state, dist)
+        give_back_freed_memory()  # each stage's temporaries leave with it: the next one starts from what it holds
         class_images = class_image_set(sd, cfg, dist)
+        give_back_freed_memory()
         dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                     cfg.data.hflip, cfg.train.seed)
         lora = add_adapters(sd, cfg.model, cfg.train.seed) if cfg.model.lora_rank else {}
@@ -97,6 +99,8 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         forward = Forward.build(sd, plan, lora, dist, prompts)
         batches = Batches(dataset, sd, cfg.train.batch_size, dist, latent_cache(sd, dataset, cfg, run, dist),
                           cfg.train.noise_offset, prompt_rows)
+        release_vae(sd, encoder=batches.latent_cache is None)
+        give_back_freed_memory()
         run.log(describe(plan, len(instance_images), class_images, trainer.masters))
         note_captions(run, cfg, prompts, prompt_rows)
 
@@ -122,7 +126,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                 if callback is not None:
                     callback(step, metrics)
                 if cfg.validation.prompts and (step % cfg.validation.every == 0 or step == cfg.train.steps):
-                    run.validation_grid(sd, step)
+                    validation_grid(run, sd, step, encoder=batches.latent_cache is None)
                 stop_now = dist.any(stop.requested is not None, device=plan.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop_now:
                     last_checkpoint = run.save_state(step, {"data": {"epoch": cursor[0], "index": cursor[1]},
@@ -179,6 +183,30 @@ def class_image_set(sd, cfg: DreamBoothConfig, dist: Dist):
                                 world_size=dist.world_size, progress=dist.is_main)
     dist.barrier()
     return open_images(paths, "class", p.class_dir, cfg.data.resolution)
+
+
+def release_vae(sd, encoder: bool) -> None:
+    """The frozen VAE's memory handed back between the stages that use it: its decoder draws only the
+    validation grids, its encoder is needed by the steps only without a latent cache (encoder=True).
+    Its weights, views of the mapped base file, are read back from it when next used
+    (minidb.pipeline.release_mapped_pages; weights in memory of their own stay)."""
+    from minidb.pipeline import release_mapped_pages
+    vae = sd.vae
+    release_mapped_pages(vae.decoder, vae.post_quant_conv, *([] if encoder else [vae.encoder, vae.quant_conv]))
+
+
+def give_back_freed_memory() -> None:
+    """The allocator's free heap handed back to the system between stages (minidb.pipeline)."""
+    from minidb.pipeline import give_back_freed_memory
+    give_back_freed_memory()
+
+
+def validation_grid(run: Run, sd, step: int, encoder: bool) -> None:
+    """The validation grid (Run.validation_grid), drawn after the heap the steps keep for each other
+    (minidb.allocator) is handed back, so that it does not sit on top of it; its VAE released after."""
+    give_back_freed_memory()
+    run.validation_grid(sd, step)
+    release_vae(sd, encoder)
 
 
 def latent_cache(sd, dataset, cfg: DreamBoothConfig, run: Run, dist: Dist):

@@ -168,8 +168,8 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
             for key, file_key in plan[name].items():
                 stored = ckpt.shapes[file_key][1]
                 state[key] = ckpt.get(file_key, dtype if stored.is_floating_point else None).to(device)
-                if state[key].is_floating_point():
-                    finite.append((file_key, torch.isfinite(state[key]).all()))
+                if state[key].is_floating_point():  # through a sum: torch.isfinite makes a float and a bool copy
+                    finite.append((file_key, torch.isfinite(state[key].sum(dtype=torch.float32))))
                 bar.update(state[key].numel() * stored.itemsize)
             model.load_state_dict(state, strict=True, assign=True)
             del state
@@ -177,7 +177,9 @@ def load_models(ckpt: CheckpointFile, models: dict, dtype: torch.dtype | None = 
             if still_meta:  # a non-persistent buffer: the model must compute it, not keep it
                 raise RuntimeError(f"{LABELS[name]}: {_listing(still_meta)} not in its state dict")
     flags = torch.stack([ok for _, ok in finite]).tolist() if finite else []
-    check_finite(ckpt, [k for (k, _), ok in zip(finite, flags) if not ok], dtype)
+    # a sum is inf/NaN when an element is, and also when finite weights overflow it: those are read again
+    suspects = [k for (k, _), ok in zip(finite, flags) if not ok]
+    check_finite(ckpt, [k for k in suspects if not torch.isfinite(ckpt.get(k, dtype)).all()], dtype)
     loaded = {k for keys in plan.values() for k in keys.values()}
     return {k: ckpt.get(k) for k in ckpt.shapes if k in EXTRA_KEYS and k not in loaded}
 
