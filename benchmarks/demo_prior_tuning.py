@@ -24,9 +24,10 @@ VARIANTS = {
     "steps400": ["train.steps=400", "train.checkpoint_every=400"],
     "lr1e-4": ["optim.lr=1e-4"],
     "weight2_class200": ["prior.loss_weight=2.0", "prior.num_class_images=200"],
+    "steps1000": ["train.steps=1000", "train.checkpoint_every=1000"],
 }
 RESULTS = Path(__file__).with_name("demo_prior_tuning.json")
-TRAIN_SEED, EVAL_SEED, SAMPLES = 5, 3000, 16
+TRAIN_SEED, EVAL_SEED, SAMPLES, STAR_SAMPLES = 5, 3000, 16, 160
 
 
 def summary(m: dict) -> dict:
@@ -40,17 +41,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for the runs")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
+    p.add_argument("--train-seed", type=int, default=TRAIN_SEED, help=f"training seed (default {TRAIN_SEED})")
     args = p.parse_args(argv)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.setdefault("setup", {"train_seed": TRAIN_SEED, "eval_seed": EVAL_SEED, "samples_per_prompt": SAMPLES})
+    results.setdefault("setup", {"train_seed": TRAIN_SEED, "eval_seed": EVAL_SEED, "samples_per_prompt": SAMPLES,
+                               "class_star_samples": STAR_SAMPLES})
     for name in args.variants.split(","):
         t0 = time.perf_counter()
-        m = run_demo(Path(args.out) / name, seed=TRAIN_SEED, overrides=VARIANTS[name], samples=SAMPLES,
-                     grid=False, progress=False, eval_seed=EVAL_SEED)
-        results.setdefault("variants", {})[name] = {"overrides": VARIANTS[name], **summary(m),
-                                                     "wall_s": round(time.perf_counter() - t0, 1)}
+        key = name if args.train_seed == TRAIN_SEED else f"{name}@seed{args.train_seed}"
+        m = run_demo(Path(args.out) / key, seed=args.train_seed, overrides=VARIANTS[name], samples=SAMPLES,
+                     star_samples=STAR_SAMPLES, grid=False, progress=False, eval_seed=EVAL_SEED)
+        results.setdefault("variants", {})[key] = {"overrides": VARIANTS[name], "train_seed": args.train_seed,
+                                                    **summary(m), "wall_s": round(time.perf_counter() - t0, 1)}
         atomic_write_text(RESULTS, json.dumps(results, indent=1))
-        print(name, json.dumps(results["variants"][name]), flush=True)
+        print(key, json.dumps(results["variants"][key]), flush=True)
 
 
 if __name__ == "__main__":
