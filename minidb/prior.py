@@ -43,7 +43,7 @@ def _readable(path: Path) -> dict | None:
 
 
 def ensure_class_images(sd, class_prompt: str, class_dir, num_images: int, seed: int = 0, batch_size: int = 4,
-                        steps: int = 50, guidance: float = 7.5, sampler: str = "ddim", resolution: int = 512,
+                        steps: int = 50, guidance: float | None = None, sampler: str = "ddim", resolution: int = 512,
                         rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
     """The paths of num_images class images in class_dir, generating the missing ones with sd.
 
@@ -51,7 +51,8 @@ def ensure_class_images(sd, class_prompt: str, class_dir, num_images: int, seed:
     class-00001.png, ..., image i drawn with seed + i, so the set does not depend on the batch size,
     the number of processes, or how often a run was interrupted. Existing ones are kept; each new
     PNG is written atomically. Process `rank` of `world_size` draws the indices i % world_size ==
-    rank; every process returns the same full list (put a barrier after this call)."""
+    rank; every process returns the same full list (put a barrier after this call). guidance None:
+    the model's own scale (sd.config.guidance), which each PNG's metadata records as a number."""
     if not class_prompt or not class_prompt.strip():
         raise DataError("class images: the class prompt is empty")
     if num_images < 0 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -86,14 +87,15 @@ def ensure_class_images(sd, class_prompt: str, class_dir, num_images: int, seed:
                       f"draw new ones", stacklevel=2)
 
     mine = [i for i in todo if i % world_size == rank]
+    scale = sd.config.guidance if guidance is None else guidance
     with tqdm(total=len(mine), desc="class images", unit="img", disable=not progress or rank != 0) as bar:
         for start in range(0, len(mine), batch_size):
             batch = mine[start:start + batch_size]
             images = sd.generate([class_prompt] * len(batch), seed=[seed + i for i in batch], steps=steps,
-                                 guidance=guidance, sampler=sampler, height=resolution, width=resolution,
+                                 guidance=scale, sampler=sampler, height=resolution, width=resolution,
                                  progress=False)
             for i, image in zip(batch, images):
-                meta = {"prompt": class_prompt, "seed": seed + i, "steps": steps, "guidance": guidance,
+                meta = {"prompt": class_prompt, "seed": seed + i, "steps": steps, "guidance": scale,
                         "sampler": sampler}
                 _save_png(image, class_dir / class_image_name(i), meta)
             bar.update(len(batch))

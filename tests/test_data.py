@@ -299,12 +299,14 @@ def drawn(seed, size):
 class FakeSD:
     """generate() draws image i from its seed alone, like minidb.sampling does."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, guidance=7.5):
+        from minidb.config import SDConfig
+        self.calls, self.scales, self.config = [], [], SDConfig(guidance=guidance)
 
     def generate(self, prompts, seed, steps, guidance, sampler, height, width, progress):
         assert len(prompts) == len(seed) and not progress
         self.calls.append(list(seed))
+        self.scales.append(guidance)
         assert height == width
         return [Image.fromarray(drawn(s, height)) for s in seed]
 
@@ -328,6 +330,14 @@ def test_class_images_seed_per_index_whatever_batch_or_world_size(tmp_path):
         assert [p.name for p in paths] == [p.name for p in one]
     assert all((pixels(a) == pixels(tmp_path / "three" / a.name)).all() for a in one)
     assert not [p for p in (tmp_path / "three").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_class_images_are_drawn_at_the_models_own_scale_unless_given(tmp_path):
+    sd = FakeSD(guidance=1.5)
+    one = ensure_class_images(sd, "a dog", tmp_path / "own", 2, resolution=8, progress=False)
+    two = ensure_class_images(sd, "a dog", tmp_path / "given", 2, guidance=4.0, resolution=8, progress=False)
+    assert sd.scales == [1.5, 4.0]
+    assert Image.open(one[0]).info["minidb.guidance"] == "1.5" and Image.open(two[0]).info["minidb.guidance"] == "4.0"
 
 
 def test_class_images_keep_existing_and_count_own(tmp_path):
