@@ -5,9 +5,9 @@
     python -m benchmarks.explain_localisation --demo demo --write   # with the DreamBooth view, after `minidb demo`
 
 - Localisation: `--captions` world captions (World(seed=7), empty ones skipped), each sampled with its
-  index as seed at explain's defaults (50 DDIM steps, the model's own guidance scale). Each word's DAAM map is thresholded
-  as DAAM does (minidb.explain.threshold: >= 0.4 of its maximum) and compared with the object mask the
-  world's reader takes from the generated image (minidb.reader.segment, its largest connected region, as
+  index as seed at explain's defaults (50 DDIM steps, the model's own guidance scale). Each word's DAAM
+  map is thresholded as DAAM does (minidb.explain.threshold: scaled to [0, 1] by its minimum and
+  maximum, above 0.4) and compared with the object mask the world's reader takes from the generated image (minidb.reader.segment, its largest connected region, as
   the reader's crop does). mIoU of the shape word and of the color word with the object, of the word
   "background" with the rest of the image; for the position phrase ("top left": the mean of its words'
   maps), how often the map's centre of mass falls in the named region (the named centre nearest to it,
@@ -143,7 +143,7 @@ def table(loc: dict, demo: dict | None, times: list[float], command: str) -> str
              f"model {WORLD.name} ({WORLD.stat().st_size / 2**20:.1f} MiB).  ",
              f"{len(rows)} world captions (World(seed=7)), seed = index, 50 DDIM steps, the model's own guidance "
              f"({config_of(WORLD).guidance:g}); maps thresholded "
-             "at 0.4 of their maximum (DAAM); masks from the reader's segmentation of the generated image.", "",
+             "above 0.4 once scaled to [0, 1] by their minimum and maximum (DAAM); masks from the reader's segmentation of the generated image.", "",
              "| word class | images | mIoU (all) | random-map mIoU | images the reader reads right | mIoU there |",
              "|---|---|---|---|---|---|"]
     for cls, target in (("shape", "the object"), ("color", "the object"), ("background", "the rest")):

@@ -15,7 +15,8 @@ Nothing in the models changes. The sample is sample_latents' own, while two sets
 Heat maps follow DAAM (Tang et al. 2022, arXiv 2210.04885, and github.com/castorini/daam): the
 conditional half only, averaged over heads and UNet calls; each layer's map upsampled bicubically
 to the image and clamped at 0, then averaged over layers; a word's map is the mean of its BPE
-tokens' maps. To segment, a map is thresholded at TAU times its maximum (DAAM's tau = 0.4).
+tokens' maps. To segment, a map is scaled to [0, 1] by its minimum and maximum and thresholded
+above TAU (DAAM's own default: daam/utils.py expand_image without `absolute`, tau 0.4).
 The start token, end token and padding are left out of the word maps: the start token draws
 most of the attention of every position (an "attention sink") and would drown the words.
 """
@@ -33,7 +34,7 @@ from minidb.attention import RETURNS_PROBABILITIES, record_attention
 from minidb.errors import MinidbError
 
 WORLD = Path(__file__).parent / "data" / "world.safetensors"
-TAU = 0.4  # DAAM's threshold, as a share of the map's maximum
+TAU = 0.4  # DAAM's threshold on the map scaled to [0, 1]
 
 
 @dataclass
@@ -66,8 +67,11 @@ def level_of(name: str, n: int, latent: tuple[int, int]) -> str:
 
 
 def threshold(heat: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """DAAM's segmentation of a heat map [..., H, W]: the pixels at or above tau times its maximum."""
-    return heat >= tau * heat.flatten(-2).amax(-1)[..., None, None]
+    """DAAM's segmentation of a heat map [..., H, W]: the map scaled to [0, 1] by its own minimum
+    and maximum, then the pixels above tau. (Without the minimum, a word that draws a little
+    attention everywhere would segment the whole image.)"""
+    low, high = heat.flatten(-2).amin(-1)[..., None, None], heat.flatten(-2).amax(-1)[..., None, None]
+    return (heat - low) / (high - low + 1e-8) > tau
 
 
 @dataclass

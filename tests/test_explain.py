@@ -78,8 +78,12 @@ def test_words_group_bpe_tokens(tiny):
 
 
 def test_threshold_is_daams():
-    m = torch.tensor([[0.0, 0.39], [0.4, 1.0]])
+    """DAAM scales each map to [0, 1] by its minimum and maximum, then keeps what is above 0.4."""
+    m = torch.tensor([[0.0, 0.39], [0.41, 1.0]])
     assert threshold(m).tolist() == [[False, False], [True, True]]
+    lifted = torch.tensor([[0.5, 0.69], [0.71, 1.0]])  # 0.4 of its maximum would keep all four
+    assert threshold(lifted).tolist() == [[False, False], [True, True]]
+    assert threshold(torch.stack([m, lifted])).tolist() == [[[False, False], [True, True]]] * 2
 
 
 def test_localisation_measures():
