@@ -15,7 +15,7 @@ setup(
     version="0.1.0",
     description="Stable Diffusion v1 and DreamBooth, from scratch, in plain PyTorch",
     license="MIT",
-    packages=["minidb", "minidb.cli", "minidb.kernels", "minidb.weights"],
+    packages=["minidb", "minidb.cli", "minidb.dreambooth", "minidb.world", "minidb.kernels", "minidb.weights"],
     package_dir={"minidb": "minidb", "minidb.kernels": "kernels", "minidb.weights": "weights"},
     # kernels/adamw8bit_cpu.c: AdamW8bit's CPU loop, compiled on first use (minidb/kernels/adamw8bit_cpu.py).
     package_data={"minidb": ["data/*", "data/demo_subject/*"], "minidb.kernels": ["*.c"]},

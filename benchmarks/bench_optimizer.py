@@ -12,7 +12,7 @@ One warm-up step (it allocates the state), then `--steps` timed steps: the media
 step and per weight (on CUDA after torch.cuda.synchronize). Configurations:
   adamw             torch.optim.AdamW, its default implementation here (foreach)
   adamw_fused       torch.optim.AdamW(fused=True)
-  adamw8bit         minidb.adamw8bit.AdamW8bit, backend="torch": chunks of 2**20 values
+  adamw8bit         minidb.dreambooth.adamw8bit.AdamW8bit, backend="torch": chunks of 2**20 values
   adamw8bit_c       the same optimizer, backend="c": minidb.kernels.adamw8bit_cpu, one C loop per
                     tensor on torch's threads (CPU only; what "auto" runs on CPU where cc builds it)
   adamw8bit_kernel  the same optimizer, backend="triton": minidb.kernels.adamw8bit (CUDA only; on CPU
@@ -44,7 +44,7 @@ def trained_shapes(quick: bool) -> list[torch.Size]:
 
 
 def make_optimizer(name: str, params, kahan: bool):
-    from minidb.adamw8bit import AdamW8bit
+    from minidb.dreambooth.adamw8bit import AdamW8bit
     if name == "adamw":
         return torch.optim.AdamW(params, **HYPER)
     if name == "adamw_fused":

@@ -15,11 +15,11 @@ diffusers runs its UNet2DConditionModel and transformers' CLIPTextModel holding 
 one backward over the concatenated batch, clip_grad_norm_, optimizer.step(),
 optimizer.zero_grad(set_to_none=False) (its --set_grads_to_none defaults to off).
 
-Configurations (minidb's step is train()'s own: set_trainable, micro_batch_loss and minidb.step.TrainStep,
+Configurations (minidb's step is train()'s own: set_trainable, micro_batch_loss and minidb.dreambooth.step.TrainStep,
 its switches those the run's plan resolves from the same config, so this measures what it runs):
   diffusers          its train_dreambooth.py step, defaults (torch's default CPU allocator)
   diffusers_tuned    the same with the allocator setting minidb's default runs with, because `minidb
-                     train` sets it: freed memory kept for reuse (minidb.allocator.keep_freed_memory)
+                     train` sets it: freed memory kept for reuse (minidb.dreambooth.allocator.keep_freed_memory)
   minidb             minidb's default step (torch AdamW, gradients set to None after the step)
   +adamw8bit         8-bit AdamW moments
   +fused             the optimizer step inside backward, exact clipping (two backward passes)
@@ -27,7 +27,7 @@ its switches those the run's plan resolves from the same config, so this measure
   low_memory         all three, the fused step clipping by the previous step's norm (one pass)
   low_memory_exact   all three, exact clipping (two passes)
   bf16_kahan         low_memory in bf16 with no fp32 master weights (optim.master_weights = "kahan": a bf16
-                     compensation per weight instead, minidb.adamw8bit): the recipe aimed at an 8 GB GPU
+                     compensation per weight instead, minidb.dreambooth.adamw8bit): the recipe aimed at an 8 GB GPU
   lora               LoRA DreamBooth: rank-4 adapters on the UNet's attention projections and the
                      text encoder's attention and MLP, only they trained (torch AdamW), base frozen
 
@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_vs_diffusers import machine, rss
-from minidb.train_config import OptimConfig
+from minidb.dreambooth.train_config import OptimConfig
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
@@ -133,8 +133,8 @@ class Stopwatch:
 def run_config(name: str):
     """The configuration's config as the run's plan resolves it (train.low_memory's switches spelled
     out for one process), and its precision."""
-    from minidb.plan import with_memory_switches
-    from minidb.train_config import load_config
+    from minidb.dreambooth.plan import with_memory_switches
+    from minidb.dreambooth.train_config import load_config
     cfg = load_config(None, CONFIGS[name][1])
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=OPTIM.lr, max_grad_norm=OPTIM.max_grad_norm))
     precision = cfg.model.precision if cfg.model.precision != "auto" else "fp32"  # fp32 weights on both sides
@@ -143,8 +143,8 @@ def run_config(name: str):
 
 def minidb_step_fn(sd, cfg, precision: str, device):
     """train()'s step, on a batch that is VAE-encoded every step (as diffusers' is)."""
-    from minidb.step import TrainStep
-    from minidb.train import add_adapters, micro_batch_loss, set_trainable
+    from minidb.dreambooth.step import TrainStep
+    from minidb.dreambooth.train import add_adapters, micro_batch_loss, set_trainable
 
     lora = add_adapters(sd, cfg.model, seed=0) if cfg.model.lora_rank else {}
     for network in lora.values():
@@ -236,8 +236,8 @@ class PeakRSS:
 
 def run_child(args) -> dict:
     """One configuration in this (fresh) process."""
-    from minidb.allocator import keep_freed_memory
-    from minidb.plan import bounded_allocator
+    from minidb.dreambooth.allocator import keep_freed_memory
+    from minidb.dreambooth.plan import bounded_allocator
     side = CONFIGS[args._child][0]
     cfg, precision = run_config(args._child)
     if tuned_allocator(args._child):  # as `minidb train` does, before the models are built
@@ -294,7 +294,7 @@ def run_child(args) -> dict:
 
 def tuned_allocator(name: str) -> bool:
     """Each side's CPU allocator as its own command runs it: `minidb train` keeps freed memory for
-    reuse (bounded in its low-memory modes: minidb.plan.bounded_allocator), train_dreambooth.py does
+    reuse (bounded in its low-memory modes: minidb.dreambooth.plan.bounded_allocator), train_dreambooth.py does
     not; diffusers_tuned gives diffusers the same as minidb's default."""
     return name == "diffusers_tuned" or CONFIGS[name][0] == "minidb"
 

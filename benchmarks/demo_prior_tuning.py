@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from minidb.demo import run_demo
+from minidb.world.demo import run_demo
 from minidb.files import atomic_write_text
 
 VARIANTS = {

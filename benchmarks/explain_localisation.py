@@ -7,7 +7,7 @@
 - Localisation: `--captions` world captions (World(seed=7), empty ones skipped), each sampled with its
   index as seed at explain's defaults (50 DDIM steps, the model's own guidance scale). Each word's DAAM
   map is thresholded as DAAM does (minidb.explain.threshold: scaled to [0, 1] by its minimum and
-  maximum, above 0.4) and compared with the object mask the world's reader takes from the generated image (minidb.reader.segment, its largest connected region, as
+  maximum, above 0.4) and compared with the object mask the world's reader takes from the generated image (minidb.world.reader.segment, its largest connected region, as
   the reader's crop does). mIoU of the shape word and of the color word with the object, of the word
   "background" with the rest of the image; for the position phrase ("top left": the mean of its words'
   maps), how often the map's centre of mass falls in the named region (the named centre nearest to it,
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minidb.reader import Reader, largest_component, segment
+from minidb.world.reader import Reader, largest_component, segment
 from minidb.explain import WORLD, explain, threshold
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
@@ -104,7 +104,7 @@ def localisation(sd, captions: int, reader, progress=True) -> dict:
 
 
 def dreambooth_view(base, tuned, seeds: int, reader, progress=True) -> dict:
-    from minidb.demo import subject_prompts
+    from minidb.world.demo import subject_prompts
     out = {}
     for name, sd in (("base", base), ("dreambooth", tuned)):
         ious = []

@@ -73,7 +73,7 @@ def optimizer_launch(variant: str):
     minidb's own host code (AdamW8bit's state and code tables, kernels.adamw8bit.plan)."""
     import torch
 
-    from minidb.adamw8bit import AdamW8bit
+    from minidb.dreambooth.adamw8bit import AdamW8bit
     from minidb.kernels import adamw8bit
 
     dtype, kahan = OPTIMIZER_VARIANTS[variant]

@@ -3,7 +3,7 @@
     python -m benchmarks.world_diagnose --model minidb/data/world.safetensors --out benchmarks/world_diagnosis.json
     python -m benchmarks.world_diagnose --state runs/world/checkpoints/unet/step_005000.pt ...  # EMA vs raw
 
-Four measurements, none on the evaluation's prompts or seeds (minidb.pretrain.tuning_prompts):
+Four measurements, none on the evaluation's prompts or seeds (minidb.world.pretrain.tuning_prompts):
 - classifier: the diffusion classifier of Li et al. 2023 (arXiv 2303.16203). The same noisy latent of a
   render is denoised with its full caption and with the caption's shape word swapped for each other
   shape; per timestep band, how often the right word gives the lowest loss (chance 1/6), and the
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidb.eval import Reader, class_prompts, prompt_fidelity
+from minidb.world.eval import Reader, class_prompts, prompt_fidelity
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
-from minidb.pretrain import images_to_tensor, load_trained, tuning_prompts
+from minidb.world.pretrain import images_to_tensor, load_trained, tuning_prompts
 from minidb.world import SHAPES, Attributes, caption, combinations, render, world_seed
 
 BANDS = tuple(range(50, 1000, 100))  # timesteps at the band centres
@@ -70,7 +70,7 @@ def classifier(sd, n: int = 60, seed: int = 0) -> list[dict]:
 @torch.no_grad()
 def x0_sheet(sd, path, n: int = 4, timesteps=(100, 250, 400, 550, 700, 850), seed: int = 0):
     """The picture described in the module docstring, written to `path` (4x and 1x)."""
-    from minidb.pretrain import save_grid
+    from minidb.world.pretrain import save_grid
     from minidb.sampling import decode
     wanted = []
     for a in tuning_prompts(48):  # n different shapes
@@ -95,7 +95,7 @@ def x0_sheet(sd, path, n: int = 4, timesteps=(100, 250, 400, 550, 700, 850), see
 def mean_sheet(sd, path, n: int = 64):
     from PIL import Image
 
-    from minidb.pretrain import save_grid
+    from minidb.world.pretrain import save_grid
     from minidb.sampling import decode
     from minidb.world import ROTATION
     cells, pixels = [], []
@@ -164,7 +164,7 @@ def main(argv=None):
     p.add_argument("--x0", metavar="PNG", help="only draw the x0-prediction sheet to PNG")
     p.add_argument("--means", metavar="PNG", help="only draw the conditional means of renders to PNG")
     args = p.parse_args(argv)
-    from minidb.pretrain import SHIPPED
+    from minidb.world.pretrain import SHIPPED
     sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
     if args.means:
         print(mean_sheet(sd, args.means))
@@ -176,7 +176,7 @@ def main(argv=None):
         return
     raw = None
     if args.state:
-        from minidb.checkpoint import load_state
+        from minidb.dreambooth.checkpoint import load_state
         raw = load_state(args.state)["weights"]
     result = {"classifier": classifier(sd)} if args.classifier_only else diagnose(sd, raw=raw, with_samplers=args.samplers)
     result["model"] = str(args.model or SHIPPED)

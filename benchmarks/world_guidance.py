@@ -1,5 +1,5 @@
 """Prompt fidelity of a world model against the guidance scale, on the tuning prompts only
-(minidb.pretrain.tuning_prompts: 48 held-out full captions and 4 class prompts per shape, seeds
+(minidb.world.pretrain.tuning_prompts: 48 held-out full captions and 4 class prompts per shape, seeds
 50000+), never the evaluation's: how the world model's own scale (config.guidance) is chosen.
 
     python -m benchmarks.world_guidance --model minidb/data/world.safetensors --scales 1,1.5,2,3,5,7.5,9
@@ -9,7 +9,7 @@ import json
 
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
-from minidb.pretrain import SHIPPED, fidelity_probe
+from minidb.world.pretrain import SHIPPED, fidelity_probe
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""minidb.adamw8bit's update of one tensor as one Triton kernel: a single pass over memory.
+"""minidb.dreambooth.adamw8bit's update of one tensor as one Triton kernel: a single pass over memory.
 
     adamw8bit_update(weight, grad, state, tables, lr=..., betas=..., eps=..., weight_decay=..., step=...)
 
@@ -9,7 +9,7 @@ read and one write of each thing it touches: weight and gradient (fp32: 4 + 4 by
 the two code bytes (read and written), the blocks' absmax (1/BLOCK of that), and a bf16 weight's
 compensation: 14 bytes per fp32 weight, 12 per bf16 weight with compensation.
 
-Per value, in fp32, torch.optim.AdamW's update (the torch path's, minidb/adamw8bit.py):
+Per value, in fp32, torch.optim.AdamW's update (the torch path's, minidb/dreambooth/adamw8bit.py):
     m, v   = code_m[m_code] * m_absmax, code_v[v_code] * v_absmax        dequantise
     w      = (w [+ compensation]) * (1 - lr * wd)                          decoupled weight decay
     m      = m + (1 - beta1) * (g - m);  v = v * beta2 + (1 - beta2) * g * g

@@ -1,4 +1,4 @@
-"""minidb.adamw8bit's update of one fp32 CPU tensor as one C loop (adamw8bit_cpu.c), built on first use.
+"""minidb.dreambooth.adamw8bit's update of one fp32 CPU tensor as one C loop (adamw8bit_cpu.c), built on first use.
 
     adamw8bit_update(weight, grad, state, tables, lr=..., betas=..., ...)  # as minidb.kernels.adamw8bit's
 

@@ -1,4 +1,4 @@
-"""minidb.adamw8bit: the code, the quantisation bound, AdamW's update, and exact resume.
+"""minidb.dreambooth.adamw8bit: the code, the quantisation bound, AdamW's update, and exact resume.
 
 The round-trip bound, derived from the code: a normalised value y = x / absmax (|y| <= 1) is rounded
 to fp16 (error <= 2**-11 |y|), then to the nearest of the 256 code values, so its error is at most
@@ -15,7 +15,7 @@ import io
 import pytest
 import torch
 
-from minidb.adamw8bit import AdamW8bit, code_pairs, dequantize, dynamic_code, nearest_code_table, quantize
+from minidb.dreambooth.adamw8bit import AdamW8bit, code_pairs, dequantize, dynamic_code, nearest_code_table, quantize
 
 BLOCK = 256
 

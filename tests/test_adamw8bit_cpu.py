@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-import minidb.adamw8bit as adamw8bit_module
-from minidb.adamw8bit import AdamW8bit
+import minidb.dreambooth.adamw8bit as adamw8bit_module
+from minidb.dreambooth.adamw8bit import AdamW8bit
 from minidb.kernels import adamw8bit_cpu
 
 pytestmark = pytest.mark.skipif(adamw8bit_cpu.unavailable() is not None,

@@ -21,7 +21,7 @@ last-bit fp32 difference can cross a bf16 rounding tie) on at most 1% of values.
 import pytest
 import torch
 
-from minidb.adamw8bit import AdamW8bit
+from minidb.dreambooth.adamw8bit import AdamW8bit
 from minidb.kernels import adamw8bit as kernel
 from minidb.kernels import adamw8bit_cpu
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidb import checkpoint as ck
+from minidb.dreambooth import checkpoint as ck
 from minidb.errors import CheckpointError, DiskFull
 
 
@@ -72,7 +72,7 @@ def test_process_killed_mid_write_keeps_previous(tmp_path):
     """A real SIGKILL while the second checkpoint's bytes are being made durable (fsync blocks)."""
     script = textwrap.dedent(f"""
         import os, time, torch
-        from minidb import checkpoint as ck
+        from minidb.dreambooth import checkpoint as ck
         folder = {str(tmp_path)!r}
         ck.save_state(ck.checkpoint_path(folder, 1), {{"step": 1, "w": torch.ones(10)}})
         def stuck(fd):

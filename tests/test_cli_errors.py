@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import dreambooth_world
-from minidb.train_config import dump_toml, load_config
+from minidb.dreambooth.train_config import dump_toml, load_config
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_the_command_keeps_freed_memory_for_the_next_step(how, opt_out, kept):
     """`minidb ...` keeps memory the process frees for its next allocations (mallopt), so a training
     step stops re-faulting the pages the last one freed; MINIDB_KEEP_FREED_MEMORY=0 opts out,
     `import minidb` alone changes nothing, and `minidb train` decides only once it has its config
-    (bounded in the low-memory modes, minidb.plan.bounded_allocator). Measured as page faults of a 64 MiB tensor made and freed
+    (bounded in the low-memory modes, minidb.dreambooth.plan.bounded_allocator). Measured as page faults of a 64 MiB tensor made and freed
     24 times: at least 32 every time (2 MiB pages) or 16384 (4 KiB) when freed memory goes back to the
     kernel; none once the heap has grown to hold it when kept (measured: 5 to 8 times 16384, then 0:
     torch's aligned blocks need a few sizes of free heap before one fits again)."""
@@ -201,7 +201,7 @@ def test_the_command_keeps_freed_memory_for_the_next_step(how, opt_out, kept):
 
 BOUNDED = """
 import resource, sys, torch
-from minidb.allocator import keep_freed_memory
+from minidb.dreambooth.allocator import keep_freed_memory
 assert keep_freed_memory(bounded=sys.argv[1] == "bounded")
 def faults(n, k=1):  # pages the kernel maps for k tensors of n floats, written, then all freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -235,5 +235,5 @@ def test_the_bounded_setting_keeps_only_blocks_under_256_mib(how):
 def test_train_bounds_the_kept_memory_in_the_low_memory_modes(sets, expected):
     """`minidb train` keeps freed memory fully for the default step and bounded where the fused step
     runs (train.low_memory, train.fused_backward): there a never-trimmed heap fragmented."""
-    from minidb.plan import bounded_allocator
+    from minidb.dreambooth.plan import bounded_allocator
     assert bounded_allocator(load_config(None, list(sets))) is expected

@@ -1,5 +1,5 @@
-"""minidb.data: image loading (modes, EXIF, junk), prompt checks, the deterministic dataset,
-and class-image generation (minidb.prior) (seed per index, resumable, atomic)."""
+"""minidb.dreambooth.data: image loading (modes, EXIF, junk), prompt checks, the deterministic dataset,
+and class-image generation (minidb.dreambooth.prior) (seed per index, resumable, atomic)."""
 import os
 import warnings
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidb.data import DreamBoothDataset, can_cache_latents, load_image_folder
-from minidb.prior import ensure_class_images
-from minidb.train_config import check_prompts
+from minidb.dreambooth.data import DreamBoothDataset, can_cache_latents, load_image_folder
+from minidb.dreambooth.prior import ensure_class_images
+from minidb.dreambooth.train_config import check_prompts
 from minidb.errors import DataError
 
 WHITE = (255, 255, 255)
@@ -125,7 +125,7 @@ def test_bad_files_are_named_and_skipped_when_a_good_one_remains(tmp_path):
 
 
 def test_caption_files_are_not_images(tmp_path):
-    """photo.txt beside photo.png is a caption (minidb.train_options.caption_for), not a bad image;
+    """photo.txt beside photo.png is a caption (minidb.dreambooth.train_options.caption_for), not a bad image;
     a .txt file without an image of its name is reported as what it is, an orphan caption file."""
     folder = tmp_path / "captioned"
     good = save(quadrant_image(16, 16), folder, "dog.png")
@@ -397,8 +397,8 @@ def test_offset_noise_is_the_last_draw_of_each_examples_generator():
     so t, the target noise under it and the posterior noise stay as without it, and an example's
     draws do not depend on which other positions a process takes (the same in 1 or N processes)."""
     from minidb.config import tiny_config
-    from minidb.data import draw_noise, example_seed
-    from minidb.train_options import offset_noise
+    from minidb.dreambooth.data import draw_noise, example_seed
+    from minidb.dreambooth.train_options import offset_noise
     cfg = tiny_config()
     plain = draw_noise(7, 3, 1, range(2), True, cfg, 4)
     t, noise, eps = draw_noise(7, 3, 1, range(2), True, cfg, 4, noise_offset=0.1)
@@ -421,8 +421,8 @@ def test_batches_carry_each_examples_prompt_row():
     the row after the last; the default is one instance prompt (row 0) and the class prompt (row 1)."""
     from helpers import perturb_
     from minidb.config import tiny_config
-    from minidb.data import Batches, next_items
-    from minidb.distributed import Dist
+    from minidb.dreambooth.data import Batches, next_items
+    from minidb.dreambooth.distributed import Dist
     from minidb.pipeline import StableDiffusion
     sd = StableDiffusion(tiny_config())
     perturb_(sd.vae)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minidb.demo import DEMO_TOML, SUBJECT_DIR, subject_captions, subject_images, subject_prompts
-from minidb.eval import Reader, diversity, mean_similarity, subject_metrics
-from minidb.pretrain import SHIPPED
-from minidb.train_config import load_config, resolved
+from minidb.world.demo import DEMO_TOML, SUBJECT_DIR, subject_captions, subject_images, subject_prompts
+from minidb.world.eval import Reader, diversity, mean_similarity, subject_metrics
+from minidb.world.pretrain import SHIPPED
+from minidb.dreambooth.train_config import load_config, resolved
 from minidb.world import Attributes, render
 
 shipped = pytest.mark.skipif(not SHIPPED.is_file(), reason="the world model is not installed")
@@ -60,7 +60,7 @@ def test_shortened_demo_learns_the_subject(tmp_path):
     2 cores). The bounds: a rise of at least 0.10 (about half the rise measured on the shipped
     models, benchmarks/RESULTS.md), and the prompt fidelity within 25 points of the base model's with
     the class noun (the full demo: benchmarks/demo_metrics.json)."""
-    from minidb.demo import run_demo
+    from minidb.world.demo import run_demo
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8"],
                  samples=3, star_samples=8, eval_steps=10, progress=False)
@@ -85,7 +85,7 @@ def test_shortened_bf16_demo_without_fp32_masters_learns_the_subject(tmp_path):
     AdamW keeps a bf16 compensation per weight): it learns the subject as fp32 training does (bf16 runs
     emulated on this CPU: minutes). The bounds are the fp32 test's (its figures:
     benchmarks/RESULTS.md)."""
-    from minidb.demo import run_demo
+    from minidb.world.demo import run_demo
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8", "model.precision=bf16",
                                       "optim.optimizer=adamw8bit", "optim.master_weights=kahan"],
@@ -101,7 +101,7 @@ def test_shortened_lora_demo_learns_the_subject(tmp_path):
     merged export): the demo samples the base with lora.safetensors applied, and it learns the subject
     as full fine-tuning does. The bounds: a rise of at least 0.10, and the fp32 test's
     prompt-fidelity margin."""
-    from minidb.demo import run_demo
+    from minidb.world.demo import run_demo
     m = run_demo(tmp_path, overrides=["train.steps=150", "train.checkpoint_every=150", "prior.num_class_images=8",
                                       "prior.sample_steps=10", "prior.batch_size=8", "model.lora_rank=16",
                                       "model.lora_targets=transformer", "optim.lr=2e-3"],

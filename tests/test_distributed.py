@@ -2,7 +2,7 @@
 
 Launched the way users launch it: `python -m torch.distributed.run --nproc_per_node 2 ...`, once
 through the real command line (`-m minidb train --config run.toml`) and otherwise through a small
-driver script (below) that calls minidb.train.train with a callback recording, on every rank, a
+driver script (below) that calls minidb.dreambooth.train.train with a callback recording, on every rank, a
 hash of that rank's own weights after every step. The failure tests start the two ranks as plain
 subprocesses instead (torchrun's agent would kill the survivor itself, proving nothing about minidb).
 
@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 
 from helpers import assert_same_image_up_to_rounding, dreambooth_world
-from minidb import checkpoint as ck
-from minidb.train import train
-from minidb.train_config import dump_toml, load_config
+from minidb.dreambooth import checkpoint as ck
+from minidb.dreambooth.train import train
+from minidb.dreambooth.train_config import dump_toml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per process: 2 ranks on 2 cores. No inherited RANK/WORLD_SIZE/MASTER_*: each launch sets its own.
@@ -54,9 +54,9 @@ DRIVER = '''"""train() on one rank, recording what the tests check: argv[1] is a
 import hashlib, json, os, signal, sys, time
 import torch
 import minidb.pipeline
-import minidb.step as S
-import minidb.train as T
-from minidb.train_config import load_config
+import minidb.dreambooth.step as S
+import minidb.dreambooth.train as T
+from minidb.dreambooth.train_config import load_config
 
 spec = json.loads(sys.argv[1])
 rank = int(os.environ.get("RANK", "0"))
@@ -387,7 +387,7 @@ def test_class_images_split_across_ranks_match_one_process(world, stop_resume, t
     bit-exact: the sampler's convolutions and attention see batches of other sizes on 1 vs 2
     threads, so the float images differ by rounding and a value that sits next to a uint8 rounding
     boundary can land on the other side (measured: 1-2 of 3072 values per image, by 1/255)."""
-    from minidb.prior import ensure_class_images
+    from minidb.dreambooth.prior import ensure_class_images
     from minidb.pipeline import StableDiffusion
     _, (r0, r1, _), (q0, q1, _) = stop_resume
     assert sorted(r0["seeds"]) == [0, 2] and r1["seeds"] == [1]  # the split (seed = train.seed + index)

@@ -99,7 +99,7 @@ def test_localisation_measures():
 def test_color_word_looks_at_the_object():
     """On the shipped world model, the color word's heat map puts more of its mass on the object
     than a uniform map would (mass share / area share), by a wide margin."""
-    from minidb.reader import largest_component, segment
+    from minidb.world.reader import largest_component, segment
     sd = StableDiffusion.from_checkpoint(WORLD)
     ex = explain(sd, "a photo of a red circle on a white background", seed=0, steps=20, progress=False)
     mask = torch.from_numpy(largest_component(segment(ex.image)[1]))

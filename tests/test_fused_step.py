@@ -1,15 +1,15 @@
-"""minidb.fused_step against the plain step (backward, then clip + optimizer step over all grads:
-minidb.step.TrainStep), on a small model. On one CPU the same operations repeat
+"""minidb.dreambooth.fused_step against the plain step (backward, then clip + optimizer step over all grads:
+minidb.dreambooth.step.TrainStep), on a small model. On one CPU the same operations repeat
 exactly, so "the same" is bit-equal weights here, not a tolerance."""
 import pytest
 import torch
 
-from minidb.adamw8bit import AdamW8bit
+from minidb.dreambooth.adamw8bit import AdamW8bit
 from minidb.errors import ConfigError
-from minidb.fused_step import FusedBackwardStep, check_supported
-from minidb.scaler import DynamicLossScaler, MasterWeights
-from minidb.step import TrainStep
-from minidb.train_config import OptimConfig, TrainConfig
+from minidb.dreambooth.fused_step import FusedBackwardStep, check_supported
+from minidb.dreambooth.scaler import DynamicLossScaler, MasterWeights
+from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.train_config import OptimConfig, TrainConfig
 
 
 class Net(torch.nn.Sequential):

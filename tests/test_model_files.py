@@ -22,8 +22,8 @@ from minidb.config import SDConfig, tiny_config
 from minidb.errors import CheckpointError, MinidbError
 from minidb.pipeline import StableDiffusion
 from minidb.sampling import check_memory, memory_floor
-from minidb.train import train
-from minidb.train_config import dump_toml, load_config
+from minidb.dreambooth.train import train
+from minidb.dreambooth.train_config import dump_toml, load_config
 from minidb.weights import config_from_dict, open_checkpoint
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minidb import pretrain
+from minidb.world import pretrain
 from minidb.errors import ConfigError
 from minidb.pipeline import StableDiffusion
 

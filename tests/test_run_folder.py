@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from helpers import dreambooth_world
-from minidb import checkpoint as ck
+from minidb.dreambooth import checkpoint as ck
 from minidb.errors import DataError
 from minidb.files import atomic_write, atomic_write_text, read_text
-from minidb.train import train, warn_long_prompts
-from minidb.train_config import dump_toml, load_config
-from minidb.train_options import caption_for
+from minidb.dreambooth.train import train, warn_long_prompts
+from minidb.dreambooth.train_config import dump_toml, load_config
+from minidb.dreambooth.train_options import caption_for
 from minidb.weights import write_tensors
 
 
@@ -91,9 +91,9 @@ def metric_steps(folder: Path) -> list[int]:
 HELD = """
 import sys, time
 from pathlib import Path
-from minidb import run as run_module
-from minidb.train import train
-from minidb.train_config import load_config
+from minidb.dreambooth import run as run_module
+from minidb.dreambooth.train import train
+from minidb.dreambooth.train_config import load_config
 go, sets = Path(sys.argv[1]), sys.argv[2:]
 log_metrics = run_module.Run.log_metrics
 def held(self, metrics):  # the first run stops after step 2 until the test says go
@@ -209,7 +209,7 @@ def test_a_corrupt_newest_state_names_itself_and_the_newest_good_one(world, tmp_
 FULL = """
 import errno, sys
 import PIL.Image, safetensors.torch, torch
-from minidb import run as run_module
+from minidb.dreambooth import run as run_module
 from minidb.cli import main
 what, argv = sys.argv[1], sys.argv[2:]
 def full(*args, **kwargs):

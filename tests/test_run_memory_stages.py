@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import minidb.pipeline
 from minidb.pipeline import release_mapped_pages
-from minidb.train import train
-from minidb.train_config import load_config
+from minidb.dreambooth.train import train
+from minidb.dreambooth.train_config import load_config
 from minidb.weights import open_checkpoint
 from tests.helpers import dreambooth_world
 

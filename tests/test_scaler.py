@@ -1,14 +1,14 @@
 """The explicit fp16 machinery: dynamic loss scaler, found-inf flag, fp32 master weights, and
-minidb.step.TrainStep.optimizer_step that strings them together, on small modules that run in fp16 on CPU."""
+minidb.dreambooth.step.TrainStep.optimizer_step that strings them together, on small modules that run in fp16 on CPU."""
 import copy
 
 import pytest
 import torch
 
 from helpers import rel_err
-from minidb.scaler import DynamicLossScaler, LossScaleCollapsed, found_inf, total_norm
-from minidb.step import TrainStep
-from minidb.train_config import OptimConfig, TrainConfig
+from minidb.dreambooth.scaler import DynamicLossScaler, LossScaleCollapsed, found_inf, total_norm
+from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.train_config import OptimConfig, TrainConfig
 
 
 def test_scaler_backoff_growth_and_state():

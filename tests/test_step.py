@@ -1,12 +1,12 @@
-"""minidb.step.TrainStep: its state_dict is the sum of its parts', and a step restored from it
+"""minidb.dreambooth.step.TrainStep: its state_dict is the sum of its parts', and a step restored from it
 continues as the original does, bit for bit (the whole runs: tests/test_train.py's resume tests)."""
 import copy
 
 import pytest
 import torch
 
-from minidb.step import TrainStep
-from minidb.train_config import OptimConfig, TrainConfig
+from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.train_config import OptimConfig, TrainConfig
 
 
 def _net(dtype=torch.float32):

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from helpers import dreambooth_world, perturb_
-from minidb import checkpoint as ck
-from minidb import train as train_module
+from minidb.dreambooth import checkpoint as ck
+from minidb.dreambooth import train as train_module
 from minidb.config import tiny_config
 from minidb.errors import CheckpointError, ConfigError, DataError, MinidbError
-from minidb.checkpoint import export_state
-from minidb.step import TrainStep
-from minidb.train import TrainingDiverged, add_adapters, micro_batch_loss, set_trainable, train
-from minidb.train_config import ModelConfig, load_config
+from minidb.dreambooth.checkpoint import export_state
+from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.train import TrainingDiverged, add_adapters, micro_batch_loss, set_trainable, train
+from minidb.dreambooth.train_config import ModelConfig, load_config
 from minidb.weights import open_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -406,7 +406,7 @@ def test_ema_is_the_average_of_each_steps_weights_and_is_exported(world, tmp_pat
 def test_caption_files_give_their_images_their_prompts(world, tmp_path, monkeypatch, train_text_encoder):
     """photo.txt replaces the instance prompt for photo.png. Each example's context is the text
     encoder's output for its own prompt; a frozen encoder encodes each distinct prompt once."""
-    from minidb.data import DreamBoothDataset
+    from minidb.dreambooth.data import DreamBoothDataset
     from minidb.tokenizer import CLIPTokenizer
     folder = tmp_path / "captioned"
     shutil.copytree(world / "instance", folder)
@@ -440,7 +440,7 @@ def test_caption_files_give_their_images_their_prompts(world, tmp_path, monkeypa
 
 def _epoch_order(world, folder):
     """Epoch 0's example order of the test runs (3 instance, 2 class images, seed 0)."""
-    from minidb.data import DreamBoothDataset, load_image_folder
+    from minidb.dreambooth.data import DreamBoothDataset, load_image_folder
     images = load_image_folder(folder, "instance", 32)
     classes = load_image_folder(world / "class", "class", 32)
     return DreamBoothDataset(images, classes, 32, seed=0).epoch_order(0)
@@ -449,10 +449,10 @@ def _epoch_order(world, folder):
 def test_small_options_reach_the_step(world, tmp_path, monkeypatch, capsys):
     """optim.scale_lr multiplies the lr by the instance images per step; train.noise_offset reaches
     the noise draws and train.min_snr_gamma the loss (their effects: the tests above and test_data)."""
-    import minidb.data
+    import minidb.dreambooth.data
     offsets, gammas = [], []
-    real_draw, real_loss = minidb.data.draw_noise, train_module.micro_batch_loss
-    monkeypatch.setattr(minidb.data, "draw_noise", lambda *a: offsets.append(a[-1]) or real_draw(*a))
+    real_draw, real_loss = minidb.dreambooth.data.draw_noise, train_module.micro_batch_loss
+    monkeypatch.setattr(minidb.dreambooth.data, "draw_noise", lambda *a: offsets.append(a[-1]) or real_draw(*a))
     monkeypatch.setattr(train_module, "micro_batch_loss",
                         lambda *a, **k: gammas.append(k["min_snr_gamma"]) or real_loss(*a, **k))
     result = train(config(world, tmp_path / "run", "optim.scale_lr=true", "train.batch_size=2", "train.grad_accum=2",
@@ -463,9 +463,9 @@ def test_small_options_reach_the_step(world, tmp_path, monkeypatch, capsys):
 
 
 def test_cached_latents_match_encoding_every_step(world, tmp_path):
-    from minidb.data import DreamBoothDataset, load_image_folder
-    from minidb.distributed import Dist
-    from minidb.data import cache_latents, encode_batch
+    from minidb.dreambooth.data import DreamBoothDataset, load_image_folder
+    from minidb.dreambooth.distributed import Dist
+    from minidb.dreambooth.data import cache_latents, encode_batch
     sd = tiny_sd()
     images = load_image_folder(world / "instance", "instance", 32)
     classes = load_image_folder(world / "class", "class", 32)

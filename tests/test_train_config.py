@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from minidb.errors import ConfigError
-from minidb.plan import make_plan, read_base, with_memory_switches
-from minidb.train_config import (DreamBoothConfig, differences, dump_toml, explanations, from_dict, load_config,
+from minidb.dreambooth.plan import make_plan, read_base, with_memory_switches
+from minidb.dreambooth.train_config import (DreamBoothConfig, differences, dump_toml, explanations, from_dict, load_config,
                                  resolved, to_dict, validate)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "minidb" / "data" / "dreambooth_example.toml"
@@ -118,10 +118,10 @@ def test_dump_round_trip_and_resolve(tmp_path):
 
 
 def test_print_config_explains_every_option(capsys):
-    """--print-config prints each option's comment from minidb/train_config.py, as TOML that reads
+    """--print-config prints each option's comment from minidb/dreambooth/train_config.py, as TOML that reads
     back to the defaults."""
     from minidb.cli import main
-    from minidb.train_config import SECTIONS
+    from minidb.dreambooth.train_config import SECTIONS
     assert main(["train", "--print-config", "--set", "optim.lr=2e-6"]) == 0
     out = capsys.readouterr().out
     assert from_dict(tomllib.loads(out)) == from_dict({"optim": {"lr": 2e-6}})
@@ -201,7 +201,7 @@ def test_a_run_writes_and_uses_the_resolved_guidance(guided_world, tmp_path):
     """config.toml holds the number that ran; the class images were drawn at it (their metadata)."""
     from PIL import Image
 
-    from minidb.train import train
+    from minidb.dreambooth.train import train
     cfg = guided(guided_world, f"train.output_dir={tmp_path / 'run'}", "train.steps=1", "optim.lr=1e-3",
                  "prior.class_prompt=a photo of a dog", "prior.num_class_images=1", "prior.sample_steps=2",
                  'validation.prompts=["a photo of sks dog"]', "validation.sample_steps=2")
@@ -250,7 +250,7 @@ def test_guidance_must_be_a_number(value):
                     reason="the world model is not installed")
 def test_the_demo_draws_class_images_at_the_world_models_scale():
     """demo.toml leaves prior.guidance unset: it follows the world model's file (1.5), not SD v1's 7.5."""
-    from minidb.demo import DEMO_TOML
+    from minidb.world.demo import DEMO_TOML
     assert "guidance" not in tomllib.loads(DEMO_TOML.read_text())["prior"]
     cfg, base = read_base(resolved(load_config(DEMO_TOML)))
     assert cfg.prior.guidance == base.guidance == 1.5

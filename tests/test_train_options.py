@@ -1,10 +1,10 @@
-"""minidb.train_options: min-SNR weights, offset noise, the fp32 EMA, caption files, lr scaling."""
+"""minidb.dreambooth.train_options: min-SNR weights, offset noise, the fp32 EMA, caption files, lr scaling."""
 import pytest
 import torch
 
 from minidb.errors import DataError
 from minidb.schedule import NoiseSchedule
-from minidb.train_options import EMA, caption_for, min_snr_weights, offset_noise, scaled_lr, weighted_mse
+from minidb.dreambooth.train_options import EMA, caption_for, min_snr_weights, offset_noise, scaled_lr, weighted_mse
 
 
 def test_min_snr_weights():

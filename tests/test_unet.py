@@ -15,7 +15,7 @@ from helpers import perturb_, rel_err
 import minidb.attention
 import minidb.unet
 from minidb.config import UNetConfig, tiny_config
-from minidb.pretrain import WORLD_CONFIG
+from minidb.world.pretrain import WORLD_CONFIG
 from minidb.errors import ConfigError
 from minidb.unet import UNetModel
 

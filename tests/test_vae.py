@@ -13,7 +13,7 @@ from helpers import perturb_, rel_err
 
 import minidb.attention
 from minidb.config import VAEConfig, tiny_config
-from minidb.pretrain import WORLD_CONFIG
+from minidb.world.pretrain import WORLD_CONFIG
 from minidb.errors import ConfigError, DataError
 from minidb.vae import AutoencoderKL, Upsample
 

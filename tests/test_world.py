@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from minidb.eval import Reader, crop, measure, prompt_fidelity, reader_accuracy
-from minidb.pretrain import SHIPPED, WORLD_CONFIG
+from minidb.world.eval import Reader, crop, measure, prompt_fidelity, reader_accuracy
+from minidb.world.pretrain import SHIPPED, WORLD_CONFIG
 from minidb.world import (ATTRIBUTES, BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Attributes, World, caption,
                           combinations, held_out, render)
 
@@ -75,7 +75,7 @@ def test_reader_is_accurate_on_fresh_renders():
     reads shape and size within a few errors in 100 (benchmarks/RESULTS.md, "The world reader on
     VAE round trips"). >= 0.9 leaves several times the errors measured here, yet fails the
     previous reader with its previous crop (well under 0.9 on these images)."""
-    from minidb.eval import world_vae
+    from minidb.world.eval import world_vae
     acc = reader_accuracy(Reader.load(), n=240, seed=777, vae=world_vae())
     for name in ATTRIBUTES:
         assert acc[name] >= 0.98, (name, acc)
@@ -114,7 +114,7 @@ def test_shipped_model_follows_prompts_far_better_than_an_untrained_one():
     (1 in 6 shapes, 8 colors, 5 positions, 6 backgrounds). What these settings measured is in
     benchmarks/RESULTS.md (issue #27): the bounds leave room for another machine's rounding without
     letting a model that draws blobs of the right color pass."""
-    from minidb.metrics import evaluate_model
+    from minidb.world.metrics import evaluate_model
     from minidb.pipeline import StableDiffusion
     reader = Reader.load()
     sd = StableDiffusion.from_checkpoint(SHIPPED)
@@ -140,7 +140,7 @@ class _Drawer:
         self.config, self.always = SDConfig(image_size=64), always
 
     def generate(self, prompts, seed=0, **kwargs):
-        from minidb.eval import held_out_prompts
+        from minidb.world.eval import held_out_prompts
         wanted = {caption(a): a for a in held_out_prompts(40)}
         out = []
         for i, p in enumerate(prompts):
@@ -153,7 +153,7 @@ def test_class_prompts_are_scored_by_the_shape_they_name():
     """minidb eval's class-prompt column: "a photo of a star" per shape, read as the named shape. A
     model that draws what it is asked scores 1 (the reader reads renders of these at >= 99%); one that
     always draws circles scores 1/6."""
-    from minidb.eval import class_prompts, evaluate_model, format_table
+    from minidb.world.eval import class_prompts, evaluate_model, format_table
     prompts, shapes = class_prompts(2)
     assert prompts[:2] == ["a photo of a circle"] * 2 and shapes == [s for s in SHAPES for _ in range(2)]
     reader = Reader.load()

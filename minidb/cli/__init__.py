@@ -8,7 +8,7 @@ import errno
 import importlib
 import sys
 
-from minidb.allocator import keep_freed_memory
+from minidb.dreambooth.allocator import keep_freed_memory
 from minidb.errors import MinidbError
 
 # What the file system says about the user's paths and disks: one line, not a traceback. Any other

@@ -1,4 +1,4 @@
-"""DreamBooth on the shipped miniature world, end to end: train, sample, measure (see minidb.demo).
+"""DreamBooth on the shipped miniature world, end to end: train, sample, measure (see minidb.world.demo).
 
     minidb demo                          # minutes on a CPU (benchmarks/RESULTS.md); writes demo/before_after.png
     minidb demo --out elsewhere --seed 1
@@ -24,7 +24,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from minidb.demo import ablation, format_metrics, run_demo
+    from minidb.world.demo import ablation, format_metrics, run_demo
     from minidb.errors import MinidbError
     if args.seeds < 1:
         raise MinidbError(f"--seeds must be at least 1, got {args.seeds}")

@@ -1,4 +1,4 @@
-"""Measure a miniature-world model from its images: prompt fidelity per attribute (minidb.metrics).
+"""Measure a miniature-world model from its images: prompt fidelity per attribute (minidb.world.metrics).
 
     minidb eval                                   # the shipped world model, 200 held-out prompts
     minidb eval --model runs/world/model.safetensors --scale 7.5 --scale 1 --untrained
@@ -40,11 +40,11 @@ def run(args) -> int:
     check(steps_problem("--steps", args.steps), *(guidance_problem("--scale", s) for s in args.scale or []))
     import torch
 
-    from minidb.metrics import evaluate_model, format_table
-    from minidb.reader import Reader
-    from minidb.reader_training import reader_accuracy
+    from minidb.world.metrics import evaluate_model, format_table
+    from minidb.world.reader import Reader
+    from minidb.world.reader_training import reader_accuracy
     from minidb.pipeline import StableDiffusion
-    from minidb.pretrain import SHIPPED, save_grid
+    from minidb.world.pretrain import SHIPPED, save_grid
     reader = Reader.load()
     if args.reader_accuracy:
         acc = reader_accuracy(reader)
@@ -83,13 +83,13 @@ def run(args) -> int:
 
 
 def reader_main(argv=None) -> int:
-    """`python -m minidb.eval`: train the world's reader, or measure it (minidb.reader_training)."""
-    p = argparse.ArgumentParser(prog="python -m minidb.eval", description="Train or measure the world's reader.")
+    """`python -m minidb.world.eval`: train the world's reader, or measure it (minidb.world.reader_training)."""
+    p = argparse.ArgumentParser(prog="python -m minidb.world.eval", description="Train or measure the world's reader.")
     p.add_argument("--train-reader", action="store_true", help="train the reader and write it to minidb/data")
     p.add_argument("--reader-accuracy", action="store_true", help="the reader's accuracy on fresh renders")
     args = p.parse_args(argv)
-    from minidb.reader import Reader
-    from minidb.reader_training import reader_accuracy, train_reader, world_vae
+    from minidb.world.reader import Reader
+    from minidb.world.reader_training import reader_accuracy, train_reader, world_vae
     if args.train_reader:
         t0 = time.time()
         path = train_reader(vae=world_vae())

@@ -1,4 +1,4 @@
-"""`python -m minidb.pretrain`: pretrain the miniature world's model (minidb.pretrain, whose docstring
+"""`python -m minidb.world.pretrain`: pretrain the miniature world's model (minidb.world.pretrain, whose docstring
 gives the recipe). Every PretrainConfig field is a flag of its own (--unet-steps 7000)."""
 import argparse
 import dataclasses
@@ -11,8 +11,8 @@ from minidb.errors import MinidbError
 def main(argv=None) -> None:
     import torch
 
-    from minidb.pretrain import SHIPPED, PretrainConfig, pretrain, sample_sheet
-    p = argparse.ArgumentParser(prog="python -m minidb.pretrain", description=__doc__.splitlines()[0])
+    from minidb.world.pretrain import SHIPPED, PretrainConfig, pretrain, sample_sheet
+    p = argparse.ArgumentParser(prog="python -m minidb.world.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
     p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -30,4 +30,4 @@ def main(argv=None) -> None:
     try:
         pretrain(args.out, cfg, args.ship)
     except MinidbError as e:  # bad input: one line, as minidb's commands say it
-        sys.exit(f"python -m minidb.pretrain: {e}")
+        sys.exit(f"python -m minidb.world.pretrain: {e}")

@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning: teach SD v1 one subject from a few photos (see minidb.train).
+"""DreamBooth fine-tuning: teach SD v1 one subject from a few photos (see minidb.dreambooth.train).
 
     minidb train --config run.toml
     minidb train --config run.toml --set optim.lr=2e-6 --set train.steps=400
@@ -7,7 +7,7 @@
     minidb train --export runs/dog/checkpoints/step_000400.pt   # an earlier step as a model
     minidb train --print-config                          # every option, its default and its meaning, as TOML
 
-Every option, its default and its meaning: `minidb train --print-config`, or minidb/train_config.py.
+Every option, its default and its meaning: `minidb train --print-config`, or minidb/dreambooth/train_config.py.
 An example: minidb/data/dreambooth_example.toml.
 """
 import argparse
@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from minidb.allocator import keep_freed_memory
+from minidb.dreambooth.allocator import keep_freed_memory
 from minidb.errors import ConfigError
 
 
@@ -41,8 +41,8 @@ def _warning(message, category, filename, lineno, file=None, line=None):
 
 
 def load(args):
-    from minidb.checkpoint import latest_checkpoint, load_state
-    from minidb.train_config import DreamBoothConfig, from_dict, load_config, to_dict
+    from minidb.dreambooth.checkpoint import latest_checkpoint, load_state
+    from minidb.dreambooth.train_config import DreamBoothConfig, from_dict, load_config, to_dict
 
     if args.config:
         return load_config(args.config, args.set)
@@ -73,10 +73,10 @@ def _run(args) -> int:
     import torch
 
     from minidb.config import DTYPES
-    from minidb.checkpoint import export_state
-    from minidb.plan import make_plan
-    from minidb.train import train
-    from minidb.train_config import dump_toml
+    from minidb.dreambooth.checkpoint import export_state
+    from minidb.dreambooth.plan import make_plan
+    from minidb.dreambooth.train import train
+    from minidb.dreambooth.train_config import dump_toml
 
     if args.export:
         ckpt = Path(args.export)
@@ -88,7 +88,7 @@ def _run(args) -> int:
         print(dump_toml(cfg, explain=True), end="")
         return 0
     plan = make_plan(cfg)  # every choice of the run, before anything is loaded
-    keep_freed_memory(bounded=plan.bounded_allocator)  # speed; bounded in the low-memory modes (minidb.allocator)
+    keep_freed_memory(bounded=plan.bounded_allocator)  # speed; bounded in the low-memory modes (minidb.dreambooth.allocator)
     result = train(plan, resume=args.resume)  # an interruption is reported there, once
     if result.interrupted:  # 128 + the signal's number, as a shell reports it: 130 Ctrl-C, 143 SIGTERM
         return 130 if result.stopped_by == "SIGINT" else 143

@@ -10,10 +10,10 @@ median color, nearest named color), the position is the nearest named centre to 
 centroid, and the size compares the blob's circumradius, sqrt(area / (pi * the shape's share
 of its circumcircle)), with the midpoint of the two named sizes. The shape and the pattern
 are read by a small CNN trained on rendered images, half of them as the shipped world model's VAE
-reconstructs them (minidb.reader_training, `python -m minidb.eval --train-reader`),
+reconstructs them (minidb.world.reader_training, `python -m minidb.world.eval --train-reader`),
 whose input is the blob cut out, centred and scaled to a fixed size: so it never sees the
 position, size or background, and its penultimate layer describes the object alone.
-What the readings add up to (prompt fidelity, DreamBooth's metrics) is minidb.metrics.
+What the readings add up to (prompt fidelity, DreamBooth's metrics) is minidb.world.metrics.
 """
 import math
 from pathlib import Path
@@ -26,7 +26,7 @@ from PIL import Image
 
 from minidb.world import BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZE, SIZES, outline
 
-READER = Path(__file__).parent / "data" / "world_reader.safetensors"
+READER = Path(__file__).parent.parent / "data" / "world_reader.safetensors"
 CROP = 32                   # the reader's input: the blob, centred, its circumradius CROP * 0.4
 FOREGROUND = 50.0           # RGB distance from the background beyond which a pixel is the shape's
 

@@ -1,9 +1,9 @@
 """Pretrain the miniature world's model from scratch: an SD v1-architecture text-to-image model,
 only smaller, on the captioned shapes of minidb.world.
 
-    python -m minidb.pretrain --out runs/world          # the whole recipe, seeded
-    python -m minidb.pretrain --out runs/world          # again after Ctrl-C or a crash: resumes
-    python -m minidb.pretrain --out runs/world --ship   # and install the model as minidb/data/world.safetensors
+    python -m minidb.world.pretrain --out runs/world          # the whole recipe, seeded
+    python -m minidb.world.pretrain --out runs/world          # again after Ctrl-C or a crash: resumes
+    python -m minidb.world.pretrain --out runs/world --ship   # and install the model as minidb/data/world.safetensors
 
 Two stages, as SD was built:
 1. The KL autoencoder (VAE) on rendered images: L1 + MSE reconstruction, the shape's pixels
@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import checkpoint_path, latest_state, prune_checkpoints, rng_state, save_state, set_rng_state
+from minidb.dreambooth.checkpoint import checkpoint_path, latest_state, prune_checkpoints, rng_state, save_state, set_rng_state
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError
 from minidb.world import Attributes, World, world_seed
 from minidb.files import atomic_write, atomic_write_text
-from minidb.step import scheduled_lr
-from minidb.train_options import EMA
+from minidb.dreambooth.step import scheduled_lr
+from minidb.dreambooth.train_options import EMA
 
 # SD v1's architecture at 64x64 pixels: a VAE that downsamples by 4 (16x16x4 latents), a UNet
 # with cross-attention at every level (16x16, 8x8, 4x4: SD v1 has it at its 64, 32 and 16), and a
@@ -68,7 +68,7 @@ WORLD_CONFIG = SDConfig(
     # issue #27): SD's 7.5 oversaturates a 16x16 latent and rounds small shapes off
     guidance=1.5,
 )
-SHIPPED = Path(__file__).parent / "data" / "world.safetensors"
+SHIPPED = Path(__file__).parent.parent / "data" / "world.safetensors"
 PREVIEW_PROMPTS = (
     "a photo of a large green heart on a white background",
     "a photo of a small red star on a blue background, top left",
@@ -148,7 +148,7 @@ class Stage:
 
 def foreground(x: torch.Tensor) -> torch.Tensor:
     """[B, 1, H, W] 1 where a pixel is far from its image's background (the median of the border
-    pixels), as minidb.reader segments: x in [-1, 1], "far" = 50 of 255 in RGB distance."""
+    pixels), as minidb.world.reader segments: x in [-1, 1], "far" = 50 of 255 in RGB distance."""
     border = torch.cat([x[:, :, :2].flatten(2), x[:, :, -2:].flatten(2), x[:, :, :, :2].flatten(2),
                         x[:, :, :, -2:].flatten(2)], dim=2)  # [B, 3, n]
     bg = border.median(dim=2).values[:, :, None, None]
@@ -329,9 +329,9 @@ def timestep_weights(schedule, cfg: PretrainConfig) -> torch.Tensor:
 
 def tuning_prompts(n: int = 48) -> list:
     """Held-out combinations the final evaluation never uses (it takes the first 200 of
-    minidb.metrics.held_out_prompts' seed-0 order; these come from its end), for the learning curve
+    minidb.world.metrics.held_out_prompts' seed-0 order; these come from its end), for the learning curve
     and the recipe's choices, so that nothing is tuned on the evaluation prompts."""
-    from minidb.metrics import held_out_prompts
+    from minidb.world.metrics import held_out_prompts
     from minidb.world import combinations
     order = held_out_prompts(len(combinations(held=True)), seed=0)
     return order[::-1][:n]
@@ -344,8 +344,8 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     the shipped reader from 20-step DDIM samples (seeds 50000 + i: never the evaluation's), at the
     model's own guidance scale unless `guidance` is given (curves before 2026-12-04's third session
     were drawn at 7.5)."""
-    from minidb.metrics import class_prompts, prompt_fidelity
-    from minidb.reader import Reader
+    from minidb.world.metrics import class_prompts, prompt_fidelity
+    from minidb.world.reader import Reader
     from minidb.pipeline import StableDiffusion
     from minidb.world import caption
     copy = StableDiffusion(sd.config)

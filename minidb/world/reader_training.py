@@ -1,8 +1,8 @@
-"""Training the world's reader (minidb.reader): rendered images of random attributes, half of them
+"""Training the world's reader (minidb.world.reader): rendered images of random attributes, half of them
 degraded or passed through the world model's VAE, so that it reads generated images as well as renders.
 
-    python -m minidb.eval --train-reader      # writes minidb/data/world_reader.safetensors
-    python -m minidb.eval --reader-accuracy   # its accuracy on fresh renders, clean and VAE-decoded
+    python -m minidb.world.eval --train-reader      # writes minidb/data/world_reader.safetensors
+    python -m minidb.world.eval --reader-accuracy   # its accuracy on fresh renders, clean and VAE-decoded
 """
 import math
 from pathlib import Path
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from minidb.files import atomic_write
-from minidb.metrics import prompt_fidelity
-from minidb.reader import READER, Reader, ReaderNet, crop
+from minidb.world.metrics import prompt_fidelity
+from minidb.world.reader import READER, Reader, ReaderNet, crop
 from minidb.world import (BACKGROUNDS, COLORS, PATTERNS, POSITIONS, SHAPES, SIZE, SIZES, Attributes, render,
                           world_seed)
 
@@ -57,7 +57,7 @@ def decoded(images, vae, batch: int = 100) -> list:
 def world_vae():
     """The shipped world model's VAE (the decoder whose output the reader must read)."""
     from minidb.pipeline import StableDiffusion
-    from minidb.pretrain import SHIPPED
+    from minidb.world.pretrain import SHIPPED
     return StableDiffusion.from_checkpoint(SHIPPED).vae
 
 

@@ -1,7 +1,7 @@
 """DreamBooth's data stage: image files -> examples -> the batches a training step sees.
 
     instance = load_image_folder("data/dog", "instance", resolution=512)
-    classes = load_image_folder("runs/dog/class_images", "class", 512)   # minidb.prior makes them
+    classes = load_image_folder("runs/dog/class_images", "class", 512)   # minidb.dreambooth.prior makes them
     dataset = DreamBoothDataset(instance, classes, 512, seed=0)
     example = dataset.get(index, epoch)          # {"instance": [3,512,512], "class_": [3,512,512]}
     batches = Batches(dataset, sd, batch_size=2, dist=dist)
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from minidb.errors import DataError
 from minidb.seeds import derive_seed
-from minidb.train_options import offset_noise
+from minidb.dreambooth.train_options import offset_noise
 
 RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking
 SMALL_WARNED = "minidb.small_warned_at"  # image.info key: load_image_folder already warned at this resolution
@@ -41,7 +41,7 @@ def load_image_folder(folder, what: str = "instance", resolution: int | None = N
     hold ~1 MB each instead of 36. Without it images keep their size (DreamBoothDataset fits them).
     Raises DataError when the folder is missing or holds no usable image; unusable files are
     named, and skipped with a warning when at least one good image remains. Caption files
-    (photo.txt beside photo.png, see minidb.train_options.caption_for) are not candidates."""
+    (photo.txt beside photo.png, see minidb.dreambooth.train_options.caption_for) are not candidates."""
     if folder is None or str(folder).strip() == "":
         raise DataError(f"{what} images: no folder given")
     folder = Path(folder).expanduser()
@@ -295,7 +295,7 @@ def draw_noise(seed, step, micro, positions, prior: bool, config, hw: int, noise
     """Per example (global batch position j): timestep, target noise and the VAE posterior's noise,
     from its own CPU generator. Returns t [n], noise [n, 4, hw, hw], eps [n, 4, hw, hw] ordered
     [instance examples; class examples], n = len(positions) * (2 if prior else 1). noise_offset > 0:
-    the target noise gets offset noise (minidb.train_options), drawn last, so the other draws stay."""
+    the target noise gets offset noise (minidb.dreambooth.train_options), drawn last, so the other draws stay."""
     draws = []
     for j in positions:
         g = torch.Generator().manual_seed(example_seed(seed, step, micro, j))

@@ -80,7 +80,7 @@ def load_state(path) -> dict:
 
 def prune_checkpoints(folder, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints (and the temporary files of killed writes: the
-    caller owns the folder, minidb.run's lock)."""
+    caller owns the folder, minidb.dreambooth.run's lock)."""
     removed = [path for _, path in list_checkpoints(folder)[:-keep]]
     for path in removed:
         path.unlink(missing_ok=True)
@@ -89,8 +89,8 @@ def prune_checkpoints(folder, keep: int) -> list[Path]:
 
 def latest_state(folder, remedy: str = "resume from it") -> dict | None:
     """The state of folder's latest checkpoint, the one with the highest step, with its path under
-    "path"; None when the folder holds none. The one rule of "latest" (minidb.run's --resume latest,
-    minidb.pretrain's stages): a damaged latest file is an error that names the newest readable one
+    "path"; None when the folder holds none. The one rule of "latest" (minidb.dreambooth.run's --resume latest,
+    minidb.world.pretrain's stages): a damaged latest file is an error that names the newest readable one
     (remedy: what to do with it, "{good}" its path), never skipped silently, since a run continued
     from an older step would train that stretch again on another branch."""
     path = latest_checkpoint(folder)

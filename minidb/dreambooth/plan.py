@@ -29,9 +29,9 @@ import torch
 from minidb.config import DTYPES, SDConfig
 from minidb.device import choose_device, default_precision
 from minidb.errors import CheckpointError, ConfigError, MinidbError
-from minidb.fused_step import check_supported
-from minidb.train_config import DreamBoothConfig, resolved, validate
-from minidb.train_options import scaled_lr
+from minidb.dreambooth.fused_step import check_supported
+from minidb.dreambooth.train_config import DreamBoothConfig, resolved, validate
+from minidb.dreambooth.train_options import scaled_lr
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Plan:
     world_size: int            # processes (torchrun's WORLD_SIZE)
     lr_scale: float            # optim.scale_lr: the instance images per step; else 1
     text_encoder_trains: bool  # its weights or its LoRA adapters get gradients
-    bounded_allocator: bool    # a mode that trades speed for memory: minidb.allocator keeps less freed memory
+    bounded_allocator: bool    # a mode that trades speed for memory: minidb.dreambooth.allocator keeps less freed memory
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,7 +72,7 @@ def make_plan(cfg: DreamBoothConfig, world_size: int | None = None, local_rank: 
 
 def bounded_allocator(cfg: DreamBoothConfig) -> bool:
     """The modes that trade speed for memory (train.low_memory, the fused step), where keeping all
-    freed memory would fragment the heap and cost memory (minidb.allocator)."""
+    freed memory would fragment the heap and cost memory (minidb.dreambooth.allocator)."""
     return cfg.train.low_memory or cfg.train.fused_backward != "off"
 
 

@@ -2,7 +2,7 @@
 
     config.toml            the resolved config (a second run into this folder must match it)
     metrics.jsonl          one JSON line per step: loss, lr, loss scale, grad norm, images/s
-    checkpoints/step_N.pt  full training state (minidb.checkpoint), the newest keep_checkpoints
+    checkpoints/step_N.pt  full training state (minidb.dreambooth.checkpoint), the newest keep_checkpoints
     samples/step_N.png     validation grids, one image per validation prompt, fixed seeds
     class_images/          generated class images (unless prior.class_dir points elsewhere)
     model.safetensors      the fine-tuned model, original SD v1 layout, for `minidb sample`
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minidb.checkpoint import (checkpoint_path, latest_checkpoint, latest_state, list_checkpoints, load_state,
+from minidb.dreambooth.checkpoint import (checkpoint_path, latest_checkpoint, latest_state, list_checkpoints, load_state,
                                prune_checkpoints, rng_state, save_state)
-from minidb.distributed import Dist
+from minidb.dreambooth.distributed import Dist
 from minidb.errors import ConfigError, DiskFull, RunFolderBusy, StateError
 from minidb.files import atomic_write, atomic_write_text, remove_temporaries
-from minidb.train_config import differences, dump_toml, from_dict, load_config, resolved, to_dict
+from minidb.dreambooth.train_config import differences, dump_toml, from_dict, load_config, resolved, to_dict
 
 # Changing these between a checkpoint and its resume would not continue the same training.
 MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimizer", "model.lora_rank",
@@ -120,7 +120,7 @@ class Run:
 
     def find_state(self, resume) -> dict | None:
         """The training state to resume from: None (a new run), "latest" (the latest checkpoint of
-        this folder, minidb.checkpoint.latest_state) or a checkpoint path, or another run folder (its
+        this folder, minidb.dreambooth.checkpoint.latest_state) or a checkpoint path, or another run folder (its
         latest checkpoint)."""
         if resume is None:
             return None
@@ -214,7 +214,7 @@ class Run:
         return latest_checkpoint(self.checkpoints)
 
     def resume_hint(self) -> str:
-        """What to do after a lost peer (minidb.distributed's PeerLost says it)."""
+        """What to do after a lost peer (minidb.dreambooth.distributed's PeerLost says it)."""
         return f"continue the run with --resume latest (newest checkpoint: {self.latest_checkpoint() or 'none'})"
 
     def save_state(self, step: int, state: dict) -> Path:

@@ -134,7 +134,7 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bl
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW's update with m and v stored in 8 bits (see the module docstring).
     `step()` steps every parameter with a gradient; `step_param(p)` steps one (the fused backward
-    step, minidb.fused_step, calls it from a gradient hook). Per-parameter state:
+    step, minidb.dreambooth.fused_step, calls it from a gradient hook). Per-parameter state:
     step (int), and either exp_avg/exp_avg_sq (fp32, small tensors) or exp_avg_codes/exp_avg_absmax/
     exp_avg_sq_codes/exp_avg_sq_absmax (8-bit). backend: "torch" (the chunked torch operations below),
     "triton" (minidb.kernels.adamw8bit for every 8-bit tensor; a clear error where it cannot run one),
@@ -185,7 +185,7 @@ class AdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def init_state(self) -> None:
         """Allocate the state of every parameter that has none yet (step_param would, on its first
-        call). minidb.train calls it before the first backward: the fused step would otherwise allocate
+        call). minidb.dreambooth.train calls it before the first backward: the fused step would otherwise allocate
         it tensor by tensor between that backward's gradients and activations, fragmenting the heap."""
         for group in self.param_groups:
             for p in group["params"]:

@@ -1,5 +1,5 @@
 """Small training options the common DreamBooth trainers (diffusers, kohya sd-scripts, OneTrainer)
-have, as pure pieces for minidb.train to call; each is off unless its config field turns it on.
+have, as pure pieces for minidb.dreambooth.train to call; each is off unless its config field turns it on.
 
 - min-SNR loss weighting (Hang et al. 2023, arXiv:2303.09556): timesteps with little noise have a
   high signal-to-noise ratio and an easy, dominating loss; for epsilon-prediction each example's
@@ -55,8 +55,8 @@ class EMA:
     """shadow <- decay · shadow + (1 - decay) · weight after each optimizer step, in fp32, on `device`
     (the weights' own by default; "cpu" keeps GPU memory free at the cost of one copy per update).
     warmup: the n-th update uses min(decay, (1 + n) / (10 + n)), the usual warm-up for training from
-    scratch (minidb.pretrain), whose first weights are noise a fixed decay would keep for thousands of
-    steps; fine-tuning (minidb.train) starts from good weights and uses the fixed decay.
+    scratch (minidb.world.pretrain), whose first weights are noise a fixed decay would keep for thousands of
+    steps; fine-tuning (minidb.dreambooth.train) starts from good weights and uses the fixed decay.
 
         ema = EMA(named_parameters, decay=0.9999)
         ... optimizer step ...; ema.update(named_parameters)

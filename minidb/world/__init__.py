@@ -1,4 +1,6 @@
 """The miniature world: captioned pictures of simple shapes, drawn on the fly from a seed.
+(The package around it: pretrain.py trains a model on it, reader.py and metrics.py read its
+images back, demo.py runs DreamBooth on it.)
 
     world = World(seed=0)
     image, caption, attrs = world.sample(17)    # a 64x64 PIL image, its caption, its Attributes
@@ -9,8 +11,8 @@
 caption leaves out some attributes at random, so "a photo of a star" has many right answers,
 as "a photo of a dog" does. Rotation, position jitter, soft edges, color jitter and a little
 noise make no two renders alike. It is small enough to pretrain an SD v1-architecture model on
-two CPU cores in under an hour (minidb/pretrain.py) and exact enough that an image's attributes
-can be read back from its pixels (minidb/eval.py).
+two CPU cores in one sitting (minidb/world/pretrain.py; the time in benchmarks/RESULTS.md) and exact
+enough that an image's attributes can be read back from its pixels (minidb/world/reader.py).
 
 Held-out combinations: one tenth of the (shape, color, size, position, background) tuples,
 chosen by a hash, never appear in World samples, so a model can be tested on prompts it has

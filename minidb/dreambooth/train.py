@@ -3,14 +3,14 @@ preservation, so that "a photo of sks dog" draws *that* dog and "a photo of a do
 
     minidb train --config run.toml [--set optim.lr=2e-6 ...] [--resume latest]
 
-    from minidb.train import train
-    from minidb.train_config import load_config
+    from minidb.dreambooth.train import train
+    from minidb.dreambooth.train_config import load_config
     result = train(load_config("run.toml"))            # -> TrainResult(model_path=..., ...)
 
-`train` reads top to bottom: the plan (every choice made once, minidb.plan), data, model and step,
-the loop (micro-batches -> loss -> backward -> the precision step, minidb.step), training states,
-export. What it writes into the run folder (train.output_dir) is minidb.run's; the data stage, its
-batches and their noise are minidb.data's.
+`train` reads top to bottom: the plan (every choice made once, minidb.dreambooth.plan), data, model and step,
+the loop (micro-batches -> loss -> backward -> the precision step, minidb.dreambooth.step), training states,
+export. What it writes into the run folder (train.output_dir) is minidb.dreambooth.run's; the data stage, its
+batches and their noise are minidb.dreambooth.data's.
 
 Randomness: noise (offset noise included), timesteps and the VAE posterior sample of each training
 example come from a generator seeded by (seed, step, micro-batch, position in the global batch),
@@ -21,7 +21,7 @@ one process would.
 LoRA (model.lora_rank > 0, minidb.lora): adapters hooked onto the frozen UNet (and text encoder)
 are the only trained parameters, so the masters, the optimizer and the checkpoints hold just them,
 and the run writes lora.safetensors in kohya's format. The smaller options (min-SNR weighting,
-offset noise, EMA, caption files, lr scaling) are minidb.train_options'.
+offset noise, EMA, caption files, lr scaling) are minidb.dreambooth.train_options'.
 """
 import functools
 import json
@@ -35,18 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidb.checkpoint import set_rng_state
+from minidb.dreambooth.checkpoint import set_rng_state
 from minidb.config import DTYPES
-from minidb.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
-from minidb.distributed import Dist, StopOnSignal
+from minidb.dreambooth.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
+from minidb.dreambooth.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, MinidbError, StateError
 from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER, LoRANetwork, add_lora, save_lora,
                          with_alphas)
-from minidb.plan import Plan, make_plan
-from minidb.run import Run
-from minidb.step import TrainStep
-from minidb.train_config import DreamBoothConfig, ModelConfig, check_prompts
-from minidb.train_options import caption_file_of, caption_for, min_snr_weights, weighted_mse
+from minidb.dreambooth.plan import Plan, make_plan
+from minidb.dreambooth.run import Run
+from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.train_config import DreamBoothConfig, ModelConfig, check_prompts
+from minidb.dreambooth.train_options import caption_file_of, caption_for, min_snr_weights, weighted_mse
 
 
 class TrainingDiverged(MinidbError):
@@ -66,10 +66,10 @@ class TrainResult:
 
 
 def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None) -> TrainResult:
-    """Fine-tune per cfg (or its plan, minidb.plan.make_plan). resume: None (a new run), "latest"
+    """Fine-tune per cfg (or its plan, minidb.dreambooth.plan.make_plan). resume: None (a new run), "latest"
     (the newest training state of the run folder) or a state's path. callback(step, metrics) is
     called after every step. Bad input raises a MinidbError before any training starts."""
-    # ---- set-up: every choice made once (minidb.plan), then one writer per run folder (minidb.run)
+    # ---- set-up: every choice made once (minidb.dreambooth.plan), then one writer per run folder (minidb.dreambooth.run)
     plan = cfg if isinstance(cfg, Plan) else make_plan(cfg)
     cfg, accum = plan.cfg, plan.cfg.train.grad_accum
     with Dist.from_env(cfg.train.dist_timeout_s) as dist, Run(cfg, dist).writer() as run:
@@ -104,7 +104,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         run.log(describe(plan, len(instance_images), class_images, trainer.masters))
         note_captions(run, cfg, prompts, prompt_rows)
 
-        # ---- the loop: micro-batches -> loss -> backward -> the precision step (minidb.step) -------
+        # ---- the loop: micro-batches -> loss -> backward -> the precision step (minidb.dreambooth.step) -------
         last_checkpoint = run.latest_checkpoint()
         loss = state.get("loss", float("nan")) if state is not None else float("nan")
         with run.open(step), StopOnSignal(run.log) as stop:
@@ -149,7 +149,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
 # ---- set-up --------------------------------------------------------------------------------------
 
 def seed_globals(seed: int) -> None:
-    """A step draws from its own generators (minidb.data); the global RNGs are seeded for anything else."""
+    """A step draws from its own generators (minidb.dreambooth.data); the global RNGs are seeded for anything else."""
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -173,7 +173,7 @@ def load_base(plan: Plan, run: Run, state, dist: Dist):
 def class_image_set(sd, cfg: DreamBoothConfig, dist: Dist):
     """Prior preservation's class images (None without it): missing ones are generated from the base
     model, each rank its share; unreadable files are named and skipped."""
-    from minidb.prior import ensure_class_images
+    from minidb.dreambooth.prior import ensure_class_images
     p = cfg.prior
     if not p.class_prompt:
         return None
@@ -203,7 +203,7 @@ def give_back_freed_memory() -> None:
 
 def validation_grid(run: Run, sd, step: int, encoder: bool) -> None:
     """The validation grid (Run.validation_grid), drawn after the heap the steps keep for each other
-    (minidb.allocator) is handed back, so that it does not sit on top of it; its VAE released after."""
+    (minidb.dreambooth.allocator) is handed back, so that it does not sit on top of it; its VAE released after."""
     give_back_freed_memory()
     run.validation_grid(sd, step)
     release_vae(sd, encoder)
@@ -476,7 +476,7 @@ def micro_batch_loss(unet, schedule, latents, noise, t, context, n_instance: int
     loss = MSE(instance half) + prior_loss_weight * MSE(class half). Returns (loss, instance, class);
     without class examples (no prior preservation), class is None and loss = instance.
     A v-model (parameterization "v") is fitted to v instead of the noise. min_snr_gamma > 0: each
-    example's MSE weighted by its min-SNR weight (minidb.train_options.min_snr_weights)."""
+    example's MSE weighted by its min-SNR weight (minidb.dreambooth.train_options.min_snr_weights)."""
     noisy = schedule.add_noise(latents, noise, t)                     # x_t, fp32 [2B, 4, h, w]
     pred = unet(noisy.to(dtype), t, context.to(dtype)).float()        # the MSE in fp32 whatever the model
     target = noise if parameterization == "eps" else schedule.velocity(latents, noise, t)

@@ -6,7 +6,7 @@ different places and on different backgrounds, each with a caption file in the w
 seen a two-tone shape, so no prompt makes it draw this one. The demo runs the ordinary `minidb
 train` on minidb/data/demo.toml (the captions, prior preservation with "a photo of a star"),
 then samples the subject in new contexts before and after, and measures it as the paper does
-(Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.metrics.subject_metrics):
+(Ruiz et al. 2022, section 4.1, on the world's embedding, see minidb.world.metrics.subject_metrics):
 
     subject fidelity   mean cosine similarity of subject samples to the real subject images
     prompt fidelity    share of the subject prompts' background / position / size that are right
@@ -31,7 +31,7 @@ import numpy as np
 from minidb.world import Attributes, caption, render
 from minidb.files import atomic_write, atomic_write_text
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 DEMO_TOML = DATA / "demo.toml"
 SUBJECT_DIR = DATA / "demo_subject"
 SUBJECT = dict(shape="star", color="red", pattern="two-tone", color2="yellow")
@@ -138,11 +138,11 @@ def run_demo(out="demo", prior: bool = True, seed: int = 0, overrides=(), sample
     measure base and fine-tuned models; returns {"base": metrics, "dreambooth": metrics, ...}.
     samples: images per prompt for the subject metrics; star_samples: "a photo of a star" images
     per model for the class-star share (a share of 8 moves in steps of 12.5%)."""
-    from minidb.metrics import subject_metrics
-    from minidb.reader import Reader
+    from minidb.world.metrics import subject_metrics
+    from minidb.world.reader import Reader
     from minidb.pipeline import StableDiffusion
-    from minidb.train import train
-    from minidb.train_config import load_config, resolved
+    from minidb.dreambooth.train import train
+    from minidb.dreambooth.train_config import load_config, resolved
     out = Path(out)
     t0 = time.perf_counter()
     run = out / (f"run-seed{seed}" if seed else "run") if prior else out / f"run-noprior-seed{seed}"

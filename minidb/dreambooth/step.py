@@ -9,28 +9,28 @@ fused backward step, clipping and EMA. train(), the benchmarks and the tests all
     state = step.state_dict()                           # the parts' states, for the training state
 
 Precision: fp32 trains the model's own parameters; fp16 and bf16 train fp32 master copies
-(minidb.scaler.MasterWeights), because an update of lr * ~1 is far below the 2**-10 (fp16) or
+(minidb.dreambooth.scaler.MasterWeights), because an update of lr * ~1 is far below the 2**-10 (fp16) or
 2**-7 (bf16) resolution of a weight and would round away; bf16 needs no loss scaler, its exponent
 range is fp32's. optim.master_weights = "kahan" (bf16): no copies, the 8-bit AdamW compensates the
-rounding (minidb.adamw8bit).
+rounding (minidb.dreambooth.adamw8bit).
 """
 import math
 
 import torch
 
-from minidb.adamw8bit import AdamW8bit
-from minidb.distributed import Dist
-from minidb.fused_step import FusedBackwardStep
-from minidb.scaler import DynamicLossScaler, MasterWeights, clip_coefficient, found_inf, total_norm
-from minidb.train_config import OptimConfig, TrainConfig
-from minidb.train_options import EMA
+from minidb.dreambooth.adamw8bit import AdamW8bit
+from minidb.dreambooth.distributed import Dist
+from minidb.dreambooth.fused_step import FusedBackwardStep
+from minidb.dreambooth.scaler import DynamicLossScaler, MasterWeights, clip_coefficient, found_inf, total_norm
+from minidb.dreambooth.train_config import OptimConfig, TrainConfig
+from minidb.dreambooth.train_options import EMA
 
 
 class TrainStep:
     def __init__(self, trainable: list[tuple[str, torch.nn.Parameter]], optim: OptimConfig, train: TrainConfig,
                  precision: str = "fp32", lr_scale: float = 1.0, dist: Dist | None = None):
-        """trainable: the named parameters that train (minidb.train.set_trainable). precision: the
-        model's, "auto" resolved (minidb.plan); fp16 brings the loss scaler."""
+        """trainable: the named parameters that train (minidb.dreambooth.train.set_trainable). precision: the
+        model's, "auto" resolved (minidb.dreambooth.plan); fp16 brings the loss scaler."""
         self.optim, self.steps, self.grad_accum, self.lr_scale = optim, train.steps, train.grad_accum, lr_scale
         self.dist = dist or Dist()
         self.masters = MasterWeights(trainable, fp32_masters=optim.master_weights == "fp32")
@@ -73,7 +73,7 @@ class TrainStep:
             out[:] = [loss_fn()]
             return out[0][0]
 
-        if self.fused is not None:  # grad_accum is 1 (minidb.fused_step.check_supported)
+        if self.fused is not None:  # grad_accum is 1 (minidb.dreambooth.fused_step.check_supported)
             self._fused_result = self.fused.step(loss)
             return out[0]
         with self.dist.no_sync(modules, skip_all_reduce=micro < self.grad_accum - 1):
@@ -192,8 +192,8 @@ def scheduled_lr(step: int, peak: float, total: int, warmup: int, min_lr: float,
                  peak_in_warmup: bool = False) -> float:
     """Linear warm-up over `warmup` steps, then `peak` (constant) or a cosine from peak down to min_lr
     at step `total`. The two trainers' warm-ups differ by one step, kept so that no run's numbers
-    change: peak_in_warmup (minidb.pretrain) reaches peak on the warm-up's last step, otherwise
-    (minidb.train) on the first step after it."""
+    change: peak_in_warmup (minidb.world.pretrain) reaches peak on the warm-up's last step, otherwise
+    (minidb.dreambooth.train) on the first step after it."""
     if step < warmup:
         return peak * (step + 1) / (warmup if peak_in_warmup else warmup + 1)
     if not cosine:

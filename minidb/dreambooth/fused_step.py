@@ -6,7 +6,7 @@ moment backward has finished that gradient, so the gradients of the whole model 
     stepped, grad_norm = fused.step(lambda: loss_of_the_batch())   # replaces backward + optimizer_step
 
 A hook (`register_post_accumulate_grad_hook`) on every trained parameter does, per tensor, what
-minidb.step.TrainStep.optimizer_step does for all of them: fp16/bf16 grad -> fp32 master grad divided by the
+minidb.dreambooth.step.TrainStep.optimizer_step does for all of them: fp16/bf16 grad -> fp32 master grad divided by the
 loss scale, clip, step the master, round it into the model, free both gradients.
 
 The catch is everything that needs *all* gradients before the first step:
@@ -30,13 +30,13 @@ gradients of earlier micro-batches are exactly what this frees).
 import torch
 
 from minidb.errors import ConfigError
-from minidb.scaler import DynamicLossScaler, MasterWeights, clip_coefficient
+from minidb.dreambooth.scaler import DynamicLossScaler, MasterWeights, clip_coefficient
 
 
 def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLossScaler | bool | None = None,
                     clip: str = "exact") -> None:
     """ConfigError for what the fused step cannot do. scaler: the fp16 loss scaler, or whether
-    there will be one (minidb.plan checks before it is built)."""
+    there will be one (minidb.dreambooth.plan checks before it is built)."""
     if clip not in ("exact", "lagged"):
         raise ConfigError(f"the fused step's clip must be 'exact' or 'lagged' (train.fused_backward: 'off', "
                           f"'exact' or 'lagged'), got {clip!r}")
@@ -58,7 +58,7 @@ def check_supported(world_size: int = 1, grad_accum: int = 1, scaler: DynamicLos
 class FusedBackwardStep:
     def __init__(self, masters: MasterWeights, step_fn, max_grad_norm: float = 0.0,
                  scaler: DynamicLossScaler | None = None, clip: str = "exact"):
-        """masters: the trained parameters (minidb.scaler.MasterWeights); step_fn(master) steps one
+        """masters: the trained parameters (minidb.dreambooth.scaler.MasterWeights); step_fn(master) steps one
         fp32 master from master.grad (AdamW8bit.step_param, or a per-parameter torch optimizer)."""
         check_supported(scaler=scaler, clip=clip)
         self.masters, self.step_fn, self.max_grad_norm, self.scaler, self.clip = (
@@ -104,7 +104,7 @@ class FusedBackwardStep:
 
     def step(self, loss_fn) -> tuple[bool, float]:
         """Backward through loss_fn() (the unscaled loss) with every parameter stepped inside it.
-        Returns (stepped, grad norm) like minidb.step.TrainStep.optimizer_step; stepped is False when a
+        Returns (stepped, grad norm) like minidb.dreambooth.step.TrainStep.optimizer_step; stepped is False when a
         gradient was inf/NaN (fp16: the scaler backs off and no weight changes)."""
         if self.max_grad_norm <= 0 and self.scaler is None:   # nothing needs the norm first: one pass
             self.coef = None

@@ -1,4 +1,4 @@
-"""What the reader's readings of generated images add up to (minidb.reader reads them).
+"""What the reader's readings of generated images add up to (minidb.world.reader reads them).
 
     prompt_fidelity(reader.read_all(images), attributes)   # share of images right, per attribute
     evaluate_model(sd, n=200)                               # that, on held-out prompts: `minidb eval`
@@ -7,7 +7,7 @@
 import numpy as np
 import torch
 
-from minidb.reader import Reader
+from minidb.world.reader import Reader
 from minidb.world import ATTRIBUTES, SHAPES, Attributes, caption, combinations, world_seed
 
 

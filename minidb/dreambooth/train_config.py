@@ -9,7 +9,7 @@ Unknown sections or keys are a ConfigError naming the closest matches. `dump_tom
 the resolved config back out (into the run folder), paths made absolute.
 
 A field typed `X | None` defaults to None, "unset": the run's plan fills it from the base model's
-file (minidb.plan.read_base), so the run folder's config.toml holds the number that ran. A TOML
+file (minidb.dreambooth.plan.read_base), so the run folder's config.toml holds the number that ran. A TOML
 file leaves such a field unset by not naming it; dump_toml writes an unset one as a comment.
 """
 import dataclasses
@@ -78,11 +78,11 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adamw"          # adamw (torch's) | adamw8bit (minidb.adamw8bit: the same update, its two
+    optimizer: str = "adamw"          # adamw (torch's) | adamw8bit (minidb.dreambooth.adamw8bit: the same update, its two
                                       # moments stored in 8 bits, 2 bytes of state per weight instead of 8)
     master_weights: str = "fp32"      # fp16/bf16 models: fp32 = fp32 master copies of the trained weights (4 bytes
                                       # each); kahan = none: adamw8bit steps the bf16 weights themselves, each with a
-                                      # bf16 compensation for what rounding lost (2 bytes; minidb.adamw8bit). Needs
+                                      # bf16 compensation for what rounding lost (2 bytes; minidb.dreambooth.adamw8bit). Needs
                                       # model.precision = "bf16" and optimizer adamw8bit (or train.low_memory)
     lr: float = 1e-6                  # the DreamBooth setting; the UNet forgets the class quickly above ~5e-6
     lr_schedule: str = "constant"     # constant | cosine (decays to min_lr at the last step)
@@ -93,9 +93,9 @@ class OptimConfig:
     weight_decay: float = 1e-2        # AdamW's decoupled weight decay
     adam_eps: float = 1e-8            # AdamW's epsilon
     max_grad_norm: float = 1.0        # 0 = no clipping
-    loss_scale_init: float = 65536.0  # fp16 only: the dynamic loss scaler (minidb.scaler)
+    loss_scale_init: float = 65536.0  # fp16 only: the dynamic loss scaler (minidb.dreambooth.scaler)
     loss_scale_growth_interval: int = 2000  # fp16: clean steps before the loss scale doubles
-    loss_scale_min: float = 1e-4      # fp16: below this the scaler gives up (minidb.scaler says why)
+    loss_scale_min: float = 1e-4      # fp16: below this the scaler gives up (minidb.dreambooth.scaler says why)
     scale_lr: bool = False            # lr and min_lr times the instance images per step (diffusers' --scale_lr)
 
 
@@ -110,7 +110,7 @@ class TrainConfig:
     keep_checkpoints: int = 2         # the newest this many are kept
     dist_timeout_s: int = 600         # multi-process runs: a peer silent this long ends the run
     fused_backward: str = "off"       # off | exact | lagged: step each weight inside backward once its gradient
-                                      # is complete (minidb.fused_step), so no full set of gradients is held;
+                                      # is complete (minidb.dreambooth.fused_step), so no full set of gradients is held;
                                       # clipping by this step's norm (exact: two backward passes) or the last
                                       # step's (lagged: one; not with fp16). One process, grad_accum = 1 only
     low_memory: bool = False          # much less memory for slower steps: optimizer adamw8bit, fused_backward
@@ -381,7 +381,8 @@ def resolved(cfg: DreamBoothConfig, cwd=None) -> DreamBoothConfig:
 
     def absolute(p):
         if p.startswith("minidb:"):  # a file shipped inside the package (the world model, the demo subject)
-            return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", p[len("minidb:"):])
+            package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # minidb/
+            return os.path.join(package, "data", p[len("minidb:"):])
         return os.path.normpath(os.path.join(cwd, os.path.expanduser(p))) if p else p
 
     output_dir = absolute(cfg.train.output_dir)

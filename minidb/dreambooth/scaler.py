@@ -13,7 +13,7 @@ A half-precision model trains badly on its own for two reasons, and each has its
    `growth_interval` clean steps it doubles again, so it hovers just below overflow
    (`DynamicLossScaler`; Micikevicius et al. 2018, "Mixed Precision Training").
 
-One optimizer step in fp16 (see minidb.step.TrainStep.optimizer_step):
+One optimizer step in fp16 (see minidb.dreambooth.step.TrainStep.optimizer_step):
 
     scaler.scale_loss(loss).backward()               # fp16 grads, `scale` times too large
     masters.grads_from_model(1 / scaler.scale)       # -> fp32 master grads, unscaled
@@ -116,7 +116,7 @@ class MasterWeights:
     For an fp32 model the masters *are* the model's parameters (no copy, and every method below is
     a no-op), so the training loop reads the same in all three precisions. fp32_masters=False makes
     that so for bf16 too: the optimizer then steps the bf16 weights themselves, which needs
-    minidb.adamw8bit's `kahan` compensation to keep small updates (optim.master_weights = "kahan")."""
+    minidb.dreambooth.adamw8bit's `kahan` compensation to keep small updates (optim.master_weights = "kahan")."""
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], fp32_masters: bool = True):
         self.names = [name for name, _ in named_params]
