@@ -10,6 +10,7 @@ from benchmarks import bench_vs_diffusers
 CUDA = torch.cuda.is_available()
 
 
+@pytest.mark.slow  # each configuration in its own process: `.ci/run` runs it with `-m slow`
 def test_bench_vs_diffusers_tiny_table(capsys):
     bench_vs_diffusers.main(["--size", "tiny", "--res", "16", "--steps", "1", "--repeats", "1", "--device", "cpu",
                              "--memory"])
@@ -29,6 +30,7 @@ def test_bench_vs_diffusers_rejects_bad_res(capsys):
     assert e.value.code == 2 and "multiple of 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # each configuration in its own process: `.ci/run` runs it with `-m slow`
 def test_bench_train_quick_table(capsys):
     """The training-step benchmark end to end on the tiny model, each configuration in its own
     process: every row has a positive time and a peak that the breakdown adds up to."""

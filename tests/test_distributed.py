@@ -28,6 +28,10 @@ import pytest
 import torch
 from PIL import Image
 
+# Every test here starts two training processes, the slowest part of the suite: outside the
+# README's command, which stays fast; `.ci/run` runs them with `-m slow`.
+pytestmark = pytest.mark.slow
+
 from helpers import assert_same_image_up_to_rounding, dreambooth_world
 from minidb.dreambooth import checkpoint as ck
 from minidb.dreambooth.train import train
