@@ -119,6 +119,10 @@ class SDConfig:
     image_size: int = 512  # the resolution the model was trained at: the default for sampling and fine-tuning
     guidance: float = 7.5  # the classifier-free guidance scale the model samples best at: the default for sampling
 
+    def guidance_or(self, scale: float | None) -> float:
+        """A caller's guidance scale, None = this model's own (the one rule every sampler follows)."""
+        return self.guidance if scale is None else scale
+
     def __post_init__(self):
         if self.parameterization not in ("eps", "v"):
             raise ValueError(f'parameterization must be "eps" or "v", got {self.parameterization!r}')

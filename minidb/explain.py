@@ -128,7 +128,7 @@ def explain(sd, prompt: str, seed: int = 0, steps: int = 50, scale: float | None
     scale: None = the model's own guidance scale (sd.config.guidance)."""
     from minidb.sampling import decode, sample_latents
     t0 = time.perf_counter()
-    scale = sd.config.guidance if scale is None else scale
+    scale = sd.config.guidance_or(scale)
     check_prompt(sd.tokenizer, prompt)
     guided = scale != 1.0
     latent = (sd.config.image_size // sd.config.latent_factor,) * 2

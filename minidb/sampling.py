@@ -128,7 +128,7 @@ def sample_latents(sd, prompts, negative_prompts=None, steps: int = 50, guidance
     height, width: None = the model's own image size (sd.config.image_size, 512 for SD v1).
     guidance: None = the model's own scale (sd.config.guidance, 7.5 for SD v1)."""
     prompts = _as_list(prompts, "prompts")
-    guidance = sd.config.guidance if guidance is None else guidance
+    guidance = sd.config.guidance_or(guidance)
     b = len(prompts)
     if sampler not in SAMPLERS:
         raise MinidbError(f"unknown sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import minidb.pipeline
+import minidb.dreambooth.train
 from minidb.pipeline import release_mapped_pages
 from minidb.dreambooth.train import train
 from minidb.dreambooth.train_config import load_config
@@ -79,7 +79,7 @@ def _recording(monkeypatch) -> list:
         released.append({type(m).__name__ for m in modules})
         return release_mapped_pages(*modules)
 
-    monkeypatch.setattr(minidb.pipeline, "release_mapped_pages", recording)
+    monkeypatch.setattr(minidb.dreambooth.train, "release_mapped_pages", recording)
     return released
 
 
@@ -89,7 +89,7 @@ def test_a_run_releases_the_vae_between_its_stages_and_trains_the_same(world, tm
     grid, which still draws. The trained model is the one a run releasing nothing writes."""
     released = _recording(monkeypatch)
     result = _train(world, tmp_path / "released", "data.center_crop=true")
-    monkeypatch.setattr(minidb.pipeline, "release_mapped_pages", lambda *modules: 0)
+    monkeypatch.setattr(minidb.dreambooth.train, "release_mapped_pages", lambda *modules: 0)
     kept = _train(world, tmp_path / "kept", "data.center_crop=true")
 
     assert released == [{"Encoder", "Decoder", "Conv2d"}] * 3  # after the set-up, after each of the two grids

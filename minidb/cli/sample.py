@@ -150,7 +150,7 @@ def check_model_args(args, config, device="cpu", dtype=torch.float32):
     check(steps_problem("--steps", args.steps, config.timesteps))
     args.H = args.H or config.image_size
     args.W = args.W or config.image_size
-    args.scale = config.guidance if args.scale is None else args.scale
+    args.scale = config.guidance_or(args.scale)
     try:
         check_size(config, args.H, args.W)
         check_memory(config, args.H, args.W, args.n_samples, dtype.itemsize, args.scale != 1.0, device)

@@ -87,7 +87,7 @@ def ensure_class_images(sd, class_prompt: str, class_dir, num_images: int, seed:
                       f"draw new ones", stacklevel=2)
 
     mine = [i for i in todo if i % world_size == rank]
-    scale = sd.config.guidance if guidance is None else guidance
+    scale = sd.config.guidance_or(guidance)
     with tqdm(total=len(mine), desc="class images", unit="img", disable=not progress or rank != 0) as bar:
         for start in range(0, len(mine), batch_size):
             batch = mine[start:start + batch_size]

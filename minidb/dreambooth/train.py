@@ -40,6 +40,7 @@ from minidb.config import DTYPES
 from minidb.dreambooth.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
 from minidb.dreambooth.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, MinidbError, StateError
+from minidb.pipeline import give_back_freed_memory, release_mapped_pages
 from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER, LoRANetwork, add_lora, save_lora,
                          with_alphas)
 from minidb.dreambooth.plan import Plan, make_plan
@@ -99,7 +100,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         forward = Forward.build(sd, plan, lora, dist, prompts)
         batches = Batches(dataset, sd, cfg.train.batch_size, dist, latent_cache(sd, dataset, cfg, run, dist),
                           cfg.train.noise_offset, prompt_rows)
-        release_vae(sd, encoder=batches.latent_cache is None)
+        release_vae(sd, keep_encoder=batches.latent_cache is None)
         give_back_freed_memory()
         run.log(describe(plan, len(instance_images), class_images, trainer.masters))
         note_captions(run, cfg, prompts, prompt_rows)
@@ -126,7 +127,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                 if callback is not None:
                     callback(step, metrics)
                 if cfg.validation.prompts and (step % cfg.validation.every == 0 or step == cfg.train.steps):
-                    validation_grid(run, sd, step, encoder=batches.latent_cache is None)
+                    validation_grid(run, sd, step, keep_encoder=batches.latent_cache is None)
                 stop_now = dist.any(stop.requested is not None, device=plan.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop_now:
                     last_checkpoint = run.save_state(step, {"data": {"epoch": cursor[0], "index": cursor[1]},
@@ -136,7 +137,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
 
         # ---- the end: the fine-tuned model as an SD v1 checkpoint, or the LoRA file ---------------
         weights = trainer.weights(ema=cfg.train.export_ema)
-        trainer.close()  # the optimizer's moments freed before the export loads the base
+        trainer.close()  # the optimizer's moments freed before the export
         if dist.is_main:
             run.result(f"done: {_count(step, 'step')}, loss {loss:.4f}; " + export(cfg, run, weights, step))
         dist.barrier()
@@ -185,28 +186,21 @@ def class_image_set(sd, cfg: DreamBoothConfig, dist: Dist):
     return open_images(paths, "class", p.class_dir, cfg.data.resolution)
 
 
-def release_vae(sd, encoder: bool) -> None:
+def release_vae(sd, keep_encoder: bool) -> None:
     """The frozen VAE's memory handed back between the stages that use it: its decoder draws only the
-    validation grids, its encoder is needed by the steps only without a latent cache (encoder=True).
+    validation grids, its encoder is needed by the steps only without a latent cache (keep_encoder).
     Its weights, views of the mapped base file, are read back from it when next used
     (minidb.pipeline.release_mapped_pages; weights in memory of their own stay)."""
-    from minidb.pipeline import release_mapped_pages
     vae = sd.vae
-    release_mapped_pages(vae.decoder, vae.post_quant_conv, *([] if encoder else [vae.encoder, vae.quant_conv]))
+    release_mapped_pages(vae.decoder, vae.post_quant_conv, *([] if keep_encoder else [vae.encoder, vae.quant_conv]))
 
 
-def give_back_freed_memory() -> None:
-    """The allocator's free heap handed back to the system between stages (minidb.pipeline)."""
-    from minidb.pipeline import give_back_freed_memory
-    give_back_freed_memory()
-
-
-def validation_grid(run: Run, sd, step: int, encoder: bool) -> None:
+def validation_grid(run: Run, sd, step: int, keep_encoder: bool) -> None:
     """The validation grid (Run.validation_grid), drawn after the heap the steps keep for each other
     (minidb.dreambooth.allocator) is handed back, so that it does not sit on top of it; its VAE released after."""
     give_back_freed_memory()
     run.validation_grid(sd, step)
-    release_vae(sd, encoder)
+    release_vae(sd, keep_encoder)
 
 
 def latent_cache(sd, dataset, cfg: DreamBoothConfig, run: Run, dist: Dist):

@@ -40,7 +40,7 @@ def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float | None = N
     per_shape, the share of class-only prompts ("a photo of a star") read as the named shape
     ("class_shape"; image j of those: seed + n + j). guidance None: the model's own (config.guidance)."""
     from tqdm.auto import tqdm
-    guidance = sd.config.guidance if guidance is None else guidance
+    guidance = sd.config.guidance_or(guidance)
     reader = reader or Reader.load()
     wanted = held_out_prompts(n, seed)
     classes, shapes = class_prompts(per_shape)
