@@ -304,8 +304,9 @@ def main(argv=None):
         head = (f"\n{SECTION_HEADING}\n\n`taskset -c 1 nice -n 5 env OMP_NUM_THREADS=1 python -m benchmarks.config_trace "
                 f"--steps {args.steps}` on 2 CPU cores (torch {torch.__version__}, Python {sys.version.split()[0]}).\n\n"
                 f"{COUNTED}\n\n")
-        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(head + text)
+        from minidb.files import atomic_write_text  # the one writer every file goes through
+        results = REPO / "benchmarks" / "RESULTS.md"
+        atomic_write_text(results, results.read_text(encoding="utf-8") + head + text)
 
 
 if __name__ == "__main__":
