@@ -31,6 +31,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, help="seed of image 0 (default 0)")
     p.add_argument("--out", default="outputs/eval.json", help="JSON results (default outputs/eval.json)")
     p.add_argument("--grid", help="also save the first 32 images of the first row as a grid PNG")
+    p.add_argument("--device", default="cpu", help="where it samples: cpu (default), cuda, ...")
     p.add_argument("--reader-accuracy", action="store_true", help="only measure the attribute reader on renders")
 
 
@@ -53,7 +54,8 @@ def run(args) -> int:
     path = Path(args.model) if args.model else SHIPPED
     if not path.is_file():
         raise MinidbError(f"--model {path}: no such file")
-    sd = StableDiffusion.from_checkpoint(path)
+    from minidb.device import choose_device
+    sd = StableDiffusion.from_checkpoint(path, device=choose_device(args.device))
     if sd.config.image_size != 64:
         print(f"warning: {path} is not a miniature-world model (image size {sd.config.image_size}); its images "
               "will not read as the world's shapes", file=sys.stderr)
@@ -61,7 +63,7 @@ def run(args) -> int:
     runs = [(f"{path.name}, guidance {s:g}", sd, s) for s in scales]
     if args.untrained:
         torch.manual_seed(args.seed)
-        untrained = StableDiffusion(sd.config)
+        untrained = StableDiffusion(sd.config).to(sd.device)
         untrained.vae.load_state_dict(sd.vae.state_dict())  # the same decoder: only the denoiser is untrained
         runs.append((f"untrained UNet + text encoder, guidance {scales[0]:g}", untrained, scales[0]))
     rows, results = {}, []
@@ -86,6 +88,7 @@ def reader_main(argv=None) -> int:
     """`python -m minidb.world.eval`: train the world's reader, or measure it (minidb.world.reader_training)."""
     p = argparse.ArgumentParser(prog="python -m minidb.world.eval", description="Train or measure the world's reader.")
     p.add_argument("--train-reader", action="store_true", help="train the reader and write it to minidb/data")
+    p.add_argument("--device", default="cpu", help="where it samples: cpu (default), cuda, ...")
     p.add_argument("--reader-accuracy", action="store_true", help="the reader's accuracy on fresh renders")
     args = p.parse_args(argv)
     from minidb.world.reader import Reader

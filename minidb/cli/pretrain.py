@@ -16,6 +16,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/world", help="run folder (default runs/world)")
     p.add_argument("--ship", action="store_true", help="copy the model to minidb/data/world.safetensors")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="where it computes: cpu (default), cuda, ... (the run is the same)")
     p.add_argument("--sheet", metavar="PNG", help="only draw the shipped model's sample sheet (README) to PNG")
     for f in dataclasses.fields(PretrainConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
@@ -28,6 +29,7 @@ def main(argv=None) -> None:
         return
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)})
     try:
-        pretrain(args.out, cfg, args.ship)
+        from minidb.device import choose_device
+        pretrain(args.out, cfg, args.ship, choose_device(args.device))
     except MinidbError as e:  # bad input: one line, as minidb's commands say it
         sys.exit(f"python -m minidb.world.pretrain: {e}")

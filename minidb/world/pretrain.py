@@ -103,6 +103,7 @@ class PretrainConfig:
     t_mean: float = -1.0
     t_std: float = 2.0
     t_uniform: float = 0.1
+    t_sampling_from: int = 0        # the UNet step from which t_sampling applies; uniform draws before it
     mask_weight: float = 3.0        # the shape's latent pixels weigh 1 + mask_weight in the UNet's loss
     unet_channels: int = 32         # the UNet's model_channels
     curve_every: int = 0            # every N UNet steps: prompt fidelity of the EMA on the tuning prompts
@@ -171,7 +172,7 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
             return state["scale_factor"]
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="1/2 VAE", dynamic_ncols=True)
     while step < cfg.vae_steps:
-        x = images_to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)[0])
+        x = images_to_tensor(world.batch(step * cfg.vae_batch, cfg.vae_batch)[0]).to(sd.device)
         posterior = vae.encode(x)
         z = posterior.sample(torch.Generator().manual_seed(world_seed("vae-noise", cfg.seed, step)))
         y = vae.decode(z)
@@ -195,7 +196,7 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     vae.eval().requires_grad_(False)
     # SD's scale factor: latents / their std have unit variance, which the noise schedule assumes
     with torch.no_grad():
-        x = images_to_tensor(World(cfg.seed + 1).batch(0, 256)[0])
+        x = images_to_tensor(World(cfg.seed + 1).batch(0, 256)[0]).to(sd.device)
         scale_factor = float(1.0 / torch.cat([vae.encode(c).mean for c in x.split(64)]).std())
     stage.save(step, {"weights": vae.state_dict(), "optimizer": opt.state_dict(), "scale_factor": scale_factor})
     return scale_factor
@@ -221,11 +222,11 @@ def encode_pool(sd, cfg: PretrainConfig, out: Path):
     items = [world.attributes(i)[0] for i in range(cfg.pool)]
     means, stds, masks = [], [], []
     for start in tqdm(range(0, cfg.pool, 64), desc="encoding images", leave=False):
-        x = images_to_tensor(world.batch(start, min(64, cfg.pool - start))[0])
+        x = images_to_tensor(world.batch(start, min(64, cfg.pool - start))[0]).to(sd.device)
         posterior = sd.vae.encode(x)
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-        masks.append(F.adaptive_avg_pool2d(foreground(x), posterior.mean.shape[-2:]))  # [B, 1, h, w]
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        masks.append(F.adaptive_avg_pool2d(foreground(x), posterior.mean.shape[-2:]).cpu())  # [B, 1, h, w]
     mean, std, mask = torch.cat(means), torch.cat(stds), torch.cat(masks)
     with atomic_write(path) as tmp:
         torch.save({"key": key, "mean": mean, "std": std, "mask": mask,
@@ -246,8 +247,10 @@ def lr_at(step: int, total: int, peak: float, cfg: PretrainConfig) -> float:
 def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     """Trains sd.unet and sd.text_encoder together; returns the EMA weights {"unet.*", "text_encoder.*"}."""
     from minidb.world import ATTRIBUTES, caption
-    mean, std, mask, items = encode_pool(sd, cfg, out)
-    weights = timestep_weights(sd.schedule, cfg)
+    device = sd.device
+    mean, std, mask, items = (t.to(device) if torch.is_tensor(t) else t for t in encode_pool(sd, cfg, out))
+    banded = timestep_weights(sd.schedule, cfg)
+    uniform = timestep_weights(sd.schedule, dataclasses.replace(cfg, t_sampling="uniform"))
     stage = Stage(out, "unet")
     models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
     for m in models.values():
@@ -270,19 +273,22 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     while step < cfg.unet_steps:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(world_seed("unet-step", cfg.seed, step))
-        index = torch.randint(0, cfg.pool, (cfg.unet_batch,), generator=g)
+        index = torch.randint(0, cfg.pool, (cfg.unet_batch,), generator=g)  # drawn on the CPU: any device, same run
         rng = np.random.default_rng(world_seed("captions", cfg.seed, step))
         prompts = []
         for i in index.tolist():
             keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)
             prompts.append("" if rng.random() < world.drop_all else caption(items[i], keep))
-        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=g)) * sd.config.scale_factor
-        noise = torch.randn(latents.shape, generator=g)
+        shape = (cfg.unet_batch,) + tuple(mean.shape[1:])
+        rows = index.to(device)
+        latents = (mean[rows] + std[rows] * torch.randn(shape, generator=g).to(device)) * sd.config.scale_factor
+        noise = torch.randn(shape, generator=g).to(device)
+        weights = banded if step >= cfg.t_sampling_from else uniform
         t = torch.multinomial(weights, cfg.unet_batch, replacement=True, generator=g)
-        context = sd.text_encoder(sd.tokenizer(prompts))
-        pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t, context)
+        context = sd.text_encoder(sd.tokenizer(prompts).to(device))
+        pred = sd.unet(sd.schedule.add_noise(latents, noise, t), t.to(device), context)
         target = noise if sd.config.parameterization == "eps" else sd.schedule.velocity(latents, noise, t)
-        w = 1.0 + cfg.mask_weight * mask[index]  # [B, 1, h, w]: the shape is few pixels and all of the meaning
+        w = 1.0 + cfg.mask_weight * mask[rows]  # [B, 1, h, w]: the shape is few pixels and all of the meaning
         loss = (w * (pred - target).pow(2)).mean() / w.mean()
         lr = lr_at(step, cfg.unet_steps, cfg.lr, cfg)
         for group in opt.param_groups:
@@ -348,7 +354,7 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     from minidb.world.reader import Reader
     from minidb.pipeline import StableDiffusion
     from minidb.world import caption
-    copy = StableDiffusion(sd.config)
+    copy = StableDiffusion(sd.config).to(sd.device)
     load_trained(copy, weights, sd.vae)
     wanted = tuning_prompts(n)
     classes, shapes = class_prompts(per_shape)
@@ -365,7 +371,7 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
 def preview(sd, weights: dict, path: Path, prompts=PREVIEW_PROMPTS, n: int = 2) -> Path:
     """A grid, one row per prompt, n seeds each, from `weights` (the EMA), 20 DDIM steps at guidance 5."""
     from minidb.pipeline import StableDiffusion
-    copy = StableDiffusion(sd.config)
+    copy = StableDiffusion(sd.config).to(sd.device)
     load_trained(copy, weights, sd.vae)
     size = sd.config.image_size
     images = copy.generate([p for p in prompts for _ in range(n)], steps=20, guidance=5.0, height=size,
@@ -493,17 +499,19 @@ def plot_curve(metrics_file: Path, path: Path) -> Path | None:
     return path
 
 
-def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) -> Path:
-    """The whole recipe; resumes from out/checkpoints when they are there. Returns the model path."""
+def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, device="cpu") -> Path:
+    """The whole recipe; resumes from out/checkpoints when they are there. Returns the model path.
+    device: where it computes (not a setting of the recipe: the data and noise are drawn on the CPU)."""
     from minidb.pipeline import StableDiffusion
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "pretrain.json"
-    if settings.is_file() and json.loads(settings.read_text()) != dataclasses.asdict(cfg):
+    # a setting added since the run began reads as its default, which is what the run used
+    if settings.is_file() and {**dataclasses.asdict(PretrainConfig()), **json.loads(settings.read_text())} != dataclasses.asdict(cfg):
         raise ConfigError(f"{out} holds a pretraining run with other settings: choose another --out")
     atomic_write_text(settings, json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
-    sd = StableDiffusion(world_config(cfg))  # random init, seeded
+    sd = StableDiffusion(world_config(cfg)).to(device)  # random init, seeded (on the CPU, then moved)
     t0 = time.time()
     if cfg.vae_from:  # stage 1 done before: its VAE and scale factor
         trained = StableDiffusion.from_checkpoint(cfg.vae_from)
@@ -521,7 +529,7 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False) ->
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     plot_curve(out / "metrics.jsonl", out / "curve.png")
     model = StableDiffusion(sd.config)
-    load_trained(model, ema, sd.vae)
+    load_trained(model, {k: v.cpu() for k, v in ema.items()}, sd.vae.cpu())
     path = out / "model.safetensors"
     model.save(path, dtype=torch.float16)
     print(f"pretrained in {(time.time() - t0) / 60:.1f} min (this session); model {path} "
