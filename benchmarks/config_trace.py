@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "minidb"
 PREFIX = str(PACKAGE) + os.sep
 CO_GENERATOR_LIKE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
-SECTION_HEADING = "## The run's config followed through the calls (2026-12-04, third session, issue #29)"
+SECTION_HEADING = "## The run's config followed through the calls (2026-12-04, fourth session, issue #29): the plan holds config.toml"
 COUNTED = (
     "The run: one tiny DreamBooth run (a random tiny SD, 32x32, CPU, fp32, 3 instance photos, prior preservation with "
     "2 ready-made class images so none are generated, train.steps as given, a checkpoint and the export at the end) "
@@ -44,7 +44,7 @@ COUNTED = (
     "every Python function call into a file under `minidb/` one of whose arguments, at call time, is a "
     "`DreamBoothConfig`, one of its sections (every dataclass of `minidb/dreambooth/train_config.py`) or the `Plan` "
     "(an element of `*args` or a value of `**kwargs` too; a method of those classes, such as the property "
-    "`Plan.dtype`, counts through its `self`); and, apart (marked `*`, left out of the \"arguments only\" column), a "
+    "`Plan.dtype` had been, counts through its `self`); and, apart (marked `*`, left out of the \"arguments only\" column), a "
     "method whose `self` has such an instance among its own attributes (`vars(self)`). Any instance counts, not only "
     "the object `train()` received: the plan's `cfg` and every `dataclasses.replace` copy are the run's config too. "
     "**Not counted**: a config inside a list, tuple or another object's attributes (other than `self`'s); calls whose "
@@ -55,6 +55,7 @@ COUNTED = (
     "left (A B A = 1). The first step starts at the first call of `TrainStep.begin` (the training loop's first line). "
     "The issue's figures are its author's, on the code before it, and are not re-measured here.")
 # the issue's own figures on the code before it (not re-measured here)
+CONFIG_SIDE = ("minidb.dreambooth.plan", "minidb.dreambooth.train_config")
 ISSUE_BEFORE = {"modules": 14, "back up to a higher-level module": 25, "returns": 41, "train_config entries before the first step": 6}
 
 
@@ -79,6 +80,7 @@ class Call:
     function: str         # qualified name
     via_self: bool        # only self's attributes held the config, no argument did
     before_first_step: bool
+    caller: str = ""      # the calling frame's module ("" outside minidb/)
 
 
 class ConfigTracer:
@@ -133,8 +135,10 @@ class ConfigTracer:
             attrs = getattr(local.get("self"), "__dict__", None)
             via_self = isinstance(attrs, dict) and any(self._holds(v) for v in list(attrs.values()))
         if held or via_self:
+            back = frame.f_back
+            caller = module_name(back.f_code.co_filename) if back and self._is_ours(back.f_code.co_filename) else ""
             self.calls.append(Call(module_name(code.co_filename), code.co_qualname, via_self and not held,
-                                   self.first_step_at is None))
+                                   self.first_step_at is None, caller))
 
 
 def entries(modules: list[str]) -> list[tuple[str, int]]:
@@ -159,7 +163,14 @@ def summarize(calls: list[Call], first_step_at: int | None) -> dict:
         return sum(1 for m, i in runs if m == module and (not before or i < first))
 
     order = list(dict.fromkeys(modules))
-    return {"calls": len(calls), "modules": order, "distinct": len(order), "entries": len(runs), "returns": returns,
+    # the config side: plan.py resolves the run, train_config.py is its schema; a call into either made
+    # from any other module is the rest of the run going back to the config
+    side = CONFIG_SIDE
+    from_outside = [i for i, c in enumerate(calls) if c.module in side and c.caller not in side]
+    return {"config_side_from_outside": len(from_outside),
+            "config_side_from_outside_before": sum(i < first for i in from_outside),
+            "config_side_calls": [calls[i].function for i in from_outside],
+            "calls": len(calls), "modules": order, "distinct": len(order), "entries": len(runs), "returns": returns,
             "train_config": entered("minidb.dreambooth.train_config"),
             "train_config_before": entered("minidb.dreambooth.train_config", True),
             "plan": entered("minidb.dreambooth.plan"), "plan_before": entered("minidb.dreambooth.plan", True),
@@ -262,6 +273,9 @@ def report(tracer: ConfigTracer, steps: int) -> str:
         f"{ISSUE_BEFORE['train_config entries before the first step']} (before the first step) |",
         f"| plan.py entries | {s['plan']} | {s['plan_before']} | {sa['plan']} | (no plan.py) |",
         f"| make_plan calls | {s['make_plan']} | {sb['make_plan']} | {sa['make_plan']} | - |",
+        f"| calls into the config side (plan.py, train_config.py) from any other module | "
+        f"{s['config_side_from_outside']} ({', '.join(s['config_side_calls'])}) | "
+        f"{s['config_side_from_outside_before']} | {sa['config_side_from_outside']} | - |",
     ]
     out = ["\n".join(lines), "",
            "Modules in the order first visited: " + ", ".join(f"`{m}`" for m in s["modules"]) + ".", ""]

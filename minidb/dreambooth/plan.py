@@ -5,6 +5,7 @@ loaded or written, and read by everything after.
     plan.cfg          # the config as it runs (what config.toml holds): paths absolute, data.resolution
                       # and unset guidance scales the base model's, train.low_memory spelled out into its switches
     plan.device, plan.precision, plan.dtype, plan.world_size, plan.lr_scale, plan.text_encoder_trains
+    plan.config_toml, plan.config_record   # plan.cfg as config.toml and as a training state records it
 
 The choices, each in one place:
 - device: model.device, "auto" = this process's GPU if there is one, else the CPU (minidb.device);
@@ -30,7 +31,7 @@ from minidb.config import DTYPES, SDConfig
 from minidb.device import choose_device, default_precision
 from minidb.errors import CheckpointError, ConfigError, MinidbError
 from minidb.dreambooth.fused_step import check_supported
-from minidb.dreambooth.train_config import DreamBoothConfig, resolved, validate
+from minidb.dreambooth.train_config import DreamBoothConfig, dump_toml, resolved, to_dict, validate
 from minidb.dreambooth.train_options import scaled_lr
 
 
@@ -44,10 +45,9 @@ class Plan:
     lr_scale: float            # optim.scale_lr: the instance images per step; else 1
     text_encoder_trains: bool  # its weights or its LoRA adapters get gradients
     bounded_allocator: bool    # a mode that trades speed for memory: minidb.dreambooth.allocator keeps less freed memory
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, DTYPES[self.precision])
+    dtype: torch.dtype         # the precision's torch dtype
+    config_toml: str           # cfg as the run folder's config.toml holds it
+    config_record: dict        # cfg as each training state records it (train_config.to_dict)
 
 
 def make_plan(cfg: DreamBoothConfig, world_size: int | None = None, local_rank: int | None = None) -> Plan:
@@ -67,7 +67,8 @@ def make_plan(cfg: DreamBoothConfig, world_size: int | None = None, local_rank: 
     return Plan(cfg=cfg, base=base, device=device, precision=precision, world_size=world_size,
                 lr_scale=scaled_lr(1.0, t.batch_size, t.grad_accum, world_size) if cfg.optim.scale_lr else 1.0,
                 text_encoder_trains=m.lora_text_encoder if m.lora_rank else m.train_text_encoder,
-                bounded_allocator=bounded_allocator(cfg))
+                bounded_allocator=bounded_allocator(cfg), dtype=getattr(torch, DTYPES[precision]),
+                config_toml=dump_toml(cfg), config_record=to_dict(cfg))
 
 
 def bounded_allocator(cfg: DreamBoothConfig) -> bool:

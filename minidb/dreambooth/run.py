@@ -49,8 +49,11 @@ MUST_MATCH_ON_RESUME = ("model.base", "model.train_text_encoder", "optim.optimiz
 
 
 class Run:
-    def __init__(self, cfg, dist: Dist | None = None):
+    def __init__(self, cfg, dist: Dist | None = None, config_toml: str | None = None, config_record: dict | None = None):
+        """config_toml, config_record: cfg as config.toml and the training states write it, when the
+        run's plan holds them already (minidb.dreambooth.plan); else made from cfg."""
         self.cfg, self.dist = cfg, dist or Dist()
+        self.config_toml, self.config_record = config_toml, config_record
         self.folder = Path(cfg.train.output_dir)
         self.checkpoints = self.folder / "checkpoints"
         self.model_path = self.folder / "model.safetensors"
@@ -187,7 +190,7 @@ class Run:
         if self.dist.is_main:
             if state is not None:
                 self.set_aside_after(state["step"])
-            atomic_write_text(config_file, dump_toml(cfg))
+            atomic_write_text(config_file, self.config_toml or dump_toml(cfg))
         self.dist.barrier()
 
     def set_aside_after(self, step: int) -> Path | None:
@@ -224,7 +227,7 @@ class Run:
         if self.dist.is_main:
             try:
                 save_state(path, {"step": step, **state, "rng": rngs, "world_size": self.dist.world_size,
-                                  "config": to_dict(self.cfg)})
+                                  "config": self.config_record or to_dict(self.cfg)})
             except DiskFull as e:
                 newest = self.latest_checkpoint()
                 raise DiskFull(f"{e}; the newest complete checkpoint is " + (

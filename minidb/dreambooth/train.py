@@ -73,7 +73,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
     # ---- set-up: every choice made once (minidb.dreambooth.plan), then one writer per run folder (minidb.dreambooth.run)
     plan = cfg if isinstance(cfg, Plan) else make_plan(cfg)
     cfg, accum = plan.cfg, plan.cfg.train.grad_accum
-    with Dist.from_env(cfg.train.dist_timeout_s) as dist, Run(cfg, dist).writer() as run:
+    with Dist.from_env(cfg.train.dist_timeout_s) as dist, Run(cfg, dist, plan.config_toml, plan.config_record).writer() as run:
         state = run.find_state(resume)
         finished = run.finished_model(state)
         if finished is not None:  # nothing to train, nothing to write
