@@ -99,6 +99,24 @@ def test_a_run_releases_the_vae_between_its_stages_and_trains_the_same(world, tm
         assert all(torch.equal(a.get(k), b.get(k)) for k in a.shapes)
 
 
+def test_with_a_latent_cache_the_encoder_is_dropped(world, tmp_path, monkeypatch):
+    """Once the latents are cached the encoder goes (meta device), whatever holds its weights (weights in
+    memory of their own, on a GPU or from a .ckpt, have no file to be read back from); the decoder stays
+    and draws the grids."""
+    devices = []
+    original = minidb.dreambooth.train.release_vae
+
+    def recording(sd, keep_encoder):
+        original(sd, keep_encoder)
+        devices.append(({p.device.type for p in sd.vae.encoder.parameters()},
+                        {p.device.type for p in sd.vae.decoder.parameters()}))
+
+    monkeypatch.setattr(minidb.dreambooth.train, "release_vae", recording)
+    result = _train(world, tmp_path / "run", "data.center_crop=true")
+    assert devices == [({"meta"}, {"cpu"})] * 3
+    assert len(list((result.run_dir / "samples").glob("*.png"))) == 2
+
+
 def test_without_a_latent_cache_the_encoder_stays(world, tmp_path, monkeypatch):
     """Random crops (center_crop=false, images larger than the resolution) are encoded every step."""
     released = _recording(monkeypatch)

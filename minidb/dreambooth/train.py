@@ -190,9 +190,14 @@ def release_vae(sd, keep_encoder: bool) -> None:
     """The frozen VAE's memory handed back between the stages that use it: its decoder draws only the
     validation grids, its encoder is needed by the steps only without a latent cache (keep_encoder).
     Its weights, views of the mapped base file, are read back from it when next used
-    (minidb.pipeline.release_mapped_pages; weights in memory of their own stay)."""
+    (minidb.pipeline.release_mapped_pages). An encoder the steps do not need is dropped as well (moved
+    to the meta device): weights in memory of their own (on a GPU, from a .ckpt, in another dtype) have
+    no file to be read back from, and nothing after the latent cache encodes."""
     vae = sd.vae
     release_mapped_pages(vae.decoder, vae.post_quant_conv, *([] if keep_encoder else [vae.encoder, vae.quant_conv]))
+    if not keep_encoder:
+        vae.encoder.to("meta")
+        vae.quant_conv.to("meta")
 
 
 def validation_grid(run: Run, sd, step: int, keep_encoder: bool) -> None:
