@@ -114,7 +114,8 @@ def test_other_block_sizes_and_shapes(backend):
     close_fp32(pa, pb)
 
 
-@pytest.mark.parametrize("backend", ONE_PASS)
+# the Triton kernel through the interpreter: slow on a CPU, so .ci/run runs it apart
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.slow), *ONE_PASS[1:]])
 def test_it_learns_like_adamw(backend):
     """The kernel path through test_adamw8bit's 300-step regression: close to fp32 torch AdamW
     (that test's tolerance, derived there)."""

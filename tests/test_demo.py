@@ -55,6 +55,7 @@ def test_similarity_and_diversity_helpers():
 
 
 @shipped
+@pytest.mark.slow  # end to end, the default run's slowest test: .ci/run runs it
 def test_shortened_demo_learns_the_subject(tmp_path):
     """The demo cut to 150 steps, 8 class images, 3 samples per prompt and 10 DDIM steps (~25 s on
     2 cores). The bounds: a rise of at least 0.10 (about half the rise measured on the shipped

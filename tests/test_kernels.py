@@ -236,6 +236,7 @@ def test_bench_without_gpu_exits_cleanly(capsys):
     assert "no CUDA GPU" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a benchmark script's table end to end, as tests/test_benchmarks.py's: .ci/run runs it
 def test_bench_table_and_sweep_run(monkeypatch, tmp_path, capsys):
     """The GPU code path end to end on tiny shapes, with a stand-in timer (2 ms per call)."""
     monkeypatch.setattr(bench, "DEVICE", DEVICE)

@@ -18,6 +18,7 @@ def _weights(path):
     return {f"{name}.{k}": v for name, m in sd.models.items() for k, v in m.state_dict().items()}
 
 
+@pytest.mark.slow  # two tiny pretraining runs each: .ci/run runs it
 @pytest.mark.parametrize("stage", ["vae", "unet"])
 def test_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch, stage):
     whole = _weights(pretrain.pretrain(tmp_path / "whole", TINY))

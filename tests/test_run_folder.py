@@ -107,6 +107,7 @@ train(load_config(None, sets))
 """
 
 
+@pytest.mark.slow  # two training processes: .ci/run runs it
 def test_two_writers_second_is_refused_and_first_is_unharmed(world, tmp_path):
     alone, shared = tmp_path / "alone", tmp_path / "shared"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")

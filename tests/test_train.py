@@ -669,6 +669,7 @@ def _minidb(*args, **kwargs):
                           env=env, timeout=120, **kwargs)
 
 
+@pytest.mark.slow  # five commands end to end, each its own process: .ci/run runs it
 def test_cli_smoke_generate_train_resume_export_sample(world, tmp_path):
     run = tmp_path / "run"
     toml = tmp_path / "run.toml"
