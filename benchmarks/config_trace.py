@@ -225,13 +225,13 @@ def trace_tiny_run(root: Path, steps: int = 2) -> ConfigTracer:
 
 # ---- the code's shape ----------------------------------------------------------------------------
 
-def line_counts() -> list[tuple[str, int]]:
-    return sorted((str(p.relative_to(REPO)), len(p.read_text().splitlines())) for p in PACKAGE.rglob("*.py"))
+def line_counts(repo: Path = REPO) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(repo)), len(p.read_text().splitlines())) for p in (repo / "minidb").rglob("*.py"))
 
 
-def longest_functions(n: int = 10) -> list[tuple[int, str]]:
+def longest_functions(n: int = 10, repo: Path = REPO) -> list[tuple[int, str]]:
     found = []
-    for path in PACKAGE.rglob("*.py"):
+    for path in (repo / "minidb").rglob("*.py"):
         tree = ast.parse(path.read_text())
         stack = [(tree, "")]
         while stack:
@@ -241,7 +241,7 @@ def longest_functions(n: int = 10) -> list[tuple[int, str]]:
                     name = prefix + child.name
                     if not isinstance(child, ast.ClassDef):
                         found.append((child.end_lineno - child.lineno + 1,
-                                      f"{path.relative_to(REPO)}:{child.lineno} {name}"))
+                                      f"{path.relative_to(repo)}:{child.lineno} {name}"))
                     stack.append((child, name + "."))
                 else:
                     stack.append((child, prefix))
@@ -308,7 +308,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--append-results", action="store_true", help="append the section to benchmarks/RESULTS.md")
+    ap.add_argument("--shape-of", metavar="DIR", help="only the line counts and longest functions of another "
+                    "checkout's minidb/ (e.g. a `git worktree` of an older commit)")
     args = ap.parse_args(argv)
+    if args.shape_of:
+        counts = line_counts(Path(args.shape_of))
+        print(f"{len(counts)} files, {sum(n for _, n in counts)} lines")
+        print("\n".join(f"{n} {name}" for n, name in longest_functions(10, Path(args.shape_of))))
+        return
     import torch
     with tempfile.TemporaryDirectory() as tmp:
         tracer = trace_tiny_run(Path(tmp), args.steps)
