@@ -1,5 +1,6 @@
 """The world's pretraining script on a few steps: it runs end to end, logs, and a run interrupted in
 either stage resumes to exactly the weights of an uninterrupted one (same process, same threads)."""
+import dataclasses
 import json
 
 import pytest
@@ -74,3 +75,25 @@ def test_learning_curve_is_drawn_from_metrics(tmp_path):
     assert pretrain.plot_curve(metrics, tmp_path / "curve.png").stat().st_size > 0
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     assert pretrain.plot_curve(metrics, tmp_path / "none.png") is None
+
+
+def test_the_band_applies_from_t_sampling_from(tmp_path, monkeypatch):
+    """Uniform timesteps before step t_sampling_from, the log-SNR band from it on (R8's lever); a folder
+    whose pretrain.json predates a setting reads it as its default, so an older run still resumes."""
+    drawn = []
+    multinomial = torch.multinomial
+
+    def recording(weights, *args, **kwargs):
+        if weights.numel() == 1000:  # the timestep draw
+            drawn.append(bool(torch.allclose(weights, torch.full_like(weights, 1e-3))))
+        return multinomial(weights, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    cfg = pretrain.PretrainConfig(vae_steps=1, vae_batch=2, pool=4, unet_steps=3, unet_batch=2, warmup=1,
+                                  checkpoint_every=100, sample_every=1000, t_sampling="logsnr", t_sampling_from=2)
+    pretrain.pretrain(tmp_path, cfg)
+    assert drawn == [True, True, False]  # steps 0 and 1 uniform, step 2 the band
+    settings = json.loads((tmp_path / "pretrain.json").read_text())
+    del settings["t_sampling_from"]
+    (tmp_path / "pretrain.json").write_text(json.dumps(settings))
+    pretrain.pretrain(tmp_path, dataclasses.replace(cfg, t_sampling_from=0))  # finished: nothing to do but save
