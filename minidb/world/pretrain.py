@@ -115,6 +115,10 @@ class PretrainConfig:
     vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
 
 
+# settings added to PretrainConfig after runs were made, and what those runs did (their pretrain.json lacks them)
+ADDED_SINCE = {"t_sampling_from": 0}
+
+
 def world_config(cfg: PretrainConfig) -> SDConfig:
     """WORLD_CONFIG with the recipe's UNet width."""
     return dataclasses.replace(WORLD_CONFIG, unet=dataclasses.replace(WORLD_CONFIG.unet, model_channels=cfg.unet_channels))
@@ -506,8 +510,8 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, de
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "pretrain.json"
-    # a setting added since the run began reads as its default, which is what the run used
-    if settings.is_file() and {**dataclasses.asdict(PretrainConfig()), **json.loads(settings.read_text())} != dataclasses.asdict(cfg):
+    # a setting added since the run began reads as the value every run had before it existed
+    if settings.is_file() and {**ADDED_SINCE, **json.loads(settings.read_text())} != dataclasses.asdict(cfg):
         raise ConfigError(f"{out} holds a pretraining run with other settings: choose another --out")
     atomic_write_text(settings, json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
