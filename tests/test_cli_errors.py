@@ -115,6 +115,7 @@ def test_train_output_dir_that_is_a_file(world, tmp_path):
                                              "choose another train.output_dir")
 
 
+@pytest.mark.slow  # two `minidb train` processes: .ci/run runs it
 def test_train_bad_base_writes_nothing_so_the_retry_works(world, tmp_path):
     """The base file is opened and identified before the run folder is written: fixing the path and
     running the same command again is not refused as "holds a different run"."""
@@ -147,6 +148,7 @@ def test_train_kahan_without_bf16(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # `minidb train` processes end to end: .ci/run runs it
 def test_train_resume_of_a_missing_folder(tmp_path):
     proc = minidb("train", "--resume", tmp_path / "nope")
     assert one_line_error(proc, "train") == f"--resume {tmp_path / 'nope'}: no such run folder or checkpoint file"

@@ -53,7 +53,7 @@ def test_pretraining_refuses_a_folder_of_other_settings(tmp_path):
 def test_timestep_weights_move_the_samples_to_the_middle_noise_levels():
     from minidb.schedule import NoiseSchedule
     schedule = NoiseSchedule(0.003, 0.02)
-    uniform = pretrain.timestep_weights(schedule, pretrain.PretrainConfig())
+    uniform = pretrain.timestep_weights(schedule, pretrain.PretrainConfig(t_sampling="uniform"))
     assert torch.allclose(uniform, torch.full((1000,), 1e-3, dtype=torch.float64))
     cfg = pretrain.PretrainConfig(t_sampling="logsnr", t_mean=-2.0, t_std=1.0, t_uniform=0.1)
     w = pretrain.timestep_weights(schedule, cfg)

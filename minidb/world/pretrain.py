@@ -13,7 +13,9 @@ Two stages, as SD was built:
    loss. This differs from SD, whose CLIP text encoder came pretrained (on 400M image-text pairs)
    and stayed frozen; the world's 30-odd words are learned here. Captions leave out attributes at
    random and one in ten is empty, which is what classifier-free guidance samples from.
-   The exported weights are an EMA of the UNet and text encoder.
+   The exported weights are an EMA of the UNet and text encoder. Its timesteps are drawn uniformly
+   while the model learns where to put things, then from a log-SNR band around the noise levels where
+   the shape is decided (t_sampling_from: R8's recipe, benchmarks/RESULTS.md).
 
 Everything lands in --out: checkpoints/{vae,unet}/step_N.pt (minidb's training checkpoints,
 written atomically; the newest one is resumed), metrics.jsonl, loss.png, samples/*.png, and
@@ -89,7 +91,7 @@ class PretrainConfig:
     vae_lr: float = 1e-3            # cosine decay to min_lr, as the UNet's
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 8192                # images rendered and encoded once for stage 2 (captions re-drawn each step)
-    unet_steps: int = 7000
+    unet_steps: int = 11000        # R8, the best single command measured (benchmarks/RESULTS.md, issue #27)
     unet_batch: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4            # cosine decay to this at the last step
@@ -99,11 +101,12 @@ class PretrainConfig:
     sample_every: int = 500
     # where the UNet's training samples fall (see timestep_weights): "uniform" over the timesteps, or
     # "logsnr": log-SNR ~ Normal(t_mean, t_std), with a share t_uniform still drawn uniformly
-    t_sampling: str = "uniform"
+    t_sampling: str = "logsnr"
     t_mean: float = -1.0
     t_std: float = 2.0
-    t_uniform: float = 0.1
-    t_sampling_from: int = 0        # the UNet step from which t_sampling applies; uniform draws before it
+    t_uniform: float = 0.3
+    # the UNet step from which t_sampling applies; uniform draws before it, while position is learned
+    t_sampling_from: int = 5500
     mask_weight: float = 3.0        # the shape's latent pixels weigh 1 + mask_weight in the UNet's loss
     unet_channels: int = 32         # the UNet's model_channels
     curve_every: int = 0            # every N UNet steps: prompt fidelity of the EMA on the tuning prompts
