@@ -21,13 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+from minidb.files import atomic_write_text
+
 BAND = ["--t-sampling", "logsnr", "--t-mean", "-1", "--t-std", "2", "--t-uniform", "0.3"]
 VARIANTS = {
-    "u11": ["--unet-steps", "11000"],                                      # R7's UNet recipe
+    # every timestep setting spelled out: the recipe's defaults may move
+    "u11": ["--unet-steps", "11000", "--t-sampling", "uniform"],            # R7's UNet recipe
     "b11": ["--unet-steps", "11000", *BAND, "--t-sampling-from", "5500"],  # R8: the band once position is learned
-    "u18": ["--unet-steps", "18000"],
+    "u18": ["--unet-steps", "18000", "--t-sampling", "uniform"],
     "b18": ["--unet-steps", "18000", *BAND, "--t-sampling-from", "6000"],
-    "b18z": ["--unet-steps", "18000", *BAND],                             # the band from the first step
+    "b18z": ["--unet-steps", "18000", *BAND, "--t-sampling-from", "0"],    # the band from the first step
 }
 SHIPPED = "minidb/data/world.safetensors"
 
@@ -108,10 +111,10 @@ def main(argv=None) -> int:
                          "curve": points,
                          "eval": json.loads(evaluated.read_text())["rows"][0] if evaluated.is_file() else None}
         if (out / name / "metrics.jsonl").is_file():
-            (out / f"{name}_metrics.jsonl").write_bytes((out / name / "metrics.jsonl").read_bytes())
+            atomic_write_text(out / f"{name}_metrics.jsonl", (out / name / "metrics.jsonl").read_text())
     summary["_seconds"] = round(time.time() - t0, 1)
     summary["_device"] = args.device
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     for name in names:
         s = summary[name]
         e = s["eval"]["fidelity"] if s["eval"] else {}

@@ -64,6 +64,18 @@ def test_argument_syntax_errors_are_one_line_too():
                                                                         "(see minidb train --help)")
 
 
+def test_world_commands_on_a_device_that_is_not_one(tmp_path):
+    """minidb eval and the world's pretraining check --device before they load or write anything."""
+    proc = minidb("eval", "--device", "gpu0", "--out", tmp_path / "eval.json")
+    assert one_line_error(proc, "eval") == "--device 'gpu0' is not a device (cpu, cuda, cuda:1, mps, ...)"
+    proc = subprocess.run([sys.executable, "-m", "minidb.world.pretrain", "--out", tmp_path / "run", "--device", "gpu0"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "python -m minidb.world.pretrain: error: --device 'gpu0' is not a device (cpu, cuda, cuda:1, mps, ...)"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sample_on_a_missing_cuda_device(world, tmp_path):
     # without CUDA (CI): "cuda" itself; with it, a device index past the last one
     device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"

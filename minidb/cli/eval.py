@@ -88,7 +88,6 @@ def reader_main(argv=None) -> int:
     """`python -m minidb.world.eval`: train the world's reader, or measure it (minidb.world.reader_training)."""
     p = argparse.ArgumentParser(prog="python -m minidb.world.eval", description="Train or measure the world's reader.")
     p.add_argument("--train-reader", action="store_true", help="train the reader and write it to minidb/data")
-    p.add_argument("--device", default="cpu", help="where it samples: cpu (default), cuda, ...")
     p.add_argument("--reader-accuracy", action="store_true", help="the reader's accuracy on fresh renders")
     args = p.parse_args(argv)
     from minidb.world.reader import Reader

@@ -31,5 +31,6 @@ def main(argv=None) -> None:
     try:
         from minidb.device import choose_device
         pretrain(args.out, cfg, args.ship, choose_device(args.device))
-    except MinidbError as e:  # bad input: one line, as minidb's commands say it
-        sys.exit(f"python -m minidb.world.pretrain: {e}")
+    except MinidbError as e:  # bad input: one line and status 2, as minidb's commands say it
+        print(f"python -m minidb.world.pretrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
