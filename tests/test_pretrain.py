@@ -97,3 +97,22 @@ def test_the_band_applies_from_t_sampling_from(tmp_path, monkeypatch):
     del settings["t_sampling_from"]
     (tmp_path / "pretrain.json").write_text(json.dumps(settings))
     pretrain.pretrain(tmp_path, dataclasses.replace(cfg, t_sampling_from=0))  # finished: nothing to do but save
+
+
+def test_class_share_names_the_shape_alone_and_leaves_the_other_captions_as_they_were():
+    """class_share draws from a stream of its own: a caption it does not pick is the one the runs
+    before it drew, and one it picks is the class prompt ("a photo of a star") or stays empty."""
+    from minidb.world import World, caption, combinations
+    world = World(pretrain.PretrainConfig().seed + 2)
+    items = [combinations(held=False)[k] for k in range(0, 640, 5)]
+    base = pretrain.PretrainConfig()
+    for step in (0, 7, 5500):
+        before = pretrain.step_captions(base, world, items, step)
+        some = pretrain.step_captions(dataclasses.replace(base, class_share=0.25), world, items, step)
+        every = pretrain.step_captions(dataclasses.replace(base, class_share=1.0), world, items, step)
+        alone = [caption(a, ("shape",)) for a in items]
+        assert all(e in ("", c) for e, c in zip(every, alone))
+        assert [e == "" for e in every] == [b == "" for b in before]
+        changed = [k for k in range(len(items)) if some[k] != before[k]]
+        assert changed and all(some[k] == alone[k] for k in changed)
+        assert len(changed) < len(items) // 2

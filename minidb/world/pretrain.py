@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from minidb.dreambooth.checkpoint import checkpoint_path, latest_state, prune_checkpoints, rng_state, save_state, set_rng_state
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError
-from minidb.world import Attributes, World, world_seed
+from minidb.world import ATTRIBUTES, Attributes, World, caption, world_seed
 from minidb.files import atomic_write, atomic_write_text
 from minidb.dreambooth.step import scheduled_lr
 from minidb.dreambooth.train_options import EMA
@@ -115,11 +115,14 @@ class PretrainConfig:
     # Upright: from pure noise the UNet must paint each shape's mean, and over every rotation the
     # mean of a star is a disk (benchmarks/RESULTS.md, issue #27)
     rotation: float = 0.0
+    # the share of stage 2's captions that name the shape alone ("a photo of a star"), drawn before the
+    # per-attribute dropout, which alone gives them 0.3^4 = 0.8%: the class prompt DreamBooth's prior uses
+    class_share: float = 0.0
     vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
 
 
 # settings added to PretrainConfig after runs were made, and what those runs did (their pretrain.json lacks them)
-ADDED_SINCE = {"t_sampling_from": 0}
+ADDED_SINCE = {"t_sampling_from": 0, "class_share": 0.0}
 
 
 def world_config(cfg: PretrainConfig) -> SDConfig:
@@ -251,9 +254,23 @@ def lr_at(step: int, total: int, peak: float, cfg: PretrainConfig) -> float:
     return scheduled_lr(step, peak, total, cfg.warmup, cfg.min_lr, peak_in_warmup=True)
 
 
+def step_captions(cfg: PretrainConfig, world: World, items: list, step: int) -> list[str]:
+    """The captions of stage 2's step `step` for its images' attributes `items`: each attribute but the
+    shape left out with probability world.drop, the whole caption with world.drop_all, and a share
+    cfg.class_share naming the shape alone."""
+    rng = np.random.default_rng(world_seed("captions", cfg.seed, step))
+    # a stream of its own: with class_share 0 the captions are those of the runs before it
+    alone = np.random.default_rng(world_seed("shape-alone", cfg.seed, step)).random(len(items)) < cfg.class_share
+    prompts = []
+    for a, shape_alone in zip(items, alone):
+        keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)
+        empty = rng.random() < world.drop_all
+        prompts.append("" if empty else caption(a, ("shape",) if shape_alone else keep))
+    return prompts
+
+
 def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
     """Trains sd.unet and sd.text_encoder together; returns the EMA weights {"unet.*", "text_encoder.*"}."""
-    from minidb.world import ATTRIBUTES, caption
     device = sd.device
     mean, std, mask, items = (t.to(device) if torch.is_tensor(t) else t for t in encode_pool(sd, cfg, out))
     banded = timestep_weights(sd.schedule, cfg)
@@ -281,11 +298,7 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(world_seed("unet-step", cfg.seed, step))
         index = torch.randint(0, cfg.pool, (cfg.unet_batch,), generator=g)  # drawn on the CPU: any device, same run
-        rng = np.random.default_rng(world_seed("captions", cfg.seed, step))
-        prompts = []
-        for i in index.tolist():
-            keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)
-            prompts.append("" if rng.random() < world.drop_all else caption(items[i], keep))
+        prompts = step_captions(cfg, world, [items[i] for i in index.tolist()], step)
         shape = (cfg.unet_batch,) + tuple(mean.shape[1:])
         rows = index.to(device)
         latents = (mean[rows] + std[rows] * torch.randn(shape, generator=g).to(device)) * sd.config.scale_factor
