@@ -26,6 +26,9 @@ VARIANTS = {
     "weight2_class200": ["prior.loss_weight=2.0", "prior.num_class_images=200"],
     "steps1000": ["train.steps=1000", "train.checkpoint_every=1000"],
     "class300": ["prior.num_class_images=300"],  # each class image seen twice in 600 steps, not 12 times
+    # class images drawn without guidance: the model's conditional samples, not guided ones it would learn to
+    # guide again (each demo run samples "a photo of a star" at its own 1.5 after training on them)
+    "guidance1": ["prior.guidance=1.0"],
 }
 RESULTS = Path(__file__).with_name("demo_prior_tuning.json")
 TRAIN_SEED, EVAL_SEED, SAMPLES, STAR_SAMPLES = 5, 3000, 16, 160

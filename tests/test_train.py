@@ -240,6 +240,9 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     for i, s in a["optimizer"]["state"].items():  # AdamW8bit's step is an int, the rest tensors
         assert all(torch.equal(torch.as_tensor(s[key]), torch.as_tensor(b["optimizer"]["state"][i][key])) for key in s)
     assert a["data"] == b["data"]
+    assert ("token_rows" in a) == ("token_rows" in b)
+    if "token_rows" in a:  # the table, decayed since the base, and its trained rows
+        assert torch.equal(a["token_rows"]["table"], b["token_rows"]["table"])
     if "train.low_memory=true" in sets:  # lagged clipping's state: the norm of the step before
         assert a["fused_step"]["last_norm"] is not None
         assert torch.equal(a["fused_step"]["last_norm"], b["fused_step"]["last_norm"])
@@ -255,6 +258,45 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
 
 
 # ---- memory options -------------------------------------------------------------------------------
+
+def test_token_rows_train_the_weights_of_the_whole_table(world, tmp_path):
+    """train.token_rows (the default): only the rows the prompts use train, the table takes dense AdamW's
+    weight decay; the exported model equals the run that trains the whole table, to rounding (the gradient
+    norm sums in another order), and no step holds a gradient or moments of the table's size."""
+    from safetensors.torch import load_file
+    sets = ("optim.weight_decay=0.3", "train.steps=3", "train.checkpoint_every=3", "model.export_dtype=fp32")
+    dense = train(config(world, tmp_path / "dense", "train.token_rows=false", *sets))
+    rows = train(config(world, tmp_path / "rows", *sets))
+    a, b = ck.load_state(dense.state_path), ck.load_state(rows.state_path)
+    key = "text_encoder.text_model.embeddings.token_embedding"
+    table = a["weights"][f"{key}.weight"]
+    assert f"{key}.weight" not in b["weights"] and b["weights"][f"{key}.rows"].shape[0] < table.shape[0] // 100
+    assert max(s["exp_avg"].numel() for s in b["optimizer"]["state"].values()) < table.numel()
+    ids = b["token_rows"]["ids"]
+    torch.testing.assert_close(b["token_rows"]["table"], table, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b["weights"][f"{key}.rows"], table[ids], rtol=1e-5, atol=1e-6)
+    base = load_file(world / "base.safetensors")
+    base_table = next(v for k, v in base.items() if k.endswith("token_embedding.weight")).float()
+    unused = torch.ones(len(table), dtype=torch.bool)
+    unused[ids] = False
+    shrink = (1 - 1e-3 * 0.3) ** 3  # three steps of the decay alone, at the constant lr
+    torch.testing.assert_close(table[unused], base_table[unused] * shrink, rtol=1e-6, atol=1e-7)
+    assert (table[ids] - base_table[ids] * shrink).abs().max() > 1e-4  # the used rows learned
+    x, y = load_file(dense.model_path), load_file(rows.model_path)
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("sets, applies", [
+    ((), True), (("train.token_rows=false",), False), (("model.train_text_encoder=false",), False),
+    (("train.ema_decay=0.9",), False), (("optim.optimizer=adamw8bit",), False), (("train.low_memory=true",), False),
+    (("model.precision=bf16",), False), (("model.lora_rank=2", "model.lora_text_encoder=true"), False)])
+def test_token_rows_apply_where_they_are_exact(world, tmp_path, sets, applies):
+    from minidb.dreambooth.plan import make_plan
+    assert make_plan(config(world, tmp_path / "run", *sets)).token_rows is applies
+
+
 
 @pytest.mark.parametrize("sets, forwards, eight_bit, checkpointing", [
     (("optim.optimizer=adamw8bit",), 3, True, False),

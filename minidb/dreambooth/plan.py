@@ -45,6 +45,7 @@ class Plan:
     lr_scale: float            # optim.scale_lr: the instance images per step; else 1
     text_encoder_trains: bool  # its weights or its LoRA adapters get gradients
     bounded_allocator: bool    # a mode that trades speed for memory: minidb.dreambooth.allocator keeps less freed memory
+    token_rows: bool           # the text encoder's token embedding trains only its used rows (minidb.dreambooth.token_rows)
     dtype: torch.dtype         # the precision's torch dtype
     config_toml: str           # cfg as the run folder's config.toml holds it
     config_record: dict        # cfg as each training state records it (train_config.to_dict)
@@ -67,7 +68,8 @@ def make_plan(cfg: DreamBoothConfig, world_size: int | None = None, local_rank: 
     return Plan(cfg=cfg, base=base, device=device, precision=precision, world_size=world_size,
                 lr_scale=scaled_lr(1.0, t.batch_size, t.grad_accum, world_size) if cfg.optim.scale_lr else 1.0,
                 text_encoder_trains=m.lora_text_encoder if m.lora_rank else m.train_text_encoder,
-                bounded_allocator=bounded_allocator(cfg), dtype=getattr(torch, DTYPES[precision]),
+                bounded_allocator=bounded_allocator(cfg), token_rows=token_rows(cfg, precision),
+                dtype=getattr(torch, DTYPES[precision]),
                 config_toml=dump_toml(cfg), config_record=to_dict(cfg))
 
 
@@ -75,6 +77,14 @@ def bounded_allocator(cfg: DreamBoothConfig) -> bool:
     """The modes that trade speed for memory (train.low_memory, the fused step), where keeping all
     freed memory would fragment the heap and cost memory (minidb.dreambooth.allocator)."""
     return cfg.train.low_memory or cfg.train.fused_backward != "off"
+
+
+def token_rows(cfg: DreamBoothConfig, precision: str) -> bool:
+    """train.token_rows where it gives dense AdamW's weights: the whole text encoder trains in fp32
+    with torch's AdamW, no EMA and no fused step (minidb.dreambooth.token_rows says why each)."""
+    m, t = cfg.model, cfg.train
+    return (t.token_rows and m.train_text_encoder and not m.lora_rank and precision == "fp32"
+            and cfg.optim.optimizer == "adamw" and not t.ema_decay and t.fused_backward == "off")
 
 
 def read_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:

@@ -46,12 +46,16 @@ from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER,
 from minidb.dreambooth.plan import Plan, make_plan
 from minidb.dreambooth.run import Run
 from minidb.dreambooth.step import TrainStep
+from minidb.dreambooth.token_rows import dense_weights, use_token_rows
 from minidb.dreambooth.train_config import DreamBoothConfig, ModelConfig, check_prompts
 from minidb.dreambooth.train_options import caption_file_of, caption_for, min_snr_weights, weighted_mse
 
 
 class TrainingDiverged(MinidbError):
     """The loss or the gradients became inf/NaN in fp32/bf16 (where no loss scaler can help)."""
+
+
+TOKEN_EMBEDDING = "text_encoder.text_model.embeddings.token_embedding"  # its trained name, without .weight
 
 
 @dataclass
@@ -94,9 +98,12 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                     cfg.data.hflip, cfg.train.seed)
         lora = add_adapters(sd, cfg.model, cfg.train.seed) if cfg.model.lora_rank else {}
-        trainer = TrainStep(set_trainable(sd, cfg.model.train_text_encoder, lora), cfg.optim, cfg.train,
+        # a state written with the whole table trained resumes so (one from before train.token_rows)
+        rows_of = sd.tokenizer(prompts) if plan.token_rows and (state is None or "token_rows" in state) else None
+        trainer = TrainStep(set_trainable(sd, cfg.model.train_text_encoder, lora, rows_of), cfg.optim, cfg.train,
                             plan.precision, plan.lr_scale, dist)
-        step, cursor = restore(state, trainer, dist, run) if state is not None else (0, (0, 0))
+        rows = sd.text_encoder.text_model.embeddings.token_embedding if rows_of is not None else None
+        step, cursor = restore(state, trainer, dist, run, rows) if state is not None else (0, (0, 0))
         forward = Forward.build(sd, plan, lora, dist, prompts)
         batches = Batches(dataset, sd, cfg.train.batch_size, dist, latent_cache(sd, dataset, cfg, run, dist),
                           cfg.train.noise_offset, prompt_rows)
@@ -118,6 +125,8 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                     losses += torch.stack([p if p is not None else torch.zeros_like(parts[0]) for p in parts]
                                           ).detach() / accum
                 stepped, grad_norm = trainer.step()
+                if rows is not None and stepped:  # what dense AdamW did to the other rows of the table
+                    rows.after_step(lr, cfg.optim.weight_decay)
                 step += 1
                 losses = dist.all_reduce_mean_(losses).tolist()
                 loss = check_finite(trainer, stepped, losses[0], grad_norm, step, plan.precision, last_checkpoint)
@@ -131,12 +140,15 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                 stop_now = dist.any(stop.requested is not None, device=plan.device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop_now:
                     last_checkpoint = run.save_state(step, {"data": {"epoch": cursor[0], "index": cursor[1]},
-                                                       **trainer.state_dict(), "loss": loss})
+                                                       **trainer.state_dict(), "loss": loss,
+                                                       **({"token_rows": rows.state_dict_for_training()} if rows is not None else {})})
                 if stop_now:
                     return stopped_result(run, stop.requested, step, last_checkpoint, loss)
 
         # ---- the end: the fine-tuned model as an SD v1 checkpoint, or the LoRA file ---------------
         weights = trainer.weights(ema=cfg.train.export_ema)
+        if rows is not None:
+            weights = dense_weights(weights, TOKEN_EMBEDDING, rows)
         trainer.close()  # the optimizer's moments freed before the export
         if dist.is_main:
             run.result(f"done: {_count(step, 'step')}, loss {loss:.4f}; " + export(cfg, run, weights, step))
@@ -262,12 +274,17 @@ class Forward:
                                 parameterization=self.parameterization, min_snr_gamma=self.min_snr_gamma)
 
 
-def restore(state, trainer: TrainStep, dist: Dist, run: Run) -> tuple[int, tuple[int, int]]:
+def restore(state, trainer: TrainStep, dist: Dist, run: Run, rows=None) -> tuple[int, tuple[int, int]]:
     """The step's parts and the RNG states from a training state; returns (step, data cursor)."""
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError) as e:
         raise StateError(f"{state['path']}: does not fit this model: {e}") from None
+    if rows is not None:
+        try:
+            rows.load_training_state(state["token_rows"])
+        except StateError as e:
+            raise StateError(f"{state['path']}: {e}") from None
     if trainer.ema is not None and not state.get("ema"):
         run.log(f"train.ema_decay: the training state holds no EMA; it starts at step {state['step']}")
     rngs = state["rng"]
@@ -396,10 +413,12 @@ def _count(n: int, noun: str) -> str:
 
 # ---- the pieces of a step ------------------------------------------------------------------------
 
-def set_trainable(sd, train_text_encoder: bool, lora: dict | None = None) -> list[tuple[str, torch.nn.Parameter]]:
+def set_trainable(sd, train_text_encoder: bool, lora: dict | None = None,
+                  rows_of: torch.Tensor | None = None) -> list[tuple[str, torch.nn.Parameter]]:
     """VAE frozen in eval mode; UNet trained; text encoder trained or frozen. With LoRA (the networks
-    of add_adapters) every model is frozen and only the adapters train. Returns the named trainable
-    parameters: these, and only these, reach the optimizer."""
+    of add_adapters) every model is frozen and only the adapters train. rows_of: the run's tokenized
+    prompts, whose rows alone of the token embedding train (minidb.dreambooth.token_rows). Returns the
+    named trainable parameters: these, and only these, reach the optimizer."""
     sd.vae.eval().requires_grad_(False)
     if lora:
         sd.unet.train().requires_grad_(False)
@@ -408,10 +427,12 @@ def set_trainable(sd, train_text_encoder: bool, lora: dict | None = None) -> lis
     sd.unet.train().requires_grad_(True)
     if train_text_encoder:
         sd.text_encoder.train().requires_grad_(True)
+        if rows_of is not None:
+            use_token_rows(sd.text_encoder, rows_of)
     else:
         sd.text_encoder.eval().requires_grad_(False)
     modules = [("unet", sd.unet)] + ([("text_encoder", sd.text_encoder)] if train_text_encoder else [])
-    return [(f"{name}.{n}", p) for name, module in modules for n, p in module.named_parameters()]
+    return [(f"{name}.{n}", p) for name, module in modules for n, p in module.named_parameters() if p.requires_grad]
 
 
 def add_adapters(sd, m: ModelConfig, seed: int) -> dict[str, LoRANetwork]:

@@ -121,6 +121,10 @@ class TrainConfig:
     ema_decay: float = 0.0            # an fp32 moving average of the trained weights, e.g. 0.999; 0 = off
     ema_on_cpu: bool = False          # keep that average in CPU memory (one copy per step)
     export_ema: bool = True           # with ema_decay > 0: export the average in place of the raw weights
+    token_rows: bool = True           # a trained text encoder's token embedding trains only the rows the run's
+                                      # prompts use: dense AdamW's weights without the table's gradient and moments
+                                      # (minidb.dreambooth.token_rows; where it is exact: fp32, adamw, no EMA, no
+                                      # fused step). false: the whole table, as diffusers does
 
 
 @dataclass(frozen=True)

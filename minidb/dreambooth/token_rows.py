@@ -1,0 +1,74 @@
+"""The text encoder's token embedding trained on the rows the run's prompts use, not the whole table.
+
+A DreamBooth run's prompts are fixed before its first step (the instance prompt or the captions, and the
+class prompt), and they use a few dozen of CLIP's 49,408 token rows. Dense AdamW gives every other row a
+zero gradient, so that row's two moments stay zero and its whole update is the decoupled weight decay,
+w *= 1 - lr * weight_decay. TokenRows trains the used rows as a parameter of their own and applies that
+decay to the table itself after each step: the weights of dense training, to rounding (the gradient norm
+sums in another order), without the table's gradient and two moments, which a dense step holds at the
+end of every backward (three times the table: benchmarks/RESULTS.md, issue #31).
+
+Where the equality is exact by construction it is used (minidb.dreambooth.plan, `token_rows`): fp32
+weights (no master copy to keep in step), torch's AdamW (8-bit moments are quantized per block of the
+tensor, so a smaller tensor quantizes otherwise), no EMA (the average of the untouched rows would need the
+table twice) and no fused backward step (which steps each parameter on its own).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidb.errors import StateError
+
+
+class TokenRows(nn.Module):
+    """Takes the place of an nn.Embedding; `weight` stays the table (the checkpoint's key), frozen,
+    and `rows` [k, width] are the trained rows of the token ids `ids` (sorted)."""
+
+    def __init__(self, embedding: nn.Embedding, token_ids: torch.Tensor):
+        super().__init__()
+        self.weight = embedding.weight
+        self.weight.requires_grad_(False)
+        device = self.weight.device
+        self.ids = token_ids.flatten().unique().to(device)  # sorted; plain tensors, not buffers: DDP would
+        self.slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=device)  # broadcast them
+        self.slot[self.ids] = torch.arange(len(self.ids), device=device)  # token id -> its row in `rows`, or -1
+        self.rows = nn.Parameter(self.weight.detach()[self.ids].clone())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.rows.requires_grad):
+            return F.embedding(input_ids, self.weight)  # sampling: the table holds the rows after each step
+        slot = self.slot[input_ids]
+        if bool((slot < 0).any()):  # its gradient would be lost: a bug, not a user's error
+            raise RuntimeError("TokenRows: a token outside the run's prompts reached the trained text encoder")
+        return F.embedding(slot, self.rows)  # [B, N, width], as the table's rows would be
+
+    @torch.no_grad()
+    def after_step(self, lr: float, weight_decay: float) -> None:
+        """What dense AdamW did to the rows without a gradient, then the stepped rows into the table."""
+        self.weight.mul_(1.0 - lr * weight_decay)
+        self.weight[self.ids] = self.rows
+
+    def state_dict_for_training(self) -> dict:
+        """For the training state: the table (decayed since the base) and which rows train."""
+        return {"ids": self.ids.cpu(), "table": self.weight.detach()}
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict) -> None:
+        if not torch.equal(state["ids"], self.ids.cpu()):
+            raise StateError("the training state trained other token rows: the prompts (or caption files) "
+                             "changed since it was written")
+        self.weight.copy_(state["table"])
+
+
+def use_token_rows(text_encoder: nn.Module, token_ids: torch.Tensor) -> TokenRows:
+    """Put a TokenRows in place of text_encoder's token embedding (after its requires_grad is set)."""
+    embeddings = text_encoder.text_model.embeddings
+    embeddings.token_embedding = TokenRows(embeddings.token_embedding, token_ids)
+    return embeddings.token_embedding
+
+
+def dense_weights(weights: dict, prefix: str, rows: TokenRows) -> dict:
+    """The trained weights by name with the table, under its checkpoint key, in place of the rows."""
+    out = {k: v for k, v in weights.items() if k != f"{prefix}.rows"}
+    out[f"{prefix}.weight"] = rows.weight.detach()
+    return out
