@@ -259,7 +259,7 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
 
 # ---- memory options -------------------------------------------------------------------------------
 
-def test_token_rows_train_the_weights_of_the_whole_table(world, tmp_path):
+def test_token_rows_train_the_weights_of_the_whole_table(world, tmp_path, capsys):
     """train.token_rows (the default): only the rows the prompts use train, the table takes dense AdamW's
     weight decay; the exported model equals the run that trains the whole table, to rounding (the gradient
     norm sums in another order), and no step holds a gradient or moments of the table's size."""
@@ -267,6 +267,7 @@ def test_token_rows_train_the_weights_of_the_whole_table(world, tmp_path):
     sets = ("optim.weight_decay=0.3", "train.steps=3", "train.checkpoint_every=3", "model.export_dtype=fp32")
     dense = train(config(world, tmp_path / "dense", "train.token_rows=false", *sets))
     rows = train(config(world, tmp_path / "rows", *sets))
+    assert "rows the prompts use: train.token_rows" in capsys.readouterr().err  # the line saying what trains
     a, b = ck.load_state(dense.state_path), ck.load_state(rows.state_path)
     key = "text_encoder.text_model.embeddings.token_embedding"
     table = a["weights"][f"{key}.weight"]

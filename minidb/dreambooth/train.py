@@ -357,6 +357,9 @@ def describe(plan: Plan, n_instance, class_images, masters) -> str:
                  + ("attention" if m.lora_targets == "attention" else "transformer blocks")
                  + (" + text encoder" if m.lora_text_encoder else " (text encoder frozen)"))
     n_trained = sum(p.numel() for p in masters.params)
+    rows = [p for n, p in zip(masters.names, masters.params) if n == f"{TOKEN_EMBEDDING}.rows"]
+    if rows:
+        parts += f" (of the token embedding the {len(rows[0])} rows the prompts use: train.token_rows)"
     return (_count(n_instance, "instance image")
             + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
             + f" at {r}x{r}" + (" (the base model's image size)" if r == plan.base.image_size else "")
