@@ -80,11 +80,12 @@ def bounded_allocator(cfg: DreamBoothConfig) -> bool:
 
 
 def token_rows(cfg: DreamBoothConfig, precision: str) -> bool:
-    """train.token_rows where it gives dense AdamW's weights: the whole text encoder trains in fp32
-    with torch's AdamW, no EMA and no fused step (minidb.dreambooth.token_rows says why each)."""
+    """train.token_rows where it gives dense AdamW's weights: the whole text encoder trains, with torch's
+    AdamW (fp32 masters for a 16-bit model), no EMA and no fused step (minidb.dreambooth.token_rows says why)."""
     m, t = cfg.model, cfg.train
-    return (t.token_rows and m.train_text_encoder and not m.lora_rank and precision == "fp32"
-            and cfg.optim.optimizer == "adamw" and not t.ema_decay and t.fused_backward == "off")
+    return (t.token_rows and m.train_text_encoder and not m.lora_rank and cfg.optim.optimizer == "adamw"
+            and (precision == "fp32" or cfg.optim.master_weights == "fp32") and not t.ema_decay
+            and t.fused_backward == "off")
 
 
 def read_base(cfg: DreamBoothConfig) -> tuple[DreamBoothConfig, SDConfig]:

@@ -123,6 +123,10 @@ class TrainStep:
         """The trained weights by name, fp32: the EMA's when there is one and `ema`, else the raw ones."""
         return self.ema.shadow if ema and self.ema is not None else self.masters.state_dict()
 
+    def master(self, name: str) -> torch.Tensor:
+        """The fp32 weight the optimizer steps for the trained parameter `name`."""
+        return self.masters.params[self.masters.names.index(name)]
+
     def close(self) -> None:
         """Free the optimizer (its moments: twice the trained weights) and the fused step's hooks, which hold it."""
         if self.fused is not None:

@@ -8,10 +8,11 @@ decay to the table itself after each step: the weights of dense training, to rou
 sums in another order), without the table's gradient and two moments, which a dense step holds at the
 end of every backward (three times the table: benchmarks/RESULTS.md, issue #31).
 
-Where the equality is exact by construction it is used (minidb.dreambooth.plan, `token_rows`): fp32
-weights (no master copy to keep in step), torch's AdamW (8-bit moments are quantized per block of the
-tensor, so a smaller tensor quantizes otherwise), no EMA (the average of the untouched rows would need the
-table twice) and no fused backward step (which steps each parameter on its own).
+Where the equality is exact by construction it is used (minidb.dreambooth.plan, `token_rows`): torch's
+AdamW (8-bit moments are quantized per block of the tensor, so a smaller tensor quantizes otherwise), no
+EMA (the average of the untouched rows would need the table twice) and no fused backward step (which
+steps each parameter on its own). An fp16/bf16 model keeps an fp32 copy of the table, as its fp32 master
+weights would: a decay of lr * weight_decay is far below a 16-bit weight's resolution.
 """
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from minidb.errors import StateError
 
 class TokenRows(nn.Module):
     """Takes the place of an nn.Embedding; `weight` stays the table (the checkpoint's key), frozen,
-    and `rows` [k, width] are the trained rows of the token ids `ids` (sorted)."""
+    and `rows` [k, width] are the trained rows of the token ids `ids` (sorted). `master` is the table
+    in fp32: `weight` itself in an fp32 model, else a copy that `weight` is rounded from."""
 
     def __init__(self, embedding: nn.Embedding, token_ids: torch.Tensor):
         super().__init__()
@@ -33,6 +35,8 @@ class TokenRows(nn.Module):
         self.slot = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=device)  # broadcast them
         self.slot[self.ids] = torch.arange(len(self.ids), device=device)  # token id -> its row in `rows`, or -1
         self.rows = nn.Parameter(self.weight.detach()[self.ids].clone())
+        w = self.weight.detach()
+        self.master = w if w.dtype == torch.float32 else w.float()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.rows.requires_grad):
@@ -43,21 +47,26 @@ class TokenRows(nn.Module):
         return F.embedding(slot, self.rows)  # [B, N, width], as the table's rows would be
 
     @torch.no_grad()
-    def after_step(self, lr: float, weight_decay: float) -> None:
-        """What dense AdamW did to the rows without a gradient, then the stepped rows into the table."""
-        self.weight.mul_(1.0 - lr * weight_decay)
-        self.weight[self.ids] = self.rows
+    def after_step(self, lr: float, weight_decay: float, rows: torch.Tensor) -> None:
+        """What dense AdamW did to the rows without a gradient, then the stepped rows (fp32: the
+        optimizer's, the masters of a 16-bit model) into the table."""
+        self.master.mul_(1.0 - lr * weight_decay)
+        self.master[self.ids] = rows
+        if self.master is not self.weight:
+            self.weight.copy_(self.master)  # rounded, as MasterWeights.copy_to_model rounds
 
     def state_dict_for_training(self) -> dict:
-        """For the training state: the table (decayed since the base) and which rows train."""
-        return {"ids": self.ids.cpu(), "table": self.weight.detach()}
+        """For the training state: the fp32 table (decayed since the base) and which rows train."""
+        return {"ids": self.ids.cpu(), "table": self.master}
 
     @torch.no_grad()
     def load_training_state(self, state: dict) -> None:
         if not torch.equal(state["ids"], self.ids.cpu()):
             raise StateError("the training state trained other token rows: the prompts (or caption files) "
                              "changed since it was written")
-        self.weight.copy_(state["table"])
+        self.master.copy_(state["table"])
+        if self.master is not self.weight:
+            self.weight.copy_(self.master)
 
 
 def use_token_rows(text_encoder: nn.Module, token_ids: torch.Tensor) -> TokenRows:
@@ -68,7 +77,7 @@ def use_token_rows(text_encoder: nn.Module, token_ids: torch.Tensor) -> TokenRow
 
 
 def dense_weights(weights: dict, prefix: str, rows: TokenRows) -> dict:
-    """The trained weights by name with the table, under its checkpoint key, in place of the rows."""
+    """The trained weights by name (fp32) with the table, under its checkpoint key, in place of the rows."""
     out = {k: v for k, v in weights.items() if k != f"{prefix}.rows"}
-    out[f"{prefix}.weight"] = rows.weight.detach()
+    out[f"{prefix}.weight"] = rows.master
     return out

@@ -126,7 +126,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                                           ).detach() / accum
                 stepped, grad_norm = trainer.step()
                 if rows is not None and stepped:  # what dense AdamW did to the other rows of the table
-                    rows.after_step(lr, cfg.optim.weight_decay)
+                    rows.after_step(lr, cfg.optim.weight_decay, trainer.master(f"{TOKEN_EMBEDDING}.rows"))
                 step += 1
                 losses = dist.all_reduce_mean_(losses).tolist()
                 loss = check_finite(trainer, stepped, losses[0], grad_norm, step, plan.precision, last_checkpoint)
