@@ -31,6 +31,25 @@ def test_round_trip_and_latest(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_state_is_mapped_and_its_copied_weights_handed_back(tmp_path):
+    """load_state maps the file (a resume holds no second copy of weights and moments); once the weights
+    are copied into the model, train() drops them and hands their pages back, the values staying readable."""
+    from minidb.dreambooth.train import hand_back_copied
+    path = ck.checkpoint_path(tmp_path, 3)
+    ck.save_state(path, _state(3, n=1 << 20))
+    state = ck.load_state(path)
+    w = state["weights"]["unet.w"]
+    with open("/proc/self/maps") as f:
+        mapped = [line for line in f if line.rstrip().endswith(path.name)]
+    spans = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in mapped]
+    assert any(a <= w.data_ptr() and w.data_ptr() + w.nbytes <= b for a, b in spans)  # a view of the file
+    copy = w.clone()
+    hand_back_copied(state)
+    assert "weights" not in state and state["step"] == 3
+    assert torch.equal(w, copy)  # handed-back pages of a file mapping refill from the file
+
+
 def test_prune_keeps_newest(tmp_path):
     for step in range(1, 6):
         ck.save_state(ck.checkpoint_path(tmp_path, step), _state(step, 10))

@@ -134,7 +134,7 @@ class SafetensorsFile(CheckpointFile):
         if dtype is None or dtype == tensor.dtype:
             return tensor
         converted = tensor.to(dtype)
-        _give_back_pages(tensor)  # else the file's pages stay resident beside the copy: 1.5x a fp16 -> fp32 load
+        give_back_pages(tensor)  # else the file's pages stay resident beside the copy: 1.5x a fp16 -> fp32 load
         return converted
 
     def close(self):
@@ -209,7 +209,7 @@ class TorchFile(CheckpointFile):
     def get(self, key, dtype=None):
         mapped = self._tensors[key]
         tensor = mapped.clone() if dtype in (None, mapped.dtype) else mapped.to(dtype)
-        _give_back_pages(mapped)
+        give_back_pages(mapped)
         return tensor
 
     def close(self):
@@ -219,7 +219,7 @@ class TorchFile(CheckpointFile):
 _madvise = ctypes.CDLL(None, use_errno=True).madvise if sys.platform.startswith("linux") else None
 
 
-def _give_back_pages(tensor: torch.Tensor):
+def give_back_pages(tensor: torch.Tensor):
     """Let the kernel drop the mapped file pages behind a tensor we have copied out. They were only
     read, so the file can always refill them; without this they stay resident until the whole
     file is unmapped, and a .ckpt load would peak at twice the model's size."""

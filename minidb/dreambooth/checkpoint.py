@@ -63,7 +63,9 @@ def load_state(path) -> dict:
     if not path.is_file():
         raise StateError(f"{path}: no such training checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mapped, not read: a resume holds no second copy of the weights and moments beside the model's
+        # (the pages come in as each tensor is used; the file is never written in place: atomic_write)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # a pickle that would run code: one line, never torch's advice
         raise StateError(unpickling_refusal(path, e)) from None
     except Exception as e:  # a truncated zip, a flipped bit, ...

@@ -40,6 +40,7 @@ from minidb.config import DTYPES
 from minidb.dreambooth.data import Batches, DreamBoothDataset, can_cache_latents, cache_latents, load_image_folder, open_images
 from minidb.dreambooth.distributed import Dist, StopOnSignal
 from minidb.errors import CheckpointError, MinidbError, StateError
+from minidb.weights.files import give_back_pages
 from minidb.pipeline import give_back_freed_memory, release_mapped_pages
 from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER, LoRANetwork, add_lora, save_lora,
                          with_alphas)
@@ -104,6 +105,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
                             plan.precision, plan.lr_scale, dist)
         rows = sd.text_encoder.text_model.embeddings.token_embedding if rows_of is not None else None
         step, cursor = restore(state, trainer, dist, run, rows) if state is not None else (0, (0, 0))
+        hand_back_copied(state)
         forward = Forward.build(sd, plan, lora, dist, prompts)
         batches = Batches(dataset, sd, cfg.train.batch_size, dist, latent_cache(sd, dataset, cfg, run, dist),
                           cfg.train.noise_offset, prompt_rows)
@@ -294,6 +296,19 @@ def restore(state, trainer: TrainStep, dist: Dist, run: Run, rows=None) -> tuple
     set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
     run.log(f"resumed from {state['path']} at step {state['step']}")
     return state["step"], (state["data"]["epoch"], state["data"]["index"])
+
+
+def hand_back_copied(state) -> None:
+    """The training state's weights, now copied into the model (and the token table into TokenRows),
+    leave it, and their pages of the mapped checkpoint go back to the kernel: they were only read. The
+    optimizer's moments stay where they are, its own tensors now (written pages become the process's)."""
+    if state is None:
+        return
+    copied = list(state.pop("weights", {}).values())
+    if isinstance(state.get("token_rows"), dict):
+        copied.append(state.pop("token_rows")["table"])
+    for tensor in copied:
+        give_back_pages(tensor)
 
 
 # ---- what a step reports -------------------------------------------------------------------------
