@@ -12,6 +12,7 @@ fp32, the UNet and the text encoder trained, 3 steps, one validation image at th
   default     minidb train --config run.toml
   low_memory  ... --set train.low_memory=true
   lora        ... --set model.lora_rank=4 --set model.lora_text_encoder=true  (bench_train.py's LoRA)
+  resume      the default run's last checkpoint (resume@before: default@before's) resumed for a 4th step
   diffusers   train_dreambooth.py's order: class images from a pipeline it then deletes, the models
               from_pretrained, the step of benchmarks.bench_train (VAE-encoded every step), a validation
               image from a pipeline around the trained models, and the export it writes
@@ -48,8 +49,11 @@ CONFIGS = {
     "default": [],
     "low_memory": ["train.low_memory=true"],
     "lora": ["model.lora_rank=4", "model.lora_text_encoder=true"],
+    # the default run's last checkpoint resumed for one more step (resume@before: default@before's, on the
+    # code before), into a folder of its own: the resume is its own stage
+    "resume": ["train.steps=4"],
 }
-STAGES = ["start", "load", "class images", "latent caching", "steps", "validation", "checkpoint", "export", "exit"]
+STAGES = ["start", "load", "class images", "resume", "latent caching", "steps", "validation", "checkpoint", "export", "exit"]
 SAMPLE_STEPS = 4  # class and validation images: the stage's memory does not depend on the step count
 RES, STEPS = 256, 3
 QUICK_RES = 32  # --quick: the tiny model, to check this script in seconds
@@ -156,8 +160,15 @@ def minidb_marks(lines, out: Path, start: float) -> dict:
     grid = max((run / "samples").glob("*.png")).stat().st_mtime
     ckpt = max((run / "checkpoints").glob("*.pt")).stat().st_mtime
     return {"start": start, "load": first(lines, r"^loading "), "class images": first(lines, r"class images"),
-            "latent caching": first(lines, r"caching latents"), "steps": first(lines, r"run folder"),
+            "resume": first(lines, r"^restoring the training state"), "latent caching": first(lines, r"caching latents"), "steps": first(lines, r"run folder"),
             "validation": steps[-1]["time"], "checkpoint": grid, "export": ckpt, "exit": first(lines, r"^done: ")}
+
+
+def latest_checkpoint(out: Path) -> Path:
+    found = sorted((out / "run" / "checkpoints").glob("step_*.pt"))
+    if not found:
+        raise SystemExit(f"resume: no checkpoint in {out / 'run' / 'checkpoints'}: run that configuration first")
+    return found[-1]
 
 
 def base_name(name: str) -> str:
@@ -187,6 +198,8 @@ def run_config(name: str, args, work: Path) -> dict:
         cmd = [sys.executable, "-m", "minidb", "train", "--config", str(run_toml(work, out))]
         for s in CONFIGS[name]:
             cmd += ["--set", s]
+        if name == "resume":
+            cmd += ["--resume", str(latest_checkpoint(args.work / "runs" / ("default@before" if before else "default")))]
     print(f"{name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     samples, lines, start, end = sample(cmd, env, out)
     if CONFIGS[name] is None:

@@ -278,6 +278,7 @@ class Forward:
 
 def restore(state, trainer: TrainStep, dist: Dist, run: Run, rows=None) -> tuple[int, tuple[int, int]]:
     """The step's parts and the RNG states from a training state; returns (step, data cursor)."""
+    run.log(f"restoring the training state of {state['path']} (step {state['step']})")
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError) as e:
