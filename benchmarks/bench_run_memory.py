@@ -275,7 +275,7 @@ def diffusers_run(out: Path, work: Path):
 # ---- the picture and the table --------------------------------------------------------------------
 
 COLOURS = {"diffusers": (214, 39, 40), "default": (31, 119, 180), "low_memory": (44, 160, 44), "lora": (148, 103, 189)}
-LETTERS = {"load": "L", "class images": "C", "latent caching": "K", "steps": "S", "validation": "V",
+LETTERS = {"load": "L", "class images": "C", "resume": "R", "latent caching": "K", "steps": "S", "validation": "V",
            "checkpoint": "P", "export": "E", "exit": "X"}
 
 
