@@ -20,6 +20,8 @@ from torch import nn
 
 from minidb.errors import StateError
 
+TOKEN_EMBEDDING = "text_encoder.text_model.embeddings.token_embedding"  # its trained name, without .weight
+
 
 class TokenRows(nn.Module):
     """Takes the place of an nn.Embedding; `weight` stays the table (the checkpoint's key), frozen,
@@ -63,7 +65,7 @@ class TokenRows(nn.Module):
     def load_training_state(self, state: dict) -> None:
         if not torch.equal(state["ids"], self.ids.cpu()):
             raise StateError("the training state trained other token rows: the prompts (or caption files) "
-                             "changed since it was written")
+                             "changed since it was written; resume with the prompts it was trained with")
         self.master.copy_(state["table"])
         if self.master is not self.weight:
             self.weight.copy_(self.master)
@@ -76,8 +78,14 @@ def use_token_rows(text_encoder: nn.Module, token_ids: torch.Tensor) -> TokenRow
     return embeddings.token_embedding
 
 
-def dense_weights(weights: dict, prefix: str, rows: TokenRows) -> dict:
+def token_rows_of(text_encoder: nn.Module) -> TokenRows | None:
+    """The TokenRows use_token_rows put in, or None."""
+    module = text_encoder.text_model.embeddings.token_embedding
+    return module if isinstance(module, TokenRows) else None
+
+
+def dense_weights(weights: dict, rows: TokenRows) -> dict:
     """The trained weights by name (fp32) with the table, under its checkpoint key, in place of the rows."""
-    out = {k: v for k, v in weights.items() if k != f"{prefix}.rows"}
-    out[f"{prefix}.weight"] = rows.master
+    out = {k: v for k, v in weights.items() if k != f"{TOKEN_EMBEDDING}.rows"}
+    out[f"{TOKEN_EMBEDDING}.weight"] = rows.master
     return out

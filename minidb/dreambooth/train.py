@@ -47,16 +47,13 @@ from minidb.lora import (TEXT_ENCODER_TARGETS, UNET_ATTENTION, UNET_TRANSFORMER,
 from minidb.dreambooth.plan import Plan, make_plan
 from minidb.dreambooth.run import Run
 from minidb.dreambooth.step import TrainStep
-from minidb.dreambooth.token_rows import dense_weights, use_token_rows
+from minidb.dreambooth.token_rows import TOKEN_EMBEDDING, dense_weights, token_rows_of, use_token_rows
 from minidb.dreambooth.train_config import DreamBoothConfig, ModelConfig, check_prompts
 from minidb.dreambooth.train_options import caption_file_of, caption_for, min_snr_weights, weighted_mse
 
 
 class TrainingDiverged(MinidbError):
     """The loss or the gradients became inf/NaN in fp32/bf16 (where no loss scaler can help)."""
-
-
-TOKEN_EMBEDDING = "text_encoder.text_model.embeddings.token_embedding"  # its trained name, without .weight
 
 
 @dataclass
@@ -103,7 +100,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         rows_of = sd.tokenizer(prompts) if plan.token_rows and (state is None or "token_rows" in state) else None
         trainer = TrainStep(set_trainable(sd, cfg.model.train_text_encoder, lora, rows_of), cfg.optim, cfg.train,
                             plan.precision, plan.lr_scale, dist)
-        rows = sd.text_encoder.text_model.embeddings.token_embedding if rows_of is not None else None
+        rows = token_rows_of(sd.text_encoder)
         step, cursor = restore(state, trainer, dist, run, rows) if state is not None else (0, (0, 0))
         hand_back_copied(state)
         forward = Forward.build(sd, plan, lora, dist, prompts)
@@ -150,7 +147,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         # ---- the end: the fine-tuned model as an SD v1 checkpoint, or the LoRA file ---------------
         weights = trainer.weights(ema=cfg.train.export_ema)
         if rows is not None:
-            weights = dense_weights(weights, TOKEN_EMBEDDING, rows)
+            weights = dense_weights(weights, rows)
         trainer.close()  # the optimizer's moments freed before the export
         if dist.is_main:
             run.result(f"done: {_count(step, 'step')}, loss {loss:.4f}; " + export(cfg, run, weights, step))
@@ -279,15 +276,15 @@ class Forward:
 def restore(state, trainer: TrainStep, dist: Dist, run: Run, rows=None) -> tuple[int, tuple[int, int]]:
     """The step's parts and the RNG states from a training state; returns (step, data cursor)."""
     run.log(f"restoring the training state of {state['path']} (step {state['step']})")
-    try:
-        trainer.load_state_dict(state)
-    except (KeyError, ValueError) as e:
-        raise StateError(f"{state['path']}: does not fit this model: {e}") from None
-    if rows is not None:
+    if rows is not None:  # first: other prompts would otherwise read as rows of another shape
         try:
             rows.load_training_state(state["token_rows"])
         except StateError as e:
             raise StateError(f"{state['path']}: {e}") from None
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise StateError(f"{state['path']}: does not fit this model: {e}") from None
     if trainer.ema is not None and not state.get("ema"):
         run.log(f"train.ema_decay: the training state holds no EMA; it starts at step {state['step']}")
     rngs = state["rng"]

@@ -123,8 +123,8 @@ class TrainConfig:
     export_ema: bool = True           # with ema_decay > 0: export the average in place of the raw weights
     token_rows: bool = True           # a trained text encoder's token embedding trains only the rows the run's
                                       # prompts use: dense AdamW's weights without the table's gradient and moments
-                                      # (minidb.dreambooth.token_rows; where it is exact: fp32, adamw, no EMA, no
-                                      # fused step). false: the whole table, as diffusers does
+                                      # (minidb.dreambooth.token_rows; where it is exact: adamw, fp32 weights or
+                                      # masters, no EMA, no fused step). false: the whole table, as diffusers does
 
 
 @dataclass(frozen=True)
