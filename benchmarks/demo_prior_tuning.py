@@ -32,6 +32,11 @@ VARIANTS = {
     # the average of the weights over the last ~100 steps: the class share moves from seed to seed by more
     # than any lever above (65-90%), which a snapshot of a noisy lr-2e-4 trajectory would do
     "ema": ["train.ema_decay=0.99"],
+    # the class half fitted to the base model's own predictions (a frozen copy) instead of its 50 class images,
+    # which the fine-tuned model learns to reproduce and mix (RESULTS.md: nearest-image distances)
+    "base_target": ["prior.target=base"],
+    "base_target_w4": ["prior.target=base", "prior.loss_weight=4.0"],  # a distillation weighed more cannot memorise
+    "base_target_ema": ["prior.target=base", "train.ema_decay=0.99"],
 }
 RESULTS = Path(__file__).with_name("demo_prior_tuning.json")
 TRAIN_SEED, EVAL_SEED, SAMPLES, STAR_SAMPLES = 5, 3000, 16, 160

@@ -220,6 +220,8 @@ def _sigterm_at(step):
      "model.precision=bf16"),  # LoRA (bf16 adapters, fp32 masters), EMA and the loss options
     ("model.precision=bf16", "optim.master_weights=kahan", "train.low_memory=true", "train.ema_decay=0.9"),  # bf16
     # weights without fp32 masters: the Kahan compensation is optimizer state; through the fused step
+    ("prior.target=base", "model.precision=bf16"),  # the class half's target from the base model: after a resume
+    # too, not from the resumed weights (the text encoder trains: its base output kept as well)
 ])
 def test_resume_is_bit_exact(world, tmp_path, sets):
     full = train(config(world, tmp_path / "full", *sets))
@@ -257,6 +259,21 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     lines = [[json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     assert [m["step"] for m in lines[1]] == [1, 2, 3, 4]
     assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
+
+
+def test_prior_target_base_fits_the_class_half_to_the_base_models_prediction(world, tmp_path):
+    """prior.target = "base": the class half's target is the frozen base model's prediction at the same noisy
+    latent, so before the first update its loss is zero (the model is the base), and after updates it is the
+    distance from the base; the instance half is the paper's loss either way."""
+    sets = ("train.steps=3", "train.checkpoint_every=3", "optim.lr=3e-3")
+    runs = {t: train(config(world, tmp_path / t, f"prior.target={t}", *sets)) for t in ("images", "base")}
+    lines = {t: [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for t, r in runs.items()}
+    first_images, first_base = lines["images"][0], lines["base"][0]
+    assert first_base["loss_class"] < 1e-10 < 1e-3 < first_images["loss_class"]
+    assert first_base["loss_instance"] == first_images["loss_instance"]  # the same step-1 batch and model
+    assert all(m["loss_class"] > 1e-8 for m in lines["base"][1:])  # the model moved away from the base
+    with pytest.raises(ConfigError, match=r"prior\.target.* must be one of images, base"):
+        config(world, tmp_path / "bad", "prior.target=teacher")
 
 
 # ---- memory options -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ are the only trained parameters, so the masters, the optimizer and the checkpoin
 and the run writes lora.safetensors in kohya's format. The smaller options (min-SNR weighting,
 offset noise, EMA, caption files, lr scaling) are minidb.dreambooth.train_options'.
 """
+import copy
 import functools
 import json
 import math
@@ -95,6 +96,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         give_back_freed_memory()
         dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                     cfg.data.hflip, cfg.train.seed)
+        teacher = Teacher.of_base(sd, cfg, prompts)  # before adapters or a resumed state change the model
         lora = add_adapters(sd, cfg.model, cfg.train.seed) if cfg.model.lora_rank else {}
         # a state written with the whole table trained resumes so (one from before train.token_rows)
         rows_of = sd.tokenizer(prompts) if plan.token_rows and (state is None or "token_rows" in state) else None
@@ -103,7 +105,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         rows = token_rows_of(sd.text_encoder)
         step, cursor = restore(state, trainer, dist, run, rows) if state is not None else (0, (0, 0))
         hand_back_copied(state)
-        forward = Forward.build(sd, plan, lora, dist, prompts)
+        forward = Forward.build(sd, plan, lora, dist, prompts, teacher)
         batches = Batches(dataset, sd, cfg.train.batch_size, dist, latent_cache(sd, dataset, cfg, run, dist),
                           cfg.train.noise_offset, prompt_rows)
         release_vae(sd, keep_encoder=batches.latent_cache is None)
@@ -230,6 +232,27 @@ def latent_cache(sd, dataset, cfg: DreamBoothConfig, run: Run, dist: Dist):
 
 
 @dataclass
+class Teacher:
+    """prior.target = "base": the base model as it was loaded, frozen, whose predictions on the noisy class
+    latents are the class half's target. Made before training changes anything (a resumed run's model
+    holds trained weights by the time the step is built)."""
+    unet: torch.nn.Module
+    context: torch.Tensor   # [prompts, 77, width]: the base text encoder's output for each prompt of the table
+
+    @classmethod
+    def of_base(cls, sd, cfg: DreamBoothConfig, prompts: list[str]) -> "Teacher | None":
+        if not (cfg.prior.class_prompt and cfg.prior.target == "base"):
+            return None
+        with torch.no_grad():
+            context = sd.text_encoder(sd.tokenizer(prompts).to(sd.device))
+        return cls(copy.deepcopy(sd.unet).requires_grad_(False).eval(), context)
+
+    def predict(self, noisy, t, rows, dtype) -> torch.Tensor:
+        with torch.no_grad():
+            return self.unet(noisy.to(dtype), t, self.context[rows].to(dtype)).float()
+
+
+@dataclass
 class Forward:
     """What a micro-batch's loss needs: the models as they train (DDP-wrapped), the prompts as token
     ids (a frozen text encoder's outputs computed once), and the loss's options."""
@@ -243,9 +266,10 @@ class Forward:
     dtype: torch.dtype
     parameterization: str
     min_snr_gamma: float
+    teacher: Teacher | None = None
 
     @classmethod
-    def build(cls, sd, plan: Plan, lora: dict, dist: Dist, prompts: list[str]) -> "Forward":
+    def build(cls, sd, plan: Plan, lora: dict, dist: Dist, prompts: list[str], teacher: Teacher | None = None) -> "Forward":
         cfg = plan.cfg
         sd.unet.gradient_checkpointing = cfg.model.gradient_checkpointing
         sd.text_encoder.gradient_checkpointing = cfg.model.gradient_checkpointing  # frozen: no_grad, nothing to redo
@@ -258,7 +282,7 @@ class Forward:
             with torch.no_grad():
                 fixed_context = sd.text_encoder(prompt_ids)  # [prompts, 77, width]: each encoded once, for every step
         return cls(unet, text_encoder, sd.schedule, prompt_ids, fixed_context, cfg.train.batch_size,
-                   cfg.prior.loss_weight, plan.dtype, sd.config.parameterization, cfg.train.min_snr_gamma)
+                   cfg.prior.loss_weight, plan.dtype, sd.config.parameterization, cfg.train.min_snr_gamma, teacher)
 
     @property
     def trained(self) -> list[torch.nn.Module]:
@@ -268,9 +292,15 @@ class Forward:
         """(loss, instance, class) of one micro-batch. The batch holds its noise and timesteps, so a
         second call (the fused step's exact clipping) repeats the first."""
         context = prompt_context(self.text_encoder, self.prompt_ids, self.fixed_context, batch.prompt)
+        class_target = None
+        if self.teacher is not None and len(batch.t) > self.n_instance:
+            c = slice(self.n_instance, None)
+            noisy = self.schedule.add_noise(batch.latents[c], batch.noise[c], batch.t[c])
+            class_target = self.teacher.predict(noisy, batch.t[c], batch.prompt[c], self.dtype)
         return micro_batch_loss(self.unet, self.schedule, batch.latents, batch.noise, batch.t, context,
                                 self.n_instance, self.prior_loss_weight, dtype=self.dtype,
-                                parameterization=self.parameterization, min_snr_gamma=self.min_snr_gamma)
+                                parameterization=self.parameterization, min_snr_gamma=self.min_snr_gamma,
+                                class_target=class_target)
 
 
 def restore(state, trainer: TrainStep, dist: Dist, run: Run, rows=None) -> tuple[int, tuple[int, int]]:
@@ -507,15 +537,19 @@ def prompt_context(text_encoder, prompt_ids, fixed_context, rows: torch.Tensor) 
 
 
 def micro_batch_loss(unet, schedule, latents, noise, t, context, n_instance: int, prior_loss_weight: float,
-                     dtype=torch.float32, parameterization: str = "eps", min_snr_gamma: float = 0.0):
+                     dtype=torch.float32, parameterization: str = "eps", min_snr_gamma: float = 0.0,
+                     class_target=None):
     """Noise-prediction MSE on latents [instance; class] (one UNet pass over both halves):
     loss = MSE(instance half) + prior_loss_weight * MSE(class half). Returns (loss, instance, class);
     without class examples (no prior preservation), class is None and loss = instance.
     A v-model (parameterization "v") is fitted to v instead of the noise. min_snr_gamma > 0: each
-    example's MSE weighted by its min-SNR weight (minidb.dreambooth.train_options.min_snr_weights)."""
+    example's MSE weighted by its min-SNR weight (minidb.dreambooth.train_options.min_snr_weights).
+    class_target: the class half's target in place of its noise (or v), prior.target = "base" (Teacher)."""
     noisy = schedule.add_noise(latents, noise, t)                     # x_t, fp32 [2B, 4, h, w]
     pred = unet(noisy.to(dtype), t, context.to(dtype)).float()        # the MSE in fp32 whatever the model
     target = noise if parameterization == "eps" else schedule.velocity(latents, noise, t)
+    if class_target is not None:
+        target = torch.cat([target[:n_instance], class_target])
     weights = min_snr_weights(schedule.snr(t), min_snr_gamma, parameterization) if min_snr_gamma else None
     return dreambooth_loss(pred, target, n_instance, prior_loss_weight, weights)
 

@@ -69,6 +69,11 @@ class PriorConfig:
     class_dir: str = ""               # empty = <output_dir>/class_images
     num_class_images: int = 100       # missing ones are generated from the base model before training
     loss_weight: float = 1.0          # loss = instance MSE + loss_weight * class MSE
+    target: str = "images"            # what the class half is fitted to: "images", the noise (or v) of its class
+                                      # image, as the paper; "base", the base model's own prediction at the same
+                                      # noisy latent (a frozen copy of its UNet, one more UNet in memory): the
+                                      # prior then keeps what the model does on the class prompt instead of
+                                      # fitting its few class images, which it learns to reproduce and mix
     sample_steps: int = 50            # sampling steps per class image
     guidance: float | None = None     # classifier-free guidance scale of the class images; unset = the base
                                       # model's own (config.guidance in its file; 7.5 for files that store none)
@@ -159,6 +164,7 @@ CHOICES = {
     ("optim", "master_weights"): ("fp32", "kahan"),
     ("train", "fused_backward"): ("off", "exact", "lagged"),
     ("prior", "sampler"): tuple(SAMPLER_NAMES),
+    ("prior", "target"): ("images", "base"),
     ("validation", "sampler"): tuple(SAMPLER_NAMES),
 }
 
