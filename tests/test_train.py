@@ -261,12 +261,13 @@ def test_resume_is_bit_exact(world, tmp_path, sets):
     assert [m["loss"] for m in lines[0]] == [m["loss"] for m in lines[1]]
 
 
-def test_prior_target_base_fits_the_class_half_to_the_base_models_prediction(world, tmp_path):
+def test_prior_target_base_fits_the_class_half_to_the_base_models_prediction(world, tmp_path, capsys):
     """prior.target = "base": the class half's target is the frozen base model's prediction at the same noisy
     latent, so before the first update its loss is zero (the model is the base), and after updates it is the
     distance from the base; the instance half is the paper's loss either way."""
     sets = ("train.steps=3", "train.checkpoint_every=3", "optim.lr=3e-3")
     runs = {t: train(config(world, tmp_path / t, f"prior.target={t}", *sets)) for t in ("images", "base")}
+    assert "2 class images (their targets the base model's predictions" in capsys.readouterr().err
     lines = {t: [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for t, r in runs.items()}
     first_images, first_base = lines["images"][0], lines["base"][0]
     assert first_base["loss_class"] < 1e-10 < 1e-3 < first_images["loss_class"]

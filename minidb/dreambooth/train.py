@@ -405,6 +405,8 @@ def describe(plan: Plan, n_instance, class_images, masters) -> str:
         parts += f" (of the token embedding the {len(rows[0])} rows the prompts use: train.token_rows)"
     return (_count(n_instance, "instance image")
             + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
+            + (" (their targets the base model's predictions: prior.target)"
+               if class_images is not None and cfg.prior.target == "base" else "")
             + f" at {r}x{r}" + (" (the base model's image size)" if r == plan.base.image_size else "")
             + f"; {_count(cfg.train.steps, 'step')} of {B} x {world_size} process(es) x {accum} accumulation = "
             f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
