@@ -72,10 +72,12 @@ def test_shortened_demo_learns_the_subject(tmp_path):
     assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.25, m
     assert (tmp_path / "before_after.png").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 150
-    # the shape measures are shares of read images (their bounds wait for a world model that draws shapes: #27)
-    for share in (*m["subject_shape"].values(), *m["class_stars"].values()):
-        assert 0.0 <= share <= 1.0
+    # the subject's shape, read from 18 samples: a two-tone star after 150 steps (14 of 18 measured with training
+    # seeds 0 and 1), never before; the base model draws the star itself for the class noun (18 of 18)
     assert set(m["subject_shape"]) == {"base", "dreambooth", "base_with_class_noun"}
+    assert m["subject_shape"]["dreambooth"] >= m["subject_shape"]["base"] + 0.4, m["subject_shape"]
+    assert m["subject_shape"]["base_with_class_noun"] >= 0.75, m["subject_shape"]
+    assert all(0.0 <= share <= 1.0 for share in m["class_stars"].values())  # 8 samples: a share, too few for a bound
     assert (tmp_path / "before_after_1x.png").is_file()
 
 
