@@ -4,7 +4,8 @@ loaded or written, and read by everything after.
     plan = make_plan(load_config("run.toml"))      # checks the config and the base model's header
     plan.cfg          # the config as it runs (what config.toml holds): paths absolute, data.resolution
                       # and unset guidance scales the base model's, train.low_memory spelled out into its switches
-    plan.device, plan.precision, plan.dtype, plan.world_size, plan.lr_scale, plan.text_encoder_trains
+    plan.device, plan.precision, plan.dtype, plan.world_size, plan.lr_scale, plan.text_encoder_trains,
+    plan.prior_teacher
     plan.config_toml, plan.config_record   # plan.cfg as config.toml and as a training state records it
 
 The choices, each in one place:
@@ -18,7 +19,9 @@ The choices, each in one place:
   the modes that trade speed for memory (bounded_allocator);
 - lr scale: optim.scale_lr = the instance images per step, else 1;
 - what trains: with LoRA the adapters (and the text encoder's with model.lora_text_encoder), else the
-  UNet and, with model.train_text_encoder, the text encoder.
+  UNet and, with model.train_text_encoder, the text encoder;
+- the prior's target: with prior preservation and prior.target = "base", a frozen copy of the base
+  model predicts the class half's targets (prior_teacher).
 """
 import dataclasses
 import os
@@ -46,6 +49,7 @@ class Plan:
     text_encoder_trains: bool  # its weights or its LoRA adapters get gradients
     bounded_allocator: bool    # a mode that trades speed for memory: minidb.dreambooth.allocator keeps less freed memory
     token_rows: bool           # the text encoder's token embedding trains only its used rows (minidb.dreambooth.token_rows)
+    prior_teacher: bool        # a frozen copy of the base model gives the class half's targets (prior.target = "base")
     dtype: torch.dtype         # the precision's torch dtype
     config_toml: str           # cfg as the run folder's config.toml holds it
     config_record: dict        # cfg as each training state records it (train_config.to_dict)
@@ -69,6 +73,7 @@ def make_plan(cfg: DreamBoothConfig, world_size: int | None = None, local_rank: 
                 lr_scale=scaled_lr(1.0, t.batch_size, t.grad_accum, world_size) if cfg.optim.scale_lr else 1.0,
                 text_encoder_trains=m.lora_text_encoder if m.lora_rank else m.train_text_encoder,
                 bounded_allocator=bounded_allocator(cfg), token_rows=token_rows(cfg, precision),
+                prior_teacher=bool(cfg.prior.class_prompt) and cfg.prior.target == "base",
                 dtype=getattr(torch, DTYPES[precision]),
                 config_toml=dump_toml(cfg), config_record=to_dict(cfg))
 

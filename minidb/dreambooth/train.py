@@ -96,7 +96,7 @@ def train(cfg: DreamBoothConfig | Plan, resume: str | None = None, callback=None
         give_back_freed_memory()
         dataset = DreamBoothDataset(instance_images, class_images, cfg.data.resolution, cfg.data.center_crop,
                                     cfg.data.hflip, cfg.train.seed)
-        teacher = Teacher.of_base(sd, cfg, prompts)  # before adapters or a resumed state change the model
+        teacher = Teacher.of_base(sd, prompts) if plan.prior_teacher else None  # before adapters or a resumed state change it
         lora = add_adapters(sd, cfg.model, cfg.train.seed) if cfg.model.lora_rank else {}
         # a state written with the whole table trained resumes so (one from before train.token_rows)
         rows_of = sd.tokenizer(prompts) if plan.token_rows and (state is None or "token_rows" in state) else None
@@ -240,9 +240,7 @@ class Teacher:
     context: torch.Tensor   # [prompts, 77, width]: the base text encoder's output for each prompt of the table
 
     @classmethod
-    def of_base(cls, sd, cfg: DreamBoothConfig, prompts: list[str]) -> "Teacher | None":
-        if not (cfg.prior.class_prompt and cfg.prior.target == "base"):
-            return None
+    def of_base(cls, sd, prompts: list[str]) -> "Teacher":
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(prompts).to(sd.device))
         return cls(copy.deepcopy(sd.unet).requires_grad_(False).eval(), context)
@@ -405,8 +403,7 @@ def describe(plan: Plan, n_instance, class_images, masters) -> str:
         parts += f" (of the token embedding the {len(rows[0])} rows the prompts use: train.token_rows)"
     return (_count(n_instance, "instance image")
             + (f", {_count(len(class_images), 'class image')}" if class_images is not None else "")
-            + (" (their targets the base model's predictions: prior.target)"
-               if class_images is not None and cfg.prior.target == "base" else "")
+            + (" (their targets the base model's predictions: prior.target)" if plan.prior_teacher else "")
             + f" at {r}x{r}" + (" (the base model's image size)" if r == plan.base.image_size else "")
             + f"; {_count(cfg.train.steps, 'step')} of {B} x {world_size} process(es) x {accum} accumulation = "
             f"{_count(B * world_size * accum, 'instance image')} per step; training {parts}, "
