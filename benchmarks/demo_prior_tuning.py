@@ -36,7 +36,6 @@ VARIANTS = {
     # which the fine-tuned model learns to reproduce and mix (RESULTS.md: nearest-image distances)
     "base_target": ["prior.target=base"],
     "base_target_w4": ["prior.target=base", "prior.loss_weight=4.0"],  # a distillation weighed more cannot memorise
-    "base_target_ema": ["prior.target=base", "train.ema_decay=0.99"],
 }
 RESULTS = Path(__file__).with_name("demo_prior_tuning.json")
 TRAIN_SEED, EVAL_SEED, SAMPLES, STAR_SAMPLES = 5, 3000, 16, 160

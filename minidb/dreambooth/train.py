@@ -291,10 +291,9 @@ class Forward:
         second call (the fused step's exact clipping) repeats the first."""
         context = prompt_context(self.text_encoder, self.prompt_ids, self.fixed_context, batch.prompt)
         class_target = None
-        if self.teacher is not None and len(batch.t) > self.n_instance:
-            c = slice(self.n_instance, None)
-            noisy = self.schedule.add_noise(batch.latents[c], batch.noise[c], batch.t[c])
-            class_target = self.teacher.predict(noisy, batch.t[c], batch.prompt[c], self.dtype)
+        if self.teacher is not None:
+            rows = batch.prompt[self.n_instance:]
+            class_target = lambda noisy, t: self.teacher.predict(noisy, t, rows, self.dtype)  # noqa: E731
         return micro_batch_loss(self.unet, self.schedule, batch.latents, batch.noise, batch.t, context,
                                 self.n_instance, self.prior_loss_weight, dtype=self.dtype,
                                 parameterization=self.parameterization, min_snr_gamma=self.min_snr_gamma,
@@ -543,12 +542,13 @@ def micro_batch_loss(unet, schedule, latents, noise, t, context, n_instance: int
     without class examples (no prior preservation), class is None and loss = instance.
     A v-model (parameterization "v") is fitted to v instead of the noise. min_snr_gamma > 0: each
     example's MSE weighted by its min-SNR weight (minidb.dreambooth.train_options.min_snr_weights).
-    class_target: the class half's target in place of its noise (or v), prior.target = "base" (Teacher)."""
+    class_target: a function (the class half's x_t, its t) -> its target, in place of its noise (or v):
+    prior.target = "base" (Teacher)."""
     noisy = schedule.add_noise(latents, noise, t)                     # x_t, fp32 [2B, 4, h, w]
     pred = unet(noisy.to(dtype), t, context.to(dtype)).float()        # the MSE in fp32 whatever the model
     target = noise if parameterization == "eps" else schedule.velocity(latents, noise, t)
-    if class_target is not None:
-        target = torch.cat([target[:n_instance], class_target])
+    if class_target is not None and len(t) > n_instance:
+        target = torch.cat([target[:n_instance], class_target(noisy[n_instance:], t[n_instance:])])
     weights = min_snr_weights(schedule.snr(t), min_snr_gamma, parameterization) if min_snr_gamma else None
     return dreambooth_loss(pred, target, n_instance, prior_loss_weight, weights)
 
