@@ -163,11 +163,20 @@ def main(argv=None):
     p.add_argument("--samplers", action="store_true", help="also eta 1 and 50 steps (~3 more minutes)")
     p.add_argument("--x0", metavar="PNG", help="only draw the x0-prediction sheet to PNG")
     p.add_argument("--means", metavar="PNG", help="only draw the conditional means of renders to PNG")
+    p.add_argument("--confusions", metavar="ATTRIBUTE", help="only count what is read for what is asked, for one "
+                   "attribute, on the evaluation's 200 held-out captions (seeds 0-199, the model's guidance)")
     args = p.parse_args(argv)
     from minidb.world.pretrain import SHIPPED
     sd = StableDiffusion.from_checkpoint(args.model or SHIPPED, dtype=torch.float32)
     if args.means:
         print(mean_sheet(sd, args.means))
+        return
+    if args.confusions:
+        from minidb.world.metrics import confusions, evaluate_model, held_out_prompts
+        reader = Reader.load()
+        r = evaluate_model(sd, 200, reader=reader)
+        counts = confusions(reader.read_all(r["images"]), held_out_prompts(200), args.confusions)
+        print("\n".join(f"{asked:>14} -> {read:<14} {n}" for (asked, read), n in counts.items()))
         return
     if args.x0:
         assert sd.config.parameterization == "v", "the sheet reads x0 from a v-prediction"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minidb.world.eval import Reader, crop, measure, prompt_fidelity, reader_accuracy
+from minidb.world.metrics import confusions
 from minidb.world.pretrain import SHIPPED, WORLD_CONFIG
 from minidb.world import (ATTRIBUTES, BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Attributes, World, caption,
                           combinations, held_out, render)
@@ -172,3 +173,12 @@ def test_prompt_fidelity_counts_per_attribute():
     f = prompt_fidelity(reads, [a, a, a])
     assert f["color"] == pytest.approx(2 / 3) and f["shape"] == pytest.approx(2 / 3) and f["size"] == 1.0
     assert f["all"] == pytest.approx(1 / 3)
+
+
+def test_confusions_count_what_is_read_for_what_is_asked():
+    left = Attributes("star", "red", "small", "top left", "blue")
+    right = Attributes("star", "red", "small", "top right", "blue")
+    reads = [dict(left.__dict__), dict(left.__dict__, position="top right"), dict(right.__dict__, position="top left"),
+             dict(left.__dict__, position="top right")]
+    assert confusions(reads, [left, left, right, left], "position") == {
+        ("top left", "top left"): 1, ("top left", "top right"): 2, ("top right", "top left"): 1}

@@ -1,6 +1,7 @@
 """What the reader's readings of generated images add up to (minidb.world.reader reads them).
 
     prompt_fidelity(reader.read_all(images), attributes)   # share of images right, per attribute
+    confusions(reads, attributes, "position")               # which value is drawn for which
     evaluate_model(sd, n=200)                               # that, on held-out prompts: `minidb eval`
     subject_metrics(reader, photos, subject_samples, class_samples)   # DreamBooth's four, for `minidb demo`
 """
@@ -17,6 +18,15 @@ def prompt_fidelity(reads: list[dict], wanted: list[Attributes], keep=ATTRIBUTES
     result = {name: float(np.mean([r[name] == getattr(a, name) for r, a in zip(reads, wanted)])) for name in keep}
     result["all"] = float(np.mean([all(r[n] == getattr(a, n) for n in keep) for r, a in zip(reads, wanted)]))
     return result
+
+
+def confusions(reads: list[dict], wanted: list[Attributes], name: str) -> dict:
+    """{(asked, read): count} for one attribute: which values the model draws for which."""
+    counts: dict = {}
+    for r, a in zip(reads, wanted):
+        key = (getattr(a, name), r[name])
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 # ---- evaluating a model --------------------------------------------------------------------------
