@@ -36,7 +36,7 @@ from minidb.world.eval import Reader, class_prompts, prompt_fidelity
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.world.pretrain import images_to_tensor, load_trained, tuning_prompts
-from minidb.world import SHAPES, Attributes, caption, combinations, render, world_seed
+from minidb.world import ATTRIBUTES, SHAPES, Attributes, caption, combinations, render, world_seed
 
 BANDS = tuple(range(50, 1000, 100))  # timesteps at the band centres
 
@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--samplers", action="store_true", help="also eta 1 and 50 steps (~3 more minutes)")
     p.add_argument("--x0", metavar="PNG", help="only draw the x0-prediction sheet to PNG")
     p.add_argument("--means", metavar="PNG", help="only draw the conditional means of renders to PNG")
-    p.add_argument("--confusions", metavar="ATTRIBUTE", help="only count what is read for what is asked, for one "
+    p.add_argument("--confusions", choices=ATTRIBUTES, help="only count what is read for what is asked, for one "
                    "attribute, on the evaluation's 200 held-out captions (seeds 0-199, the model's guidance)")
     args = p.parse_args(argv)
     from minidb.world.pretrain import SHIPPED
@@ -173,10 +173,8 @@ def main(argv=None):
         return
     if args.confusions:
         from minidb.world.metrics import confusions, evaluate_model, held_out_prompts
-        reader = Reader.load()
-        r = evaluate_model(sd, 200, reader=reader)
-        counts = confusions(reader.read_all(r["images"]), held_out_prompts(200), args.confusions)
-        print("\n".join(f"{asked:>14} -> {read:<14} {n}" for (asked, read), n in counts.items()))
+        counts = confusions(evaluate_model(sd, 200)["reads"], held_out_prompts(200), args.confusions)
+        print("\n".join(f"{asked:>14} -> {str(read):<14} {n}" for (asked, read), n in counts.items()))
         return
     if args.x0:
         assert sd.config.parameterization == "v", "the sheet reads x0 from a v-prediction"

@@ -179,6 +179,6 @@ def test_confusions_count_what_is_read_for_what_is_asked():
     left = Attributes("star", "red", "small", "top left", "blue")
     right = Attributes("star", "red", "small", "top right", "blue")
     reads = [dict(left.__dict__), dict(left.__dict__, position="top right"), dict(right.__dict__, position="top left"),
-             dict(left.__dict__, position="top right")]
-    assert confusions(reads, [left, left, right, left], "position") == {
-        ("top left", "top left"): 1, ("top left", "top right"): 2, ("top right", "top left"): 1}
+             dict(left.__dict__, position="top right"), dict(left.__dict__, position=None)]
+    assert confusions(reads, [left, left, right, left, left], "position") == {  # None: no shape found
+        ("top left", None): 1, ("top left", "top left"): 1, ("top left", "top right"): 2, ("top right", "top left"): 1}

@@ -21,12 +21,13 @@ def prompt_fidelity(reads: list[dict], wanted: list[Attributes], keep=ATTRIBUTES
 
 
 def confusions(reads: list[dict], wanted: list[Attributes], name: str) -> dict:
-    """{(asked, read): count} for one attribute: which values the model draws for which."""
+    """{(asked, read): count} for one attribute: which values the model draws for which (read None:
+    the reader found no shape)."""
     counts: dict = {}
     for r, a in zip(reads, wanted):
         key = (getattr(a, name), r[name])
         counts[key] = counts.get(key, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(counts.items(), key=lambda kv: tuple(str(v) for v in kv[0])))
 
 
 # ---- evaluating a model --------------------------------------------------------------------------
@@ -65,7 +66,8 @@ def evaluate_model(sd, n: int = 200, steps: int = 20, guidance: float | None = N
     fidelity = prompt_fidelity(reads[:n], wanted)
     if per_shape:
         fidelity["class_shape"] = float(np.mean([r["shape"] == s for r, s in zip(reads[n:], shapes)]))
-    return {"fidelity": fidelity, "images": images[:n], "prompts": prompts[:n], "class_images": images[n:]}
+    return {"fidelity": fidelity, "images": images[:n], "prompts": prompts[:n], "class_images": images[n:],
+            "reads": reads[:n]}
 
 
 def format_table(rows: dict) -> str:
