@@ -91,11 +91,13 @@ class PretrainConfig:
     vae_lr: float = 1e-3            # cosine decay to min_lr, as the UNet's
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 8192                # images rendered and encoded once for stage 2 (captions re-drawn each step)
-    unet_steps: int = 11000        # R8, the best single command measured (benchmarks/RESULTS.md, issue #27)
+    unet_steps: int = 11000        # R8 and R11, the single commands measured (benchmarks/RESULTS.md, issue #27)
     unet_batch: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4            # cosine decay to this at the last step
-    warmup: int = 100
+    # long: a small step while the model tells left from right (R8's 100 learned position on one seed of
+    # two; benchmarks/RESULTS.md, "R11"), then the large rate that shape needs
+    warmup: int = 3000
     ema: float = 0.999              # with the usual warm-up: decay = min(ema, (1 + n) / (10 + n))
     checkpoint_every: int = 100
     sample_every: int = 500
