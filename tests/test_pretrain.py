@@ -79,7 +79,8 @@ def test_learning_curve_is_drawn_from_metrics(tmp_path):
 
 def test_the_band_applies_from_t_sampling_from(tmp_path, monkeypatch):
     """Uniform timesteps before step t_sampling_from, the log-SNR band from it on (R8's lever); a folder
-    whose pretrain.json predates a setting reads it as its default, so an older run still resumes."""
+    whose pretrain.json predates a setting reads it as its default, so an older run still resumes. (Its
+    tiny run also shows stage 1's VAE check logged.)"""
     drawn = []
     multinomial = torch.multinomial
 
@@ -93,6 +94,9 @@ def test_the_band_applies_from_t_sampling_from(tmp_path, monkeypatch):
                                   checkpoint_every=100, sample_every=1000, t_sampling="logsnr", t_sampling_from=2)
     pretrain.pretrain(tmp_path, cfg)
     assert drawn == [True, True, False]  # steps 0 and 1 uniform, step 2 the band
+    checks = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    checks = [r["check"] for r in checks if r["stage"] == "vae-check"]  # stage 1's check, logged once
+    assert len(checks) == 1 and {"background", "color", "wrong"} <= checks[0].keys()
     settings = json.loads((tmp_path / "pretrain.json").read_text())
     del settings["t_sampling_from"]
     (tmp_path / "pretrain.json").write_text(json.dumps(settings))
@@ -116,3 +120,31 @@ def test_class_share_names_the_shape_alone_and_leaves_the_other_captions_as_they
         changed = [k for k in range(len(items)) if some[k] != before[k]]
         assert changed and all(some[k] == alone[k] for k in changed)
         assert len(changed) < len(items) // 2
+
+
+class _RoundTrip(torch.nn.Module):
+    """A stand-in VAE whose round trip is x * gain: 1 keeps every render, 0.3 darkens every color."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(float(gain)))
+
+    def encode(self, x):
+        return type("Posterior", (), {"mean": x})()
+
+    def decode(self, z):
+        return (z + 1) * self.gain - 1  # [-1, 1] -> pixels scaled by gain
+
+
+def test_the_vae_check_reads_each_background_and_color_and_warns_on_a_lossy_round_trip(capsys):
+    """R11's seed-0 VAE drew the green background black (benchmarks/RESULTS.md): the check after stage 1
+    reads the round trips of fresh renders, so such a VAE is named before stage 2 trains on it."""
+    exact = pretrain.check_vae(_RoundTrip(1.0), seed=0, n=60)
+    assert exact["background"] >= 0.95 and exact["color"] >= 0.95  # the renders themselves: the reader's own errors
+    assert not pretrain.warn_if_vae_is_wrong(exact)
+    dark = pretrain.check_vae(_RoundTrip(0.3), seed=0, n=60)
+    assert dark["background"] < 0.6 and sum(dark["wrong"]["background"].values()) == round((1 - dark["background"]) * 60)
+    assert any(k.endswith("-> black") for k in dark["wrong"]["background"])
+    assert pretrain.warn_if_vae_is_wrong(dark)
+    assert "background" in capsys.readouterr().err
+

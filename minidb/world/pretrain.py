@@ -214,6 +214,42 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     return scale_factor
 
 
+@torch.no_grad()
+def check_vae(vae, seed: int, n: int = 120) -> dict:
+    """Round trips (the posterior's mean, decoded) of n fresh renders, read by minidb.world.reader's
+    measurements: {"background": share read right, "color": ..., "wrong": {"background": {"green -> black":
+    count}, "color": {...}}}. Stage 1's loss is a mean over every pixel, so a VAE can lose one background's
+    color and still look trained (benchmarks/RESULTS.md, "R11"): this reads each one."""
+    from minidb.world.reader import measure  # the reader's module imports the world's vocabulary only
+    world = World(seed + 3, drop=0.0, drop_all=0.0)
+    images = world.batch(0, n)[0]
+    truth = [world.attributes(i)[0] for i in range(n)]
+    x = images_to_tensor(images).to(next(vae.parameters()).device)
+    y = torch.cat([vae.decode(vae.encode(c).mean) for c in x.split(60)])  # [n, 3, H, W], 60 at a time
+    y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [n, H, W, 3]
+    reads = [measure(Image.fromarray(im)) for im in y]
+    report = {"wrong": {}}
+    for name in ("background", "color"):
+        pairs = [(getattr(t, name), r[name]) for t, r in zip(truth, reads)]
+        report[name] = sum(a == b for a, b in pairs) / n
+        wrong: dict[str, int] = {}
+        for a, b in pairs:
+            if a != b:
+                wrong[f"{a} -> {b}"] = wrong.get(f"{a} -> {b}", 0) + 1
+        report["wrong"][name] = dict(sorted(wrong.items(), key=lambda kv: -kv[1]))
+    return report
+
+
+def warn_if_vae_is_wrong(report: dict, bound: float = 0.95) -> bool:
+    """A warning on stderr when the VAE's round trips lose a background or a color; True when it warned."""
+    bad = [name for name in ("background", "color") if report[name] < bound]
+    for name in bad:
+        print(f"warning: the VAE's round trips keep the {name} of {report[name]:.1%} of fresh renders "
+              f"(misread: {report['wrong'][name]}); every sample of this model will share the loss. "
+              "Another --seed, or more VAE steps, gives another VAE.", file=sys.stderr)
+    return bool(bad)
+
+
 # ---- stage 2: UNet and text encoder ------------------------------------------------------------
 
 @torch.no_grad()
@@ -542,6 +578,9 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, de
         scale_factor = trained.config.scale_factor
     else:
         scale_factor = train_vae(sd, cfg, out)
+    report = check_vae(sd.vae, cfg.seed)  # seconds; read before stage 2 spends its hours on this VAE
+    Stage(out, "vae-check").log(cfg.vae_steps, check=report)  # a row of its own: stage rows are steps
+    warn_if_vae_is_wrong(report)
     if cfg.unet_from:
         trained = StableDiffusion.from_checkpoint(cfg.unet_from, dtype=torch.float32)
         sd.unet.load_state_dict(trained.unet.state_dict())
