@@ -39,6 +39,7 @@ from minidb.dreambooth.checkpoint import checkpoint_path, latest_state, prune_ch
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError
 from minidb.world import ATTRIBUTES, Attributes, World, caption, world_seed
+from minidb.world.reader import measure
 from minidb.files import atomic_write, atomic_write_text
 from minidb.dreambooth.step import scheduled_lr
 from minidb.dreambooth.train_options import EMA
@@ -220,7 +221,6 @@ def check_vae(vae, seed: int, n: int = 120) -> dict:
     measurements: {"background": share read right, "color": ..., "wrong": {"background": {"green -> black":
     count}, "color": {...}}}. Stage 1's loss is a mean over every pixel, so a VAE can lose one background's
     color and still look trained (benchmarks/RESULTS.md, "R11"): this reads each one."""
-    from minidb.world.reader import measure  # the reader's module imports the world's vocabulary only
     world = World(seed + 3, drop=0.0, drop_all=0.0)
     images = world.batch(0, n)[0]
     truth = [world.attributes(i)[0] for i in range(n)]
