@@ -147,4 +147,3 @@ def test_the_vae_check_reads_each_background_and_color_and_warns_on_a_lossy_roun
     assert any(k.endswith("-> black") for k in dark["wrong"]["background"])
     assert pretrain.warn_if_vae_is_wrong(dark)
     assert "background" in capsys.readouterr().err
-

@@ -39,6 +39,7 @@ from minidb.dreambooth.checkpoint import checkpoint_path, latest_state, prune_ch
 from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError
 from minidb.world import ATTRIBUTES, Attributes, World, caption, world_seed
+from minidb.world.metrics import confusions, prompt_fidelity
 from minidb.world.reader import measure
 from minidb.files import atomic_write, atomic_write_text
 from minidb.dreambooth.step import scheduled_lr
@@ -215,6 +216,9 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     return scale_factor
 
 
+CHECKED = ("background", "color")  # what a VAE's round trip can lose that the reader measures
+
+
 @torch.no_grad()
 def check_vae(vae, seed: int, n: int = 120) -> dict:
     """Round trips (the posterior's mean, decoded) of n fresh renders, read by minidb.world.reader's
@@ -228,21 +232,16 @@ def check_vae(vae, seed: int, n: int = 120) -> dict:
     y = torch.cat([vae.decode(vae.encode(c).mean) for c in x.split(60)])  # [n, 3, H, W], 60 at a time
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [n, H, W, 3]
     reads = [measure(Image.fromarray(im)) for im in y]
-    report = {"wrong": {}}
-    for name in ("background", "color"):
-        pairs = [(getattr(t, name), r[name]) for t, r in zip(truth, reads)]
-        report[name] = sum(a == b for a, b in pairs) / n
-        wrong: dict[str, int] = {}
-        for a, b in pairs:
-            if a != b:
-                wrong[f"{a} -> {b}"] = wrong.get(f"{a} -> {b}", 0) + 1
-        report["wrong"][name] = dict(sorted(wrong.items(), key=lambda kv: -kv[1]))
+    report = {name: share for name, share in prompt_fidelity(reads, truth, keep=CHECKED).items() if name != "all"}
+    report["wrong"] = {name: {f"{a} -> {b}": k for (a, b), k in sorted(confusions(reads, truth, name).items(),
+                                                                       key=lambda kv: -kv[1]) if a != b}
+                       for name in CHECKED}
     return report
 
 
 def warn_if_vae_is_wrong(report: dict, bound: float = 0.95) -> bool:
     """A warning on stderr when the VAE's round trips lose a background or a color; True when it warned."""
-    bad = [name for name in ("background", "color") if report[name] < bound]
+    bad = [name for name in CHECKED if report[name] < bound]
     for name in bad:
         print(f"warning: the VAE's round trips keep the {name} of {report[name]:.1%} of fresh renders "
               f"(misread: {report['wrong'][name]}); every sample of this model will share the loss. "
