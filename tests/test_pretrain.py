@@ -147,3 +147,28 @@ def test_the_vae_check_reads_each_background_and_color_and_warns_on_a_lossy_roun
     assert any(k.endswith("-> black") for k in dark["wrong"]["background"])
     assert pretrain.warn_if_vae_is_wrong(dark)
     assert "background" in capsys.readouterr().err
+
+
+def test_stage_one_warms_up_on_its_own_schedule_not_the_unets(tmp_path):
+    """Stage 1 once read the UNet's warm-up: R11's 3000 kept the VAE's steps in warm-up to the end, never
+    annealed (benchmarks/RESULTS.md, "stage 1's warm-up"). Each stage now has its own, logged per step."""
+    cfg = pretrain.PretrainConfig(vae_steps=4, vae_batch=2, pool=4, unet_steps=2, unet_batch=2, warmup=50,
+                                  vae_warmup=1, checkpoint_every=100, sample_every=1000)
+    pretrain.pretrain(tmp_path, cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    vae = [r["lr"] for r in rows if r["stage"] == "vae"]
+    unet = [r["lr"] for r in rows if r["stage"] == "unet" and "lr" in r]
+    assert vae[0] == vae[1] == cfg.vae_lr > vae[2] > vae[3] >= cfg.min_lr  # the peak at once, then the cosine
+    assert unet == [cfg.lr / 50, 2 * cfg.lr / 50]  # the UNet's own warm-up of 50
+
+
+def test_a_run_folder_older_than_a_setting_reads_it_as_that_run_did(tmp_path):
+    """A pretrain.json written before vae_warmup existed: its VAE warmed up over its `warmup`, so it resumes
+    with that value and is refused, naming the difference, with today's default."""
+    r11 = dataclasses.replace(pretrain.PretrainConfig(), warmup=3000)
+    old = dataclasses.asdict(r11)
+    del old["vae_warmup"], old["class_share"]
+    assert pretrain.as_run_did(old) == dataclasses.asdict(dataclasses.replace(r11, vae_warmup=3000))
+    (tmp_path / "pretrain.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"vae_warmup: 3000 there, 100 here"):
+        pretrain.pretrain(tmp_path, r11)

@@ -91,6 +91,9 @@ class PretrainConfig:
     vae_steps: int = 2500
     vae_batch: int = 8
     vae_lr: float = 1e-3            # cosine decay to min_lr, as the UNet's
+    # stage 1's own warm-up: while it shared `warmup`, R11's 3000 left the VAE's 2500 steps in warm-up,
+    # never annealed, and one seed's VAE drew green as black (benchmarks/RESULTS.md, "stage 1's warm-up")
+    vae_warmup: int = 100
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 8192                # images rendered and encoded once for stage 2 (captions re-drawn each step)
     unet_steps: int = 11000        # R8 and R11, the single commands measured (benchmarks/RESULTS.md, issue #27)
@@ -125,8 +128,15 @@ class PretrainConfig:
     vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
 
 
-# settings added to PretrainConfig after runs were made, and what those runs did (their pretrain.json lacks them)
-ADDED_SINCE = {"t_sampling_from": 0, "class_share": 0.0}
+# settings added to PretrainConfig after runs were made, and what those runs did (their pretrain.json lacks them);
+# stage 1 used the UNet's warm-up before it had its own
+ADDED_SINCE = {"t_sampling_from": 0, "class_share": 0.0, "vae_warmup": lambda run: run.get("warmup")}
+
+
+def as_run_did(settings: dict) -> dict:
+    """A run folder's pretrain.json with every setting it predates filled in as that run did it."""
+    missing = {k: v(settings) if callable(v) else v for k, v in ADDED_SINCE.items() if k not in settings}
+    return {**settings, **missing}
 
 
 def world_config(cfg: PretrainConfig) -> SDConfig:
@@ -194,14 +204,15 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
         rec = (w * ((y - x).abs() + (y - x).pow(2))).mean() / w.mean()
         kl = 0.5 * (posterior.mean.pow(2) + posterior.std.pow(2) - 1.0 - posterior.logvar).mean()
         loss = rec + cfg.kl_weight * kl
+        lr = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_warmup, cfg.min_lr)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg)
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        stage.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item())
+        stage.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item(), lr=lr)
         bar.set_postfix(rec=f"{rec.item():.4f}", refresh=False)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 and step < cfg.vae_steps:
@@ -286,9 +297,9 @@ def _weights_sum(module) -> float:
     return float(sum(p.double().sum() for p in module.state_dict().values()))
 
 
-def lr_at(step: int, total: int, peak: float, cfg: PretrainConfig) -> float:
-    """Linear warm-up to `peak` (reached on its last step), then a cosine down to cfg.min_lr at step `total`."""
-    return scheduled_lr(step, peak, total, cfg.warmup, cfg.min_lr, peak_in_warmup=True)
+def lr_at(step: int, total: int, peak: float, warmup: int, min_lr: float) -> float:
+    """Linear warm-up to `peak` (reached on its last step), then a cosine down to min_lr at step `total`."""
+    return scheduled_lr(step, peak, total, warmup, min_lr, peak_in_warmup=True)
 
 
 def step_captions(cfg: PretrainConfig, world: World, items: list, step: int) -> list[str]:
@@ -347,7 +358,7 @@ def train_unet(sd, cfg: PretrainConfig, out: Path) -> dict:
         target = noise if sd.config.parameterization == "eps" else sd.schedule.velocity(latents, noise, t)
         w = 1.0 + cfg.mask_weight * mask[rows]  # [B, 1, h, w]: the shape is few pixels and all of the meaning
         loss = (w * (pred - target).pow(2)).mean() / w.mean()
-        lr = lr_at(step, cfg.unet_steps, cfg.lr, cfg)
+        lr = lr_at(step, cfg.unet_steps, cfg.lr, cfg.warmup, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -564,8 +575,13 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, de
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "pretrain.json"
     # a setting added since the run began reads as the value every run had before it existed
-    if settings.is_file() and {**ADDED_SINCE, **json.loads(settings.read_text())} != dataclasses.asdict(cfg):
-        raise ConfigError(f"{out} holds a pretraining run with other settings: choose another --out")
+    if settings.is_file():
+        before, now = as_run_did(json.loads(settings.read_text())), dataclasses.asdict(cfg)
+        differ = [f"{k}: {before.get(k)!r} there, {v!r} here" for k, v in now.items() if before.get(k) != v]
+        differ += [f"{k}: {before[k]!r} there, unknown here" for k in before.keys() - now.keys()]
+        if differ:
+            raise ConfigError(f"{out} holds a pretraining run with other settings ({'; '.join(differ)}): "
+                              "choose another --out, or give the same settings to resume it")
     atomic_write_text(settings, json.dumps(dataclasses.asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     sd = StableDiffusion(world_config(cfg)).to(device)  # random init, seeded (on the CPU, then moved)
