@@ -149,6 +149,22 @@ def test_the_vae_check_reads_each_background_and_color_and_warns_on_a_lossy_roun
     assert "background" in capsys.readouterr().err
 
 
+class _Blocky(_RoundTrip):
+    """A stand-in VAE that keeps every pixel's color but draws the image in 8x8 blocks: no outline survives."""
+
+    def decode(self, z):
+        return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, 8), scale_factor=8.0)
+
+
+def test_the_vae_check_reads_the_shape_too(capsys):
+    """A VAE of too few steps keeps colors and blurs outlines (RESULTS.md, "stage 1's warm-up"): the check
+    reads the shape with the world's reader, not only the pixels' colors."""
+    blocky = pretrain.check_vae(_Blocky(1.0), seed=0, n=60)
+    assert blocky["background"] >= 0.95 and blocky["shape"] < 0.6
+    assert pretrain.warn_if_vae_is_wrong(blocky)
+    assert "keep the shape of" in capsys.readouterr().err
+
+
 def test_stage_one_warms_up_on_its_own_schedule_not_the_unets(tmp_path):
     """Stage 1 once read the UNet's warm-up: R11's 3000 kept the VAE's steps in warm-up to the end, never
     annealed (benchmarks/RESULTS.md, "stage 1's warm-up"). Each stage now has its own, logged per step."""

@@ -40,7 +40,7 @@ from minidb.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
 from minidb.errors import ConfigError
 from minidb.world import ATTRIBUTES, Attributes, World, caption, world_seed
 from minidb.world.metrics import confusions, prompt_fidelity
-from minidb.world.reader import measure
+from minidb.world.reader import Reader
 from minidb.files import atomic_write, atomic_write_text
 from minidb.dreambooth.step import scheduled_lr
 from minidb.dreambooth.train_options import EMA
@@ -227,22 +227,23 @@ def train_vae(sd, cfg: PretrainConfig, out: Path) -> float:
     return scale_factor
 
 
-CHECKED = ("background", "color")  # what a VAE's round trip can lose that the reader measures
+CHECKED = ATTRIBUTES  # every attribute a caption names: a VAE's round trip can lose any of them
 
 
 @torch.no_grad()
-def check_vae(vae, seed: int, n: int = 120) -> dict:
-    """Round trips (the posterior's mean, decoded) of n fresh renders, read by minidb.world.reader's
-    measurements: {"background": share read right, "color": ..., "wrong": {"background": {"green -> black":
-    count}, "color": {...}}}. Stage 1's loss is a mean over every pixel, so a VAE can lose one background's
-    color and still look trained (benchmarks/RESULTS.md, "R11"): this reads each one."""
+def check_vae(vae, seed: int, n: int = 120, reader: Reader | None = None) -> dict:
+    """Round trips (the posterior's mean, decoded) of n fresh renders, read by the world's reader:
+    {"shape": share read right, "color": ..., ..., "wrong": {"background": {"green -> black": count}, ...}}.
+    Stage 1's loss is a mean over every pixel, so a VAE can lose one background's color and still look
+    trained (benchmarks/RESULTS.md, "R11"), or blur small shapes past reading (a 1000-step VAE, "stage 1's
+    warm-up"): this reads each attribute of each image."""
     world = World(seed + 3, drop=0.0, drop_all=0.0)
     images = world.batch(0, n)[0]
     truth = [world.attributes(i)[0] for i in range(n)]
     x = images_to_tensor(images).to(next(vae.parameters()).device)
     y = torch.cat([vae.decode(vae.encode(c).mean) for c in x.split(60)])  # [n, 3, H, W], 60 at a time
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [n, H, W, 3]
-    reads = [measure(Image.fromarray(im)) for im in y]
+    reads = (reader or Reader.load()).read_all([Image.fromarray(im) for im in y])
     report = {name: share for name, share in prompt_fidelity(reads, truth, keep=CHECKED).items() if name != "all"}
     report["wrong"] = {name: {f"{a} -> {b}": k for (a, b), k in sorted(confusions(reads, truth, name).items(),
                                                                        key=lambda kv: -kv[1]) if a != b}
@@ -251,7 +252,7 @@ def check_vae(vae, seed: int, n: int = 120) -> dict:
 
 
 def warn_if_vae_is_wrong(report: dict, bound: float = 0.95) -> bool:
-    """A warning on stderr when the VAE's round trips lose a background or a color; True when it warned."""
+    """A warning on stderr when the VAE's round trips lose an attribute; True when it warned."""
     bad = [name for name in CHECKED if report[name] < bound]
     for name in bad:
         print(f"warning: the VAE's round trips keep the {name} of {report[name]:.1%} of fresh renders "
@@ -419,7 +420,6 @@ def fidelity_probe(sd, weights: dict, n: int = 48, per_shape: int = 4, guidance:
     model's own guidance scale unless `guidance` is given (curves before 2026-12-04's third session
     were drawn at 7.5)."""
     from minidb.world.metrics import class_prompts, prompt_fidelity
-    from minidb.world.reader import Reader
     from minidb.pipeline import StableDiffusion
     from minidb.world import caption
     copy = StableDiffusion(sd.config).to(sd.device)
