@@ -48,6 +48,10 @@ def test_pretraining_refuses_a_folder_of_other_settings(tmp_path):
     (tmp_path / "pretrain.json").write_text(json.dumps({"seed": 1}))
     with pytest.raises(ConfigError, match="other settings"):
         pretrain.pretrain(tmp_path, TINY)
+    for torn in ('{"seed": 0, "vae_st', "[1, 2]", "\udcff"):  # cut short, not a dict, not UTF-8
+        (tmp_path / "pretrain.json").write_bytes(torn.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ConfigError, match="pretrain.json"):
+            pretrain.pretrain(tmp_path, TINY)
 
 
 def test_timestep_weights_move_the_samples_to_the_middle_noise_levels():

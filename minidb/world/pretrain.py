@@ -576,7 +576,13 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, de
     settings = out / "pretrain.json"
     # a setting added since the run began reads as the value every run had before it existed
     if settings.is_file():
-        before, now = as_run_did(json.loads(settings.read_text())), dataclasses.asdict(cfg)
+        try:
+            stored = json.loads(settings.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:  # torn or foreign: not a run to resume
+            raise ConfigError(f"{settings} is unreadable ({e}): choose another --out") from None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{settings} holds no settings: choose another --out")
+        before, now = as_run_did(stored), dataclasses.asdict(cfg)
         differ = [f"{k}: {before.get(k)!r} there, {v!r} here" for k, v in now.items() if before.get(k) != v]
         differ += [f"{k}: {before[k]!r} there, unknown here" for k in before.keys() - now.keys()]
         if differ:
