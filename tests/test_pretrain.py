@@ -54,6 +54,19 @@ def test_pretraining_refuses_a_folder_of_other_settings(tmp_path):
             pretrain.pretrain(tmp_path, TINY)
 
 
+def test_the_command_refuses_a_torn_run_folder_in_one_line(tmp_path, capsys):
+    """`python -m minidb.world.pretrain --out F` where F's pretrain.json was cut short: exit 2, one line that
+    names the file, and the file left as it was."""
+    from minidb.cli.pretrain import main
+    (tmp_path / "pretrain.json").write_text('{"seed": 0, "vae_st')
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "pretrain.json is unreadable" in err[0]
+    assert (tmp_path / "pretrain.json").read_text() == '{"seed": 0, "vae_st'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain.json"]
+
+
 def test_timestep_weights_move_the_samples_to_the_middle_noise_levels():
     from minidb.schedule import NoiseSchedule
     schedule = NoiseSchedule(0.003, 0.02)
