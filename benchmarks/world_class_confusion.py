@@ -1,0 +1,73 @@
+"""Which shape a world model draws for each class-only prompt ("a photo of a square"), per shape, on
+diagnostic seeds that are neither the tuning prompts' (50000+) nor the evaluation's (0-259), at one or more
+guidance scales (issue #27: the class prompts stay under the full captions; this shows which shapes they
+lose, and whether the scale changes it):
+
+    python -m benchmarks.world_class_confusion --model runs/R14_s1/model.safetensors --scales 1.5,2,3
+
+Writes the confusion counts as JSON and, with --sheet, the samples as one row per shape at x3 (nearest
+neighbour), so that a reader can check the reads by eye.
+"""
+import argparse
+import collections
+import json
+
+import numpy as np
+from PIL import Image
+
+from minidb.files import atomic_write_text
+from minidb.pipeline import StableDiffusion
+from minidb.world.metrics import class_prompts
+from minidb.world.pretrain import SHIPPED
+from minidb.world.reader import Reader
+
+
+def confusion(sd, reader, guidance: float, per_shape: int, seed: int, batch: int = 60):
+    prompts, shapes = class_prompts(per_shape)
+    images = []
+    for i in range(0, len(prompts), batch):
+        j = min(i + batch, len(prompts))
+        images += sd.generate(prompts[i:j], steps=20, guidance=guidance, height=sd.config.image_size,
+                              width=sd.config.image_size, seed=list(range(seed + i, seed + j)), progress=False)
+    reads = reader.read_all(images)
+    counts = collections.defaultdict(collections.Counter)
+    for r, s in zip(reads, shapes):
+        counts[s][r["shape"]] += 1
+    share = float(np.mean([r["shape"] == s for r, s in zip(reads, shapes)]))
+    return share, {s: dict(c) for s, c in counts.items()}, images
+
+
+def sheet(images, per_row: int, path: str, scale: int = 3):
+    w, h = images[0].size
+    im = Image.new("RGB", (w * per_row, h * ((len(images) + per_row - 1) // per_row)))
+    for k, x in enumerate(images):
+        im.paste(x, (w * (k % per_row), h * (k // per_row)))
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(SHIPPED))
+    p.add_argument("--scales", default="1.5")
+    p.add_argument("--per-shape", type=int, default=20)
+    p.add_argument("--seed", type=int, default=70000)
+    p.add_argument("--out", default="benchmarks/world_class_confusion.json")
+    p.add_argument("--sheet", default="", help="a PNG of the first scale's samples, one row per shape")
+    args = p.parse_args(argv)
+    sd = StableDiffusion.from_checkpoint(args.model)
+    reader = Reader.load()
+    rows = []
+    for k, g in enumerate(float(x) for x in args.scales.split(",")):
+        share, counts, images = confusion(sd, reader, g, args.per_shape, args.seed)
+        rows.append({"guidance": g, "class_shape": round(share, 4), "read_as": counts})
+        print(f"guidance {g:g}: class prompts read as the named shape {100 * share:.1f}%", flush=True)
+        for s, c in counts.items():
+            print(f"  {s}: {c}", flush=True)
+        if k == 0 and args.sheet:
+            sheet(images, args.per_shape, args.sheet)
+    atomic_write_text(args.out, json.dumps({"model": args.model, "per_shape": args.per_shape, "seed": args.seed,
+                                            "steps": 20, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""benchmarks/world_class_confusion.py: its counts and its seeds, with a stand-in model and reader (the real
+ones are measured in benchmarks/RESULTS.md, issue #27)."""
+import json
+from types import SimpleNamespace
+
+from PIL import Image
+
+from benchmarks.world_class_confusion import confusion, sheet
+from minidb.world import SHAPES
+
+
+class FakeModel:
+    """Draws each class prompt as its shape, but a square as a star; remembers the seeds it was given."""
+
+    def __init__(self):
+        self.config = SimpleNamespace(image_size=8)
+        self.seeds = []
+
+    def generate(self, prompts, steps, guidance, height, width, seed, progress):
+        assert len(seed) == len(prompts) and steps == 20
+        self.seeds += seed
+        drawn = [p.split()[-1] for p in prompts]
+        drawn = ["star" if s == "square" else s for s in drawn]
+        return [Image.new("RGB", (width, height), (SHAPES.index(s), 0, 0)) for s in drawn]
+
+
+class FakeReader:
+    def read_all(self, images):
+        return [{"shape": SHAPES[im.getpixel((0, 0))[0]]} for im in images]
+
+
+def test_counts_and_seeds(tmp_path):
+    sd = FakeModel()
+    share, counts, images = confusion(sd, FakeReader(), guidance=1.5, per_shape=3, seed=700, batch=4)
+    assert sd.seeds == list(range(700, 700 + 3 * len(SHAPES)))      # one seed per prompt, across batches
+    assert counts["square"] == {"star": 3}
+    assert all(counts[s] == {s: 3} for s in SHAPES if s != "square")
+    assert abs(share - (len(SHAPES) - 1) / len(SHAPES)) < 1e-9
+    json.dumps(counts)
+    sheet(images, 3, tmp_path / "s.png", scale=2)
+    assert Image.open(tmp_path / "s.png").size == (8 * 3 * 2, 8 * len(SHAPES) * 2)
