@@ -5,20 +5,19 @@ lose, and whether the scale changes it):
 
     python -m benchmarks.world_class_confusion --model runs/R14_s1/model.safetensors --scales 1.5,2,3
 
-Writes the confusion counts as JSON and, with --sheet, the samples as one row per shape at x3 (nearest
-neighbour), so that a reader can check the reads by eye.
+Writes the confusion counts as JSON and, with --sheet, the first scale's samples as one row per shape (at x4,
+nearest neighbour, and as drawn beside it), so that a reader can check the reads by eye.
 """
 import argparse
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.world.metrics import class_prompts
-from minidb.world.pretrain import SHIPPED
+from minidb.world.pretrain import SHIPPED, save_grid
 from minidb.world.reader import Reader
 
 
@@ -37,14 +36,6 @@ def confusion(sd, reader, guidance: float, per_shape: int, seed: int, batch: int
     return share, {s: dict(c) for s, c in counts.items()}, images
 
 
-def sheet(images, per_row: int, path: str, scale: int = 3):
-    w, h = images[0].size
-    im = Image.new("RGB", (w * per_row, h * ((len(images) + per_row - 1) // per_row)))
-    for k, x in enumerate(images):
-        im.paste(x, (w * (k % per_row), h * (k // per_row)))
-    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(SHIPPED))
@@ -54,17 +45,23 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/world_class_confusion.json")
     p.add_argument("--sheet", default="", help="a PNG of the first scale's samples, one row per shape")
     args = p.parse_args(argv)
+    try:
+        scales = [float(x) for x in args.scales.split(",")]
+    except ValueError:
+        p.error(f"--scales: comma-separated numbers, e.g. 1.5,2,3; got {args.scales!r}")
+    if args.per_shape < 1:
+        p.error(f"--per-shape must be at least 1, got {args.per_shape}")
     sd = StableDiffusion.from_checkpoint(args.model)
     reader = Reader.load()
     rows = []
-    for k, g in enumerate(float(x) for x in args.scales.split(",")):
+    for k, g in enumerate(scales):
         share, counts, images = confusion(sd, reader, g, args.per_shape, args.seed)
         rows.append({"guidance": g, "class_shape": round(share, 4), "read_as": counts})
         print(f"guidance {g:g}: class prompts read as the named shape {100 * share:.1f}%", flush=True)
         for s, c in counts.items():
             print(f"  {s}: {c}", flush=True)
         if k == 0 and args.sheet:
-            sheet(images, args.per_shape, args.sheet)
+            save_grid(images, args.per_shape, Path(args.sheet))
     atomic_write_text(args.out, json.dumps({"model": args.model, "per_shape": args.per_shape, "seed": args.seed,
                                             "steps": 20, "rows": rows}, indent=1) + "\n")
 

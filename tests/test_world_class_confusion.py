@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 from PIL import Image
 
-from benchmarks.world_class_confusion import confusion, sheet
+import pytest
+
+from benchmarks.world_class_confusion import confusion, main
 from minidb.world import SHAPES
 
 
@@ -37,5 +39,12 @@ def test_counts_and_seeds(tmp_path):
     assert all(counts[s] == {s: 3} for s in SHAPES if s != "square")
     assert abs(share - (len(SHAPES) - 1) / len(SHAPES)) < 1e-9
     json.dumps(counts)
-    sheet(images, 3, tmp_path / "s.png", scale=2)
-    assert Image.open(tmp_path / "s.png").size == (8 * 3 * 2, 8 * len(SHAPES) * 2)
+
+
+@pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"]])
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(flags + ["--out", str(tmp_path / "c.json")])
+    assert e.value.code == 2
+    assert f"error: {flags[0]}" in capsys.readouterr().err.strip().splitlines()[-1]   # one line naming the flag
+    assert list(tmp_path.iterdir()) == []
