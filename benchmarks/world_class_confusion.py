@@ -6,7 +6,9 @@ lose, and whether the scale changes it):
     python -m benchmarks.world_class_confusion --model runs/R14_s1/model.safetensors --scales 1.5,2,3
 
 Writes the confusion counts as JSON and, with --sheet, the first scale's samples as one row per shape (at x4,
-nearest neighbour, and as drawn beside it), so that a reader can check the reads by eye.
+nearest neighbour, and as drawn beside it), so that a reader can check the reads by eye. --guided-up-to T
+guides only at timesteps <= T and takes the conditional prediction alone above it, the limited guidance
+interval of Kynkaenniemi et al. 2024 (arXiv 2404.07724: guidance at high noise exaggerates shapes).
 """
 import argparse
 import collections
@@ -14,11 +16,28 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from minidb.files import atomic_write_text
 from minidb.pipeline import StableDiffusion
 from minidb.world.metrics import class_prompts
 from minidb.world.pretrain import SHIPPED, save_grid
 from minidb.world.reader import Reader
+
+
+class GuidedUpTo(torch.nn.Module):
+    """A UNet wrapper for the guided batch [unconditional; conditional]: at timesteps above t_max both halves
+    get the conditional output, so that eps_u + g * (eps_c - eps_u) = eps_c there (no guidance)."""
+
+    def __init__(self, unet, t_max: int):
+        super().__init__()
+        self.unet, self.t_max = unet, t_max
+
+    def forward(self, x, t, context):
+        out = self.unet(x, t, context)
+        if int(t[0]) > self.t_max and out.shape[0] % 2 == 0:  # every sample of a batch is at one timestep
+            cond = out.chunk(2)[1]
+            out = torch.cat([cond, cond])
+        return out
 
 
 def confusion(sd, reader, guidance: float, per_shape: int, seed: int, batch: int = 60):
@@ -44,6 +63,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=70000)
     p.add_argument("--out", default="benchmarks/world_class_confusion.json")
     p.add_argument("--sheet", default="", help="a PNG of the first scale's samples, one row per shape")
+    p.add_argument("--guided-up-to", type=int, default=None, metavar="T",
+                   help="guide only at timesteps <= T (default: at every timestep, as the samplers do)")
     args = p.parse_args(argv)
     try:
         scales = [float(x) for x in args.scales.split(",")]
@@ -51,7 +72,11 @@ def main(argv=None):
         p.error(f"--scales: comma-separated numbers, e.g. 1.5,2,3; got {args.scales!r}")
     if args.per_shape < 1:
         p.error(f"--per-shape must be at least 1, got {args.per_shape}")
+    if args.guided_up_to is not None and args.guided_up_to < 0:
+        p.error(f"--guided-up-to must be a timestep >= 0, got {args.guided_up_to}")
     sd = StableDiffusion.from_checkpoint(args.model)
+    if args.guided_up_to is not None:
+        sd.unet = GuidedUpTo(sd.unet, args.guided_up_to)
     reader = Reader.load()
     rows = []
     for k, g in enumerate(scales):
@@ -63,7 +88,7 @@ def main(argv=None):
         if k == 0 and args.sheet:
             save_grid(images, args.per_shape, Path(args.sheet))
     atomic_write_text(args.out, json.dumps({"model": args.model, "per_shape": args.per_shape, "seed": args.seed,
-                                            "steps": 20, "rows": rows}, indent=1) + "\n")
+                                            "steps": 20, "guided_up_to": args.guided_up_to, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

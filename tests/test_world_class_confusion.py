@@ -7,7 +7,9 @@ from PIL import Image
 
 import pytest
 
-from benchmarks.world_class_confusion import confusion, main
+import torch
+
+from benchmarks.world_class_confusion import GuidedUpTo, confusion, main
 from minidb.world import SHAPES
 
 
@@ -41,7 +43,29 @@ def test_counts_and_seeds(tmp_path):
     json.dumps(counts)
 
 
-@pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"]])
+def test_guided_up_to_leaves_only_the_conditional_above_t_max():
+    def unet(x, t, context):          # a stand-in whose two halves differ: uncond = x, cond = x + context
+        return x + context
+    wrapped = GuidedUpTo(unet, t_max=500)
+    x0 = torch.randn(2, 3)
+    x = torch.cat([x0, x0])                                     # the guided batch repeats the latents
+    context = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])   # [unconditional; conditional]
+    for t, guided in ((501, False), (951, False), (500, True), (1, True)):
+        out = wrapped(x, torch.full((4,), t), context)
+        u, c = out.chunk(2)
+        g = 1.5
+        eps = u + g * (c - u)
+        if guided:
+            assert torch.equal(out, x + context)                      # untouched
+            assert torch.allclose(eps, x0 + g)
+        else:
+            assert torch.equal(u, c) and torch.equal(c, x0 + 1)    # both halves the conditional
+            assert torch.equal(eps, c)                                # so the guided eps is the conditional
+    single = wrapped(x[:3], torch.full((3,), 951), torch.ones(3, 3))  # an odd batch is not a guided one
+    assert torch.equal(single, x[:3] + 1)
+
+
+@pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"], ["--guided-up-to", "-1"]])
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, capsys):
     with pytest.raises(SystemExit) as e:
         main(flags + ["--out", str(tmp_path / "c.json")])
