@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from benchmarks.world_class_confusion import GuidedUpTo, confusion, main
+from benchmarks.world_class_confusion import GuidedIn, confusion, main
 from minidb.world import SHAPES
 
 
@@ -43,14 +43,14 @@ def test_counts_and_seeds(tmp_path):
     json.dumps(counts)
 
 
-def test_guided_up_to_leaves_only_the_conditional_above_t_max():
+def test_guided_in_leaves_only_the_conditional_outside_the_interval():
     def unet(x, t, context):          # a stand-in whose two halves differ: uncond = x, cond = x + context
         return x + context
-    wrapped = GuidedUpTo(unet, t_max=500)
+    wrapped = GuidedIn(unet, lo=100, hi=500)
     x0 = torch.randn(2, 3)
     x = torch.cat([x0, x0])                                     # the guided batch repeats the latents
     context = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])   # [unconditional; conditional]
-    for t, guided in ((501, False), (951, False), (500, True), (1, True)):
+    for t, guided in ((501, False), (951, False), (500, True), (100, True), (99, False), (1, False)):
         out = wrapped(x, torch.full((4,), t), context)
         u, c = out.chunk(2)
         g = 1.5
@@ -65,7 +65,7 @@ def test_guided_up_to_leaves_only_the_conditional_above_t_max():
     assert torch.equal(single, x[:3] + 1)
 
 
-@pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"], ["--guided-up-to", "-1"]])
+@pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"], ["--guided", "500,100"], ["--guided", "a,b"], ["--guided", "550"]])
 def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, capsys):
     with pytest.raises(SystemExit) as e:
         main(flags + ["--out", str(tmp_path / "c.json")])
