@@ -36,6 +36,13 @@ VARIANTS = {
     # which the fine-tuned model learns to reproduce and mix (RESULTS.md: nearest-image distances)
     "base_target": ["prior.target=base"],
     "base_target_w4": ["prior.target=base", "prior.loss_weight=4.0"],  # a distillation weighed more cannot memorise
+    # low-rank adapters instead of the whole UNet: an update of rank 4 (8) per layer cannot move every prompt
+    # the shared words reach, so "a photo of a star" may drift less (LoRA learns at a larger rate)
+    "lora4": ["prior.target=base", "model.lora_rank=4", "optim.lr=1e-3"],
+    "lora8_lr3e-3": ["prior.target=base", "model.lora_rank=8", "optim.lr=3e-3"],  # lora4 learned too little of the subject
+    # the base model distilled at 300 class images' noisy latents, not 50: more of the class prompt's
+    # neighbourhood held where it was (class300 bought a few points with the paper's target)
+    "base_target_class300": ["prior.target=base", "prior.num_class_images=300"],
 }
 RESULTS = Path(__file__).with_name("demo_prior_tuning.json")
 TRAIN_SEED, EVAL_SEED, SAMPLES, STAR_SAMPLES = 5, 3000, 16, 160
