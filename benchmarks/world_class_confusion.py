@@ -35,10 +35,16 @@ class GuidedIn(torch.nn.Module):
 
     def forward(self, x, t, context):
         out = self.unet(x, t, context)
-        if not self.lo <= int(t[0]) <= self.hi and out.shape[0] % 2 == 0:  # a batch shares one timestep
+        if not self.lo <= int(t[0]) <= self.hi:  # a batch shares one timestep
             cond = out.chunk(2)[1]
             out = torch.cat([cond, cond])
         return out
+
+
+def guided_in(unet, interval, guidance: float):
+    """The UNet to sample with: wrapped in GuidedIn when an interval is given and the scale guides (at 1 the
+    samplers run the conditional batch alone, which has no halves to swap)."""
+    return GuidedIn(unet, *interval) if interval and guidance != 1 else unet
 
 
 def confusion(sd, reader, guidance: float, per_shape: int, seed: int, batch: int = 60):
@@ -82,11 +88,11 @@ def main(argv=None):
         if len(interval) != 2 or not 0 <= interval[0] <= interval[1]:
             p.error(f"--guided: two timesteps LO,HI with 0 <= LO <= HI, e.g. 0,550; got {args.guided!r}")
     sd = StableDiffusion.from_checkpoint(args.model)
-    if interval:
-        sd.unet = GuidedIn(sd.unet, *interval)
+    unet = sd.unet
     reader = Reader.load()
     rows = []
     for k, g in enumerate(scales):
+        sd.unet = guided_in(unet, interval, g)
         share, counts, images = confusion(sd, reader, g, args.per_shape, args.seed)
         rows.append({"guidance": g, "class_shape": round(share, 4), "read_as": counts})
         print(f"guidance {g:g}: class prompts read as the named shape {100 * share:.1f}%", flush=True)

@@ -6,10 +6,9 @@ from types import SimpleNamespace
 from PIL import Image
 
 import pytest
-
 import torch
 
-from benchmarks.world_class_confusion import GuidedIn, confusion, main
+from benchmarks.world_class_confusion import GuidedIn, confusion, guided_in, main
 from minidb.world import SHAPES
 
 
@@ -61,8 +60,9 @@ def test_guided_in_leaves_only_the_conditional_outside_the_interval():
         else:
             assert torch.equal(u, c) and torch.equal(c, x0 + 1)    # both halves the conditional
             assert torch.equal(eps, c)                                # so the guided eps is the conditional
-    single = wrapped(x[:3], torch.full((3,), 951), torch.ones(3, 3))  # an odd batch is not a guided one
-    assert torch.equal(single, x[:3] + 1)
+    # guidance 1 runs the conditional batch alone: nothing to swap, so the UNet is left as it is
+    assert guided_in(unet, [100, 500], 1.0) is unet and guided_in(unet, None, 1.5) is unet
+    assert isinstance(guided_in(unet, [100, 500], 1.5), GuidedIn)
 
 
 @pytest.mark.parametrize("flags", [["--scales", "1.5;2"], ["--per-shape", "0"], ["--guided", "500,100"], ["--guided", "a,b"], ["--guided", "550"]])
