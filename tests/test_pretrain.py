@@ -195,12 +195,29 @@ def test_stage_one_warms_up_on_its_own_schedule_not_the_unets(tmp_path):
     assert unet == [cfg.lr / 50, 2 * cfg.lr / 50]  # the UNet's own warm-up of 50
 
 
+def test_class_share_applies_from_class_share_from():
+    """A tail of class prompts: before class_share_from the captions are those of class_share 0, from it on
+    those of class_share itself; so a run forked before that step is the one command's run."""
+    from minidb.world import World, combinations
+    world = World(pretrain.PretrainConfig().seed + 2)
+    items = [combinations(held=False)[k] for k in range(0, 640, 5)]
+    base = pretrain.PretrainConfig()
+    tail = dataclasses.replace(base, class_share=0.25, class_share_from=9000)
+    every = dataclasses.replace(base, class_share=0.25)
+    for step in (0, 8999):
+        assert pretrain.step_captions(tail, world, items, step) == pretrain.step_captions(base, world, items, step)
+    for step in (9000, 10999):
+        got = pretrain.step_captions(tail, world, items, step)
+        assert got == pretrain.step_captions(every, world, items, step)
+        assert got != pretrain.step_captions(base, world, items, step)
+
+
 def test_a_run_folder_older_than_a_setting_reads_it_as_that_run_did(tmp_path):
     """A pretrain.json written before vae_warmup existed: its VAE warmed up over its `warmup`, so it resumes
     with that value and is refused, naming the difference, with today's default."""
     r11 = dataclasses.replace(pretrain.PretrainConfig(), warmup=3000)
     old = dataclasses.asdict(r11)
-    del old["vae_warmup"], old["class_share"]
+    del old["vae_warmup"], old["class_share"], old["class_share_from"]
     assert pretrain.as_run_did(old) == dataclasses.asdict(dataclasses.replace(r11, vae_warmup=3000))
     (tmp_path / "pretrain.json").write_text(json.dumps(old))
     with pytest.raises(ConfigError, match=r"vae_warmup: 3000 there, 100 here"):

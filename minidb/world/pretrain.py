@@ -125,12 +125,15 @@ class PretrainConfig:
     # the share of stage 2's captions that name the shape alone ("a photo of a star"), drawn before the
     # per-attribute dropout, which alone gives them 0.3^4 = 0.8%: the class prompt DreamBooth's prior uses
     class_share: float = 0.0
+    # the UNet step from which class_share applies: a tail of class prompts at the end's low lr, as in the
+    # paired probe T_tail (benchmarks/RESULTS.md); before it the captions are those of class_share 0
+    class_share_from: int = 0
     vae_from: str = ""              # a world model file whose VAE (and scale factor) replaces stage 1
 
 
 # settings added to PretrainConfig after runs were made, and what those runs did (their pretrain.json lacks them);
 # stage 1 used the UNet's warm-up before it had its own
-ADDED_SINCE = {"t_sampling_from": 0, "class_share": 0.0, "vae_warmup": lambda run: run.get("warmup")}
+ADDED_SINCE = {"t_sampling_from": 0, "class_share": 0.0, "class_share_from": 0, "vae_warmup": lambda run: run.get("warmup")}
 
 
 def as_run_did(settings: dict) -> dict:
@@ -306,10 +309,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_lr: float) -> flo
 def step_captions(cfg: PretrainConfig, world: World, items: list, step: int) -> list[str]:
     """The captions of stage 2's step `step` for its images' attributes `items`: each attribute but the
     shape left out with probability world.drop, the whole caption with world.drop_all, and a share
-    cfg.class_share naming the shape alone."""
+    cfg.class_share naming the shape alone from step cfg.class_share_from on."""
     rng = np.random.default_rng(world_seed("captions", cfg.seed, step))
     # a stream of its own: with class_share 0 the captions are those of the runs before it
-    alone = np.random.default_rng(world_seed("shape-alone", cfg.seed, step)).random(len(items)) < cfg.class_share
+    share = cfg.class_share if step >= cfg.class_share_from else 0.0
+    alone = np.random.default_rng(world_seed("shape-alone", cfg.seed, step)).random(len(items)) < share
     prompts = []
     for a, shape_alone in zip(items, alone):
         keep = ("shape",) + tuple(n for n in ATTRIBUTES[1:] if rng.random() >= world.drop)
