@@ -67,6 +67,20 @@ def test_the_command_refuses_a_torn_run_folder_in_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain.json"]
 
 
+@pytest.mark.parametrize("flags, words", [(["--class-share", "25"], "from 0 to 1"),
+                                          (["--class-share", "0.25", "--class-share-from", "11000"], "never be drawn")])
+def test_the_command_refuses_a_class_share_it_cannot_draw_in_one_line(tmp_path, capsys, flags, words):
+    """A share above 1 (a percentage typed as one), or a tail that starts at or after the last step: exit 2,
+    one line, and no run folder written."""
+    from minidb.cli.pretrain import main
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and words in err[0]
+    assert not out.exists()
+
+
 def test_timestep_weights_move_the_samples_to_the_middle_noise_levels():
     from minidb.schedule import NoiseSchedule
     schedule = NoiseSchedule(0.003, 0.02)

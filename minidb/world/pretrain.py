@@ -575,6 +575,11 @@ def pretrain(out, cfg: PretrainConfig = PretrainConfig(), ship: bool = False, de
     """The whole recipe; resumes from out/checkpoints when they are there. Returns the model path.
     device: where it computes (not a setting of the recipe: the data and noise are drawn on the CPU)."""
     from minidb.pipeline import StableDiffusion
+    if not 0.0 <= cfg.class_share <= 1.0:
+        raise ConfigError(f"class_share is a share of the captions, from 0 to 1; got {cfg.class_share}")
+    if cfg.class_share and not 0 <= cfg.class_share_from < cfg.unet_steps:
+        raise ConfigError(f"class_share_from {cfg.class_share_from} is not a UNet step of this run "
+                          f"(0 to {cfg.unet_steps - 1}): its class prompts would never be drawn")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "pretrain.json"
