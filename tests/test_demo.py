@@ -112,3 +112,13 @@ def test_shortened_lora_demo_learns_the_subject(tmp_path):
     assert (tmp_path / "run" / "lora.safetensors").is_file() and not (tmp_path / "run" / "model.safetensors").exists()
     assert m["dreambooth"]["subject_fidelity"] >= m["base"]["subject_fidelity"] + 0.10, m
     assert m["dreambooth"]["prompt_fidelity"] >= m["base_class_prompt_fidelity"] - 0.25, m
+
+
+@pytest.mark.parametrize("argv, words", [(["--seeds", "0", "--ablation"], "--seeds must be at least 1, got 0"),
+                                         (["--star-samples", "0"], "--star-samples must be at least 1, got 0")])
+def test_demo_refuses_a_count_below_one_in_one_line(tmp_path, capsys, argv, words):
+    """Before anything trains: exit 2, one line, nothing written."""
+    from minidb.cli import main
+    assert main(["demo", "--out", str(tmp_path / "demo")] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and not (tmp_path / "demo").exists()
