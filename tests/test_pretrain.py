@@ -68,7 +68,8 @@ def test_the_command_refuses_a_torn_run_folder_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [(["--class-share", "25"], "from 0 to 1"),
-                                          (["--class-share", "0.25", "--class-share-from", "11000"], "never be drawn")])
+                                          (["--class-share", "0.25", "--unet-steps", "100",
+                                            "--class-share-from", "100"], "never be drawn")])
 def test_the_command_refuses_a_class_share_it_cannot_draw_in_one_line(tmp_path, capsys, flags, words):
     """A share above 1 (a percentage typed as one), or a tail that starts at or after the last step: exit 2,
     one line, and no run folder written."""

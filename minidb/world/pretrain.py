@@ -96,7 +96,7 @@ class PretrainConfig:
     vae_warmup: int = 100
     kl_weight: float = 1e-5         # per latent element; small, as SD's: the latents stay informative
     pool: int = 8192                # images rendered and encoded once for stage 2 (captions re-drawn each step)
-    unet_steps: int = 11000        # R8 and R11, the single commands measured (benchmarks/RESULTS.md, issue #27)
+    unet_steps: int = 20500        # R15_s1: every target of issue #27 in one sitting (benchmarks/RESULTS.md)
     unet_batch: int = 32
     lr: float = 1e-3
     min_lr: float = 1e-4            # cosine decay to this at the last step
