@@ -98,15 +98,20 @@ def test_localisation_measures():
 
 def test_color_word_looks_at_the_object():
     """On the shipped world model, the color word's heat map puts more of its mass on the object
-    than a uniform map would (mass share / area share), by a wide margin."""
+    than a uniform map would (mass share / area share), by a wide margin, on the mean of four captions
+    (one caption's map varies with the model and seed: RESULTS.md, "R15_s1")."""
     from minidb.world.reader import largest_component, segment
     sd = StableDiffusion.from_checkpoint(WORLD)
-    ex = explain(sd, "a photo of a red circle on a white background", seed=0, steps=20, progress=False)
-    mask = torch.from_numpy(largest_component(segment(ex.image)[1]))
-    assert 0.02 < mask.float().mean() < 0.5, "no object drawn: the test needs one"
-    red = ex.heat[[w.text for w in ex.words].index("red")]
-    lift = float((red * mask).sum() / red.sum()) / float(mask.float().mean())
-    assert lift > 1.5, lift  # 1.0 is a uniform map
+    lifts = []
+    for color, shape, background in [("red", "circle", "white"), ("blue", "square", "yellow"),
+                                     ("green", "star", "black"), ("purple", "heart", "gray")]:
+        ex = explain(sd, f"a photo of a {color} {shape} on a {background} background", seed=0, steps=20,
+                     progress=False)
+        mask = torch.from_numpy(largest_component(segment(ex.image)[1]))
+        assert 0.02 < mask.float().mean() < 0.5, "no object drawn: the test needs one"
+        heat = ex.heat[[w.text for w in ex.words].index(color)]
+        lifts.append(float((heat * mask).sum() / heat.sum()) / float(mask.float().mean()))
+    assert sum(lifts) / len(lifts) > 1.5, lifts  # 1.0 is a uniform map
 
 
 REF = re.compile(r"`((?:minidb|benchmarks|tests|weights)/[\w/]+\.py):(\d+)-(\d+)` \(`([^`]+)`\)")
